@@ -1,0 +1,131 @@
+"""Elementwise update rules, fused where a compiler is available.
+
+A merge is memory bound: each update reads the incoming task vector and the
+merged state and writes the state once. Written eagerly, ``torch.where`` on a
+large tensor allocates several temporaries of the same size whose page faults
+cost many times the copy itself. Two paths reach the floor instead:
+
+* ``torch.compile`` (inductor) fuses the rule into one loop over the buffer;
+  used for tensors of at least :data:`COMPILE_MIN_NUMEL` elements, where it
+  pays for its one-off compilation;
+* otherwise the rule runs in cache-sized chunks with preallocated scratch
+  space, so no temporary is larger than :data:`CHUNK_NUMEL` elements.
+
+Both paths compute the same values bit for bit (the rules are selections, sums
+and products with no reassociation). Set ``CL_PLUGIN_COMPILE=0`` to force the
+eager path, e.g. where no C compiler is installed; a failed compilation falls
+back to it with one warning.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+from torch import Tensor
+
+__all__ = ["magmax_fold_", "random_fold_", "ties_fold_", "CHUNK_NUMEL", "COMPILE_MIN_NUMEL"]
+
+CHUNK_NUMEL = 1 << 16
+COMPILE_MIN_NUMEL = 1 << 20
+
+_compile_state: dict[str, object] = {"failed": False}
+
+
+def _compile_enabled() -> bool:
+    return os.environ.get("CL_PLUGIN_COMPILE", "1") != "0" and not _compile_state["failed"]
+
+
+def _magmax_rule_(acc: Tensor, incoming: Tensor) -> None:
+    # ">=": a tie goes to the later task, as in the official MagMax code.
+    acc.copy_(torch.where(incoming.abs() >= acc.abs(), incoming, acc))
+
+
+def _compiled(name: str, fn):
+    key = f"compiled_{name}"
+    if key not in _compile_state:
+        _compile_state[key] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return _compile_state[key]
+
+
+def _chunks(*tensors: Tensor):
+    """Yield matching flat chunks of equally sized tensors."""
+    flats = [t.view(-1) for t in tensors]
+    n = flats[0].numel()
+    for start in range(0, n, CHUNK_NUMEL):
+        stop = min(start + CHUNK_NUMEL, n)
+        yield tuple(f[start:stop] for f in flats)
+
+
+def magmax_fold_(acc: Tensor, incoming: Tensor) -> None:
+    """In place: ``acc[i] = incoming[i] if |incoming[i]| >= |acc[i]| else acc[i]``.
+
+    Args:
+        acc: the merged tensor so far, contiguous, any shape; overwritten.
+        incoming: the new task's tensor, same shape, dtype and device.
+    """
+    if acc.numel() >= COMPILE_MIN_NUMEL and _compile_enabled():
+        try:
+            _compiled("magmax", _magmax_rule_)(acc.view(-1), incoming.reshape(-1))
+            return
+        except Exception as exc:  # no compiler, unsupported device, ...
+            _compile_state["failed"] = True
+            warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); using the eager MagMax update.", stacklevel=2)
+    mask = torch.empty(min(CHUNK_NUMEL, acc.numel()), dtype=torch.bool, device=acc.device)
+    mag_a = torch.empty(mask.shape, dtype=acc.dtype, device=acc.device)
+    mag_b = torch.empty_like(mag_a)
+    for a, b in _chunks(acc, incoming.contiguous()):
+        n = a.numel()
+        torch.abs(a, out=mag_a[:n])
+        torch.abs(b, out=mag_b[:n])
+        torch.ge(mag_b[:n], mag_a[:n], out=mask[:n])
+        torch.where(mask[:n], b, a, out=a)
+
+
+def random_fold_(acc: Tensor, incoming: Tensor, keep_probability: float, generator: torch.Generator) -> None:
+    """In place: each element of ``acc`` takes ``incoming``'s value with probability ``keep_probability``.
+
+    Draws ``acc.numel()`` uniform numbers from ``generator`` in element order,
+    in chunks of :data:`CHUNK_NUMEL`, so the result depends only on the
+    generator's seed, not on the device's thread count.
+    """
+    u = torch.empty(min(CHUNK_NUMEL, acc.numel()), dtype=torch.float32, device=acc.device)
+    mask = torch.empty(u.shape, dtype=torch.bool, device=acc.device)
+    for a, b in _chunks(acc, incoming.contiguous()):
+        n = a.numel()
+        torch.rand(n, generator=generator, out=u[:n], device=acc.device)
+        torch.lt(u[:n], keep_probability, out=mask[:n])
+        torch.where(mask[:n], b, a, out=a)
+
+
+def ties_fold_(
+    pos_sum: Tensor, neg_sum: Tensor, pos_count: Tensor, neg_count: Tensor, incoming: Tensor, threshold: float
+) -> None:
+    """In place: add the entries of ``incoming`` with ``|x| >= threshold`` to the signed sums and counts.
+
+    ``pos_sum``/``neg_sum`` accumulate the positive/negative kept values (in
+    their own dtype); ``pos_count``/``neg_count`` count them.
+    """
+    inc = incoming.contiguous()
+    scratch = torch.empty(min(CHUNK_NUMEL, inc.numel()), dtype=pos_sum.dtype, device=pos_sum.device)
+    keep = torch.empty(scratch.shape, dtype=torch.bool, device=pos_sum.device)
+    sign = torch.empty(scratch.shape, dtype=torch.bool, device=pos_sum.device)
+    for ps, ns, pc, nc, x in _chunks(pos_sum, neg_sum, pos_count, neg_count, inc):
+        n = x.numel()
+        s, k, g = scratch[:n], keep[:n], sign[:n]
+        s.copy_(x)
+        torch.abs(s, out=s)
+        torch.ge(s, threshold, out=k)
+        # positive kept entries
+        torch.gt(x, 0, out=g)
+        g.logical_and_(k)
+        pc.add_(g)
+        s.copy_(x).mul_(g)
+        ps.add_(s)
+        # negative kept entries
+        torch.lt(x, 0, out=g)
+        g.logical_and_(k)
+        nc.add_(g)
+        s.copy_(x).mul_(g)
+        ns.add_(s)
