@@ -1,3 +1,10 @@
-"""Lightning callbacks of cl-plugin (installed as ``cl_plugin.callbacks``)."""
+"""Lightning callbacks of cl-plugin (installed as ``cl_plugin.callbacks``).
 
-__all__: list[str] = []
+Each callback does one job at task boundaries and calls the plain-torch
+algorithms in :mod:`cl_plugin`.
+"""
+
+from cl_plugin.callbacks._boundaries import TaskBoundaryCallback
+from cl_plugin.callbacks.model_merging import ModelMerging
+
+__all__ = ["ModelMerging", "TaskBoundaryCallback"]
