@@ -80,12 +80,8 @@ def run_fit_per_experience(method="magmax", reuse_trainer=False, seed=0, **cb_kw
 
 
 def _fit_at_epochs(trainer, model, dm, experience):
-    # A fresh Trainer counts epochs from 0; shift the sampler seed so epoch k of
-    # experience e sees the order epoch e*EPE+k sees in the one-fit run.
-    class Shifted(ToyStream):
-        pass
-
-    dm.seed = 0
+    # A fresh Trainer counts epochs from 0; shift the sampler's epoch so epoch k
+    # of experience e sees the order epoch e*EPE+k sees in the one-fit run.
     original = dm.train_dataloader
 
     def train_dataloader():
