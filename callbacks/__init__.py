@@ -5,6 +5,8 @@ algorithms in :mod:`cl_plugin`.
 """
 
 from cl_plugin.callbacks._boundaries import TaskBoundaryCallback
+from cl_plugin.callbacks.class_incremental import ClassIncrementalMasking
+from cl_plugin.callbacks.evaluation import ContinualEvaluation
 from cl_plugin.callbacks.model_merging import ModelMerging
 
-__all__ = ["ModelMerging", "TaskBoundaryCallback"]
+__all__ = ["ClassIncrementalMasking", "ContinualEvaluation", "ModelMerging", "TaskBoundaryCallback"]

@@ -223,6 +223,10 @@ class TaskVector(Mapping[str, Tensor]):
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
         tensors = load_file(path, device=str(device))
+        # safetensors stores tensors by offset, not in the order they were given.
+        names = json.loads(metadata.get("names", "null"))
+        if isinstance(names, list) and sorted(names) == sorted(tensors):
+            tensors = {n: tensors[n] for n in names}
         skipped = json.loads(metadata.get("skipped", "[]"))
         return cls(tensors, skipped=skipped)
 
@@ -357,7 +361,7 @@ class TaskVector(Mapping[str, Tensor]):
             return out
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the tensors to ``path`` as safetensors, with the skipped names as metadata."""
+        """Write the tensors to ``path`` as safetensors, with their names in order and the skipped names as metadata."""
         from safetensors.torch import save_file
 
         seen: set[int] = set()
@@ -369,7 +373,12 @@ class TaskVector(Mapping[str, Tensor]):
                 t = t.clone()
             seen.add(t.untyped_storage().data_ptr())
             tensors[n] = t
-        metadata = {"format": _FORMAT, "format_version": _FORMAT_VERSION, "skipped": json.dumps(list(self._skipped))}
+        metadata = {
+            "format": _FORMAT,
+            "format_version": _FORMAT_VERSION,
+            "names": json.dumps(list(self._tensors)),
+            "skipped": json.dumps(list(self._skipped)),
+        }
         save_file(tensors, os.fspath(path), metadata=metadata)
 
 

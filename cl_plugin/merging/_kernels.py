@@ -11,6 +11,13 @@ cost many times the copy itself. Two paths reach the floor instead:
 * otherwise the rule runs in cache-sized chunks with preallocated scratch
   space, so no temporary is larger than :data:`CHUNK_NUMEL` elements.
 
+A chunk is no larger than ATen's parallel grain size (32,768 elements), so
+each eager op on a chunk runs on the calling thread. A larger op opens an
+OpenMP parallel region, and when other processes share the cores every such
+region waits at its barrier for a descheduled thread: on 2 shared cores,
+chunks of 65,536 elements made the chunked loops 2 to 65 times slower than
+chunks of 32,768 (benchmarks/merge_speed.py, docs/performance.md).
+
 Both paths compute the same values bit for bit (the rules are selections, sums
 and products with no reassociation). Set ``CL_PLUGIN_COMPILE=0`` to force the
 eager path, e.g. where no C compiler is installed; a failed compilation falls
@@ -27,8 +34,14 @@ from torch import Tensor
 
 __all__ = ["magmax_fold_", "random_fold_", "ties_fold_", "CHUNK_NUMEL", "COMPILE_MIN_NUMEL"]
 
-CHUNK_NUMEL = 1 << 16
-COMPILE_MIN_NUMEL = 1 << 20
+#: Elements per chunk of the eager loops: at most ATen's grain size
+#: (``at::internal::GRAIN_SIZE``), so no chunk op starts an OpenMP region.
+CHUNK_NUMEL = 1 << 15
+#: Tensors of at least this many elements take the compiled path. The
+#: compiled function is shape-generic (``dynamic=True``), so it compiles once
+#: per process; from this size on one fused call is cheaper than the chunked
+#: loop (e.g. ViT-B's 768x768 attention projections, 12 of its 152 tensors).
+COMPILE_MIN_NUMEL = 1 << 16
 
 _compile_state: dict[str, object] = {"failed": False}
 

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from cl_plugin._checks import check_same_layout, check_scale
+from cl_plugin._checks import check_finite, check_same_layout, check_scale
 from cl_plugin.errors import ConfigError, StateDictMismatchError, preview
 from cl_plugin.task_vectors import StateDictLike, TaskVector
 
@@ -153,10 +153,14 @@ class Merger:
         meta = {"format_version", "method", "options", "scale", "num_tasks", "input_dtypes", *self.scalar_states}
         tensor_keys = [k for k in state if k not in meta]
         unexpected = [k for k in tensor_keys if k.split(".", 1)[0] not in self.tensor_states or "." not in k]
+        # ``input_dtypes`` names every tensor the saved merger held: each role needs them all.
+        input_dtypes = state.get("input_dtypes", {})
+        present = set(tensor_keys)
+        missing += [f"{role}.{n}" for role in self.tensor_states for n in input_dtypes if f"{role}.{n}" not in present]
         if missing or unexpected:
             raise StateDictMismatchError(
-                f"Cannot load the {self.name!r} merger state: missing keys {missing}, "
-                f"unexpected keys {preview(unexpected)}."
+                f"Cannot load the {self.name!r} merger state: missing keys [{preview(missing)}], "
+                f"unexpected keys [{preview(unexpected)}]."
             )
         new_state: dict[str, dict[str, Tensor]] = {role: {} for role in self.tensor_states}
         for k in tensor_keys:
@@ -171,12 +175,15 @@ class Merger:
         if num_tasks > 0 and not names[0]:
             raise StateDictMismatchError(f"The state says {num_tasks} task(s) were folded but holds no tensors.")
         first_role = next(iter(self.tensor_states))
+        layout = {}
+        for n, t in new_state[first_role].items():
+            dtype = getattr(torch, input_dtypes[n], None) if n in input_dtypes else t.dtype
+            if not isinstance(dtype, torch.dtype):
+                raise StateDictMismatchError(f"State entry 'input_dtypes' names an unknown dtype {input_dtypes[n]!r} for {n!r}.")
+            layout[n] = (tuple(t.shape), dtype)
+        # Nothing is assigned before every check has passed.
         self._state = {role: {n: t.clone() for n, t in tensors.items()} for role, tensors in new_state.items()}
-        input_dtypes = state.get("input_dtypes", {})
-        self._layout = {
-            n: (tuple(t.shape), getattr(torch, input_dtypes[n]) if n in input_dtypes else t.dtype)
-            for n, t in new_state[first_role].items()
-        }
+        self._layout = layout
         self._scalars = {k: state[k] for k in self.scalar_states}
         self._scale = state.get("scale", self._scale)
         self.num_tasks = num_tasks
@@ -197,14 +204,21 @@ class Merger:
 
         Nothing is modified when an error is raised.
         """
-        tv = task_vector if isinstance(task_vector, TaskVector) else TaskVector(task_vector)
+        tv = task_vector if isinstance(task_vector, TaskVector) else TaskVector(task_vector, check_finite=False)
         if len(tv) == 0:
             raise ConfigError(f"{self.name!r} merger: the task vector holds no floating-point tensor.")
         if self.num_tasks:
             check_same_layout(self._layout, tv, f"{self.name!r} merger, task {self.num_tasks + 1}")
+            # Folded in the first task's name order: random draws and sums over
+            # tensors must not depend on the order in which a mapping lists its names.
+            if list(tv) != list(self._layout):
+                tv = TaskVector({n: tv[n] for n in self._layout}, check_finite=False)
             device = self.device
             if any(t.device != device for t in tv.values()):
                 tv = tv.to(device=device)
+        # Checked here even for a TaskVector: one built with check_finite=False,
+        # or by arithmetic that overflowed, can hold inf.
+        check_finite(tv, f"{self.name!r} merger, task {self.num_tasks + 1}")
         with torch.no_grad():
             if not self.num_tasks:
                 self._layout = {n: (tuple(t.shape), t.dtype) for n, t in tv.items()}

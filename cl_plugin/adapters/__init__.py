@@ -1,0 +1,69 @@
+"""Parameter-efficient adapters for continual learning: LoRA and Share.
+
+- :mod:`~cl_plugin.adapters.lora`: LoRA layers injected by module name, their
+  ΔW as task vectors, per-task adapters, merge/unmerge, safetensors and PEFT import.
+- :mod:`~cl_plugin.adapters.share`: Share, one shared low-rank basis per layer
+  with tiny per-task coefficients (:class:`SharedSubspace`).
+- :mod:`~cl_plugin.adapters.matching`: the PEFT name-matching rule both use.
+
+Plain torch only; the Lightning callbacks build on these functions.
+"""
+
+from cl_plugin.adapters.lora import (
+    VIT_TARGET_MODULES,
+    InjectionSummary,
+    LoRALinear,
+    active_adapter,
+    add_adapter,
+    adapter_bytes,
+    adapter_names,
+    delete_adapter,
+    forward_by_task,
+    inject_lora,
+    load_lora,
+    load_lora_delta,
+    lora_delta,
+    lora_layers,
+    lora_state_dict,
+    merge_lora,
+    reset_lora,
+    save_lora,
+    set_active_adapter,
+    unload_lora,
+    unmerge_lora,
+    use_adapter,
+)
+from cl_plugin.adapters.matching import MatchResult, inspect_matches, match_modules, match_name
+from cl_plugin.adapters.share import SharedLinear, SharedSubspace, fit_basis
+
+__all__ = [
+    "VIT_TARGET_MODULES",
+    "InjectionSummary",
+    "LoRALinear",
+    "SharedLinear",
+    "SharedSubspace",
+    "MatchResult",
+    "inject_lora",
+    "lora_layers",
+    "add_adapter",
+    "delete_adapter",
+    "adapter_names",
+    "set_active_adapter",
+    "active_adapter",
+    "use_adapter",
+    "forward_by_task",
+    "reset_lora",
+    "lora_delta",
+    "load_lora_delta",
+    "merge_lora",
+    "unmerge_lora",
+    "unload_lora",
+    "adapter_bytes",
+    "lora_state_dict",
+    "save_lora",
+    "load_lora",
+    "fit_basis",
+    "match_modules",
+    "match_name",
+    "inspect_matches",
+]

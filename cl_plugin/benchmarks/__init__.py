@@ -1,0 +1,58 @@
+"""Continual-learning streams and the glue that feeds them to Lightning.
+
+- :func:`split_digits`, :func:`permuted_digits`, :func:`rotated_digits`:
+  Avalanche benchmarks built from scikit-learn's bundled digits (no download);
+- :func:`benchmark_by_name`: those, or Avalanche's SplitMNIST, SplitFMNIST,
+  SplitCIFAR100, SplitCUB200 and CORe50 from local files;
+- :class:`ContinualDataModule`: any Avalanche benchmark as a
+  LightningDataModule, one experience at a time.
+
+Only :mod:`cl_plugin.benchmarks.datamodule` imports Lightning, and it is
+imported on first use of :class:`ContinualDataModule`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from cl_plugin.benchmarks.digits import (
+    DIGITS_SPLIT_SEED,
+    DIGITS_TEST_FRACTION,
+    DigitsSplit,
+    load_digits_tensors,
+    permuted_digits,
+    rotated_digits,
+    split_digits,
+)
+from cl_plugin.benchmarks.registry import (
+    BENCHMARK_NAMES,
+    EMBEDDED_BENCHMARKS,
+    MissingDatasetError,
+    benchmark_by_name,
+)
+
+if TYPE_CHECKING:
+    from cl_plugin.benchmarks.datamodule import ContinualDataModule
+
+__all__ = [
+    "BENCHMARK_NAMES",
+    "EMBEDDED_BENCHMARKS",
+    "DIGITS_SPLIT_SEED",
+    "DIGITS_TEST_FRACTION",
+    "ContinualDataModule",
+    "DigitsSplit",
+    "MissingDatasetError",
+    "benchmark_by_name",
+    "load_digits_tensors",
+    "permuted_digits",
+    "rotated_digits",
+    "split_digits",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ContinualDataModule":
+        from cl_plugin.benchmarks.datamodule import ContinualDataModule
+
+        return ContinualDataModule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

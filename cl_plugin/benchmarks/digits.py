@@ -1,0 +1,347 @@
+"""Continual-learning streams built from scikit-learn's bundled digits.
+
+The data is real and ships with scikit-learn (``sklearn.datasets.load_digits``:
+1,797 grey-scale 8x8 images of the digits 0-9, about 180 per class), so these
+streams need no download and build in well under a second.
+
+One fixed train/test split serves every stream: stratified by class, 30 % held
+out, drawn once with ``random_state=0`` (:data:`DIGITS_SPLIT_SEED`). That gives
+**1,257 training and 540 test images**, whatever ``seed`` a stream is built
+with, so results over several seeds are measured on the same test images.
+Images are float32 tensors of shape ``(1, 8, 8)`` scaled to [0, 1] (the raw
+pixel values run from 0 to 16).
+
+Three streams, each an ordinary Avalanche benchmark (``train_stream``,
+``test_stream``, ``classes_in_this_experience``, task labels) built with
+Avalanche's own ``nc_benchmark`` generator:
+
+- :func:`split_digits`: class-incremental, the 10 classes split evenly over
+  the experiences in a seeded (or given) order;
+- :func:`permuted_digits`: domain-incremental, all 10 classes in every
+  experience, the pixels of experience ``k > 0`` shuffled by a seeded
+  permutation (experience 0 is the unpermuted data);
+- :func:`rotated_digits`: domain-incremental, experience ``k`` rotated by its
+  own angle (0/72/144/216/288 degrees for five experiences).
+
+Task labels are 0 everywhere (single-head, class- or domain-incremental)
+unless ``task_labels=True``, which gives experience ``k`` the task label ``k``
+(task-incremental use). Class ids are never remapped: a "7" is class 7 in
+every stream and every experience.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from cl_plugin.errors import ConfigError
+
+__all__ = [
+    "DIGITS_SPLIT_SEED",
+    "DIGITS_TEST_FRACTION",
+    "DIGITS_N_CLASSES",
+    "DigitsSplit",
+    "load_digits_tensors",
+    "split_digits",
+    "permuted_digits",
+    "rotated_digits",
+]
+
+#: ``random_state`` of the one stratified train/test split all streams share.
+DIGITS_SPLIT_SEED = 0
+#: Fraction of the 1,797 images held out for testing (540 images).
+DIGITS_TEST_FRACTION = 0.3
+#: Number of classes (the digits 0-9).
+DIGITS_N_CLASSES = 10
+_PIXEL_MAX = 16.0  # load_digits stores integer intensities 0..16
+_N_PIXELS = 64
+
+
+class DigitsSplit(NamedTuple):
+    """The fixed digits split: images ``(N, 1, 8, 8)`` float32 in [0, 1], labels ``(N,)`` int64."""
+
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_split() -> DigitsSplit:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / _PIXEL_MAX
+    labels = torch.as_tensor(digits.target, dtype=torch.int64)
+    train_idx, test_idx = train_test_split(
+        torch.arange(len(labels)).numpy(),
+        test_size=DIGITS_TEST_FRACTION,
+        stratify=digits.target,
+        random_state=DIGITS_SPLIT_SEED,
+    )
+    train_idx = torch.as_tensor(train_idx)
+    test_idx = torch.as_tensor(test_idx)
+    return DigitsSplit(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx])
+
+
+def load_digits_tensors() -> DigitsSplit:
+    """Return the fixed train/test split of scikit-learn's digits as tensors.
+
+    The same 1,257 training and 540 test images on every call (fresh copies,
+    so changing them in place does not change the streams).
+
+    Example:
+        >>> split = load_digits_tensors()
+        >>> tuple(split.x_train.shape), tuple(split.x_test.shape)
+        ((1257, 1, 8, 8), (540, 1, 8, 8))
+        >>> float(split.x_train.min()), float(split.x_train.max())
+        (0.0, 1.0)
+    """
+    return DigitsSplit(*(t.clone() for t in _cached_split()))
+
+
+class _DigitsDataset(Dataset):
+    """Images and labels held as tensors; ``targets`` is what Avalanche reads the classes from."""
+
+    def __init__(self, images: Tensor, labels: Tensor):
+        self.images = images
+        self.labels = labels
+        self.targets = labels.tolist()
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        return self.images[index], self.targets[index]
+
+
+def _check_int(name: str, value: object, minimum: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"`{name}` must be an int, got {value!r} ({what}).")
+    if value < minimum:
+        raise ConfigError(f"`{name}` must be >= {minimum}, got {value!r} ({what}).")
+    return int(value)
+
+
+def _check_task_labels(task_labels: object, what: str) -> bool:
+    if not isinstance(task_labels, bool):
+        raise ConfigError(f"`task_labels` must be True or False, got {task_labels!r} ({what}).")
+    return task_labels
+
+
+def _domain_benchmark(train_sets: list[_DigitsDataset], test_sets: list[_DigitsDataset], task_labels: bool):
+    """One experience per (train, test) pair, all 10 classes in each, class ids kept."""
+    from avalanche.benchmarks import nc_benchmark
+
+    return nc_benchmark(
+        train_sets,
+        test_sets,
+        n_experiences=len(train_sets),
+        task_labels=task_labels,
+        shuffle=False,
+        one_dataset_per_exp=True,
+        # Without this, Avalanche gives each dataset its own block of class ids
+        # (0-9, 10-19, ...). With it and shuffle=False every block maps back
+        # onto 0-9 in order, so the labels stay the digits.
+        class_ids_from_zero_in_each_exp=True,
+    )
+
+
+def split_digits(
+    n_experiences: int = 5,
+    seed: int = 0,
+    class_order: Sequence[int] | None = None,
+    *,
+    task_labels: bool = False,
+):
+    """Class-incremental digits: the 10 classes split evenly over the experiences.
+
+    Args:
+        n_experiences: number of experiences; must divide 10 (1, 2, 5 or 10).
+            Default 5 (two classes each).
+        seed: shuffles the class order (Avalanche's ``nc_benchmark`` seed).
+            Ignored when ``class_order`` is given.
+        class_order: the 10 classes in the order the stream visits them, e.g.
+            ``range(10)``; experience ``k`` gets the ``k``-th block of
+            ``10 // n_experiences`` classes.
+        task_labels: give experience ``k`` the task label ``k`` (task-incremental
+            use); default False, every task label is 0. Class ids stay 0-9.
+
+    Returns:
+        An Avalanche ``NCScenario``: ``train_stream`` of 1,257 images and
+        ``test_stream`` of 540 images in total, split by class.
+
+    Raises:
+        ConfigError: ``n_experiences`` does not divide 10, ``seed`` is not an
+            int, or ``class_order`` is not a permutation of 0-9.
+
+    Example:
+        >>> bm = split_digits(n_experiences=5, class_order=range(10))
+        >>> [e.classes_in_this_experience for e in bm.train_stream]
+        [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    """
+    from avalanche.benchmarks import nc_benchmark
+
+    what = "split_digits"
+    n = _check_int("n_experiences", n_experiences, 1, what)
+    if DIGITS_N_CLASSES % n:
+        divisors = [d for d in range(1, DIGITS_N_CLASSES + 1) if DIGITS_N_CLASSES % d == 0]
+        raise ConfigError(
+            f"`n_experiences` must divide the {DIGITS_N_CLASSES} digit classes evenly, got {n_experiences!r} "
+            f"({what}). Pass one of {divisors}."
+        )
+    seed = _check_int("seed", seed, 0, what)
+    task_labels = _check_task_labels(task_labels, what)
+    order = None
+    if class_order is not None:
+        try:
+            order = [int(c) for c in class_order]
+        except (TypeError, ValueError):
+            order = None
+        if order is None or sorted(order) != list(range(DIGITS_N_CLASSES)):
+            raise ConfigError(
+                f"`class_order` must list each of the classes 0-9 exactly once, got {class_order!r} ({what})."
+            )
+    data = _cached_split()
+    return nc_benchmark(
+        # Copies: the cached split must not change if a user edits a stream in place.
+        _DigitsDataset(data.x_train.clone(), data.y_train.clone()),
+        _DigitsDataset(data.x_test.clone(), data.y_test.clone()),
+        n_experiences=n,
+        task_labels=task_labels,
+        shuffle=True,
+        seed=seed,
+        fixed_class_order=order,
+    )
+
+
+def _pixel_permutations(n_experiences: int, seed: int) -> list[Tensor]:
+    """The identity for experience 0, then ``n - 1`` seeded permutations of the 64 pixels."""
+    generator = torch.Generator().manual_seed(seed)
+    perms = [torch.arange(_N_PIXELS)]
+    perms += [torch.randperm(_N_PIXELS, generator=generator) for _ in range(n_experiences - 1)]
+    return perms
+
+
+def _permute_pixels(images: Tensor, perm: Tensor) -> Tensor:
+    flat = images.reshape(len(images), _N_PIXELS)
+    return flat[:, perm].reshape(images.shape)
+
+
+def permuted_digits(n_experiences: int = 5, seed: int = 0, *, task_labels: bool = False):
+    """Domain-incremental digits: each experience shuffles the pixels its own way.
+
+    Experience 0 is the unpermuted data; experience ``k > 0`` applies the
+    ``k``-th permutation of the 64 pixels drawn from ``torch.randperm`` with a
+    generator seeded by ``seed``. Train and test images of one experience
+    share its permutation. Every experience holds all 1,257 training and 540
+    test images and all 10 classes.
+
+    Args:
+        n_experiences: number of experiences (>= 1). Default 5.
+        seed: seeds the permutations; the same seed gives the same stream.
+        task_labels: give experience ``k`` the task label ``k``; default False
+            (every task label 0).
+
+    Returns:
+        An Avalanche ``NCScenario`` with ``n_experiences`` experiences in each
+        of ``train_stream`` and ``test_stream``.
+
+    Raises:
+        ConfigError: ``n_experiences`` < 1 or a non-int argument.
+
+    Example:
+        >>> bm = permuted_digits(n_experiences=3, seed=0)
+        >>> [len(e.dataset) for e in bm.train_stream]
+        [1257, 1257, 1257]
+        >>> bm.train_stream[2].classes_in_this_experience
+        [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+    """
+    what = "permuted_digits"
+    n = _check_int("n_experiences", n_experiences, 1, what)
+    seed = _check_int("seed", seed, 0, what)
+    task_labels = _check_task_labels(task_labels, what)
+    data = _cached_split()
+    train_sets, test_sets = [], []
+    for perm in _pixel_permutations(n, seed):
+        train_sets.append(_DigitsDataset(_permute_pixels(data.x_train, perm), data.y_train))
+        test_sets.append(_DigitsDataset(_permute_pixels(data.x_test, perm), data.y_test))
+    return _domain_benchmark(train_sets, test_sets, task_labels)
+
+
+def _rotate(images: Tensor, angle: float) -> Tensor:
+    """Rotate ``(N, 1, 8, 8)`` images counter-clockwise by ``angle`` degrees (bilinear, zero fill)."""
+    if angle % 360.0 == 0.0:
+        return images.clone()
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    return TF.rotate(images, angle, interpolation=InterpolationMode.BILINEAR, fill=0.0)
+
+
+def rotated_digits(
+    n_experiences: int = 5,
+    seed: int = 0,
+    angles: Sequence[float] | None = None,
+    *,
+    task_labels: bool = False,
+):
+    """Domain-incremental digits: each experience rotates the images by its own angle.
+
+    Rotation is counter-clockwise about the image centre, bilinear, with
+    zero (black) fill, applied once when the stream is built.
+
+    Args:
+        n_experiences: number of experiences (>= 1). Default 5.
+        seed: accepted so that every digits stream has the same signature; the
+            angles are fixed, so the data does not depend on it (the training
+            order comes from :class:`~cl_plugin.benchmarks.ContinualDataModule`'s
+            ``seed``).
+        angles: one angle in degrees per experience. Default: evenly spaced
+            from 0, ``360 * k / n_experiences`` (0/72/144/216/288 for five).
+        task_labels: give experience ``k`` the task label ``k``; default False.
+
+    Returns:
+        An Avalanche ``NCScenario``; every experience holds all 1,257 training
+        and 540 test images and all 10 classes.
+
+    Raises:
+        ConfigError: ``n_experiences`` < 1, ``angles`` of the wrong length, or
+            an angle that is not a finite number.
+
+    Example:
+        >>> bm = rotated_digits(n_experiences=2, angles=[0, 90])
+        >>> x0, x1 = bm.test_stream[0].dataset[0][0], bm.test_stream[1].dataset[0][0]
+        >>> bool((x1 == x0.rot90(1, dims=(1, 2))).all())
+        True
+    """
+    what = "rotated_digits"
+    n = _check_int("n_experiences", n_experiences, 1, what)
+    _check_int("seed", seed, 0, what)
+    task_labels = _check_task_labels(task_labels, what)
+    if angles is None:
+        chosen = [360.0 * k / n for k in range(n)]
+    else:
+        try:
+            chosen = [float(a) for a in angles]
+        except (TypeError, ValueError):
+            raise ConfigError(f"`angles` must be a sequence of numbers (degrees), got {angles!r} ({what}).") from None
+        if len(chosen) != n:
+            raise ConfigError(
+                f"`angles` has {len(chosen)} entries but `n_experiences` is {n} ({what}). "
+                f"Give one angle per experience, or pass n_experiences={len(chosen)}."
+            )
+        if not all(math.isfinite(a) for a in chosen):
+            raise ConfigError(f"`angles` must be finite numbers of degrees, got {angles!r} ({what}).")
+    data = _cached_split()
+    train_sets = [_DigitsDataset(_rotate(data.x_train, a), data.y_train) for a in chosen]
+    test_sets = [_DigitsDataset(_rotate(data.x_test, a), data.y_test) for a in chosen]
+    return _domain_benchmark(train_sets, test_sets, task_labels)

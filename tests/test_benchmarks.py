@@ -1,0 +1,509 @@
+"""Streams: the digits benchmarks, ContinualDataModule in both stream styles, benchmark_by_name."""
+
+from __future__ import annotations
+
+import struct
+import types
+import warnings
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from cl_plugin.benchmarks import (
+    BENCHMARK_NAMES,
+    ContinualDataModule,
+    MissingDatasetError,
+    benchmark_by_name,
+    load_digits_tensors,
+    permuted_digits,
+    rotated_digits,
+    split_digits,
+)
+from cl_plugin.errors import ConfigError
+
+N_TRAIN, N_TEST = 1257, 540
+
+
+def tensors(dataset):
+    """(x, y, t) of a whole Avalanche dataset, in its order."""
+    return next(iter(DataLoader(dataset, batch_size=len(dataset), shuffle=False)))
+
+
+def stream_tensors(stream):
+    return [tensors(e.dataset) for e in stream]
+
+
+def quiet_trainer(**kwargs):
+    defaults = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
+
+
+def three_class_blocks():
+    """A 3-experience class-incremental digits stream: classes {0..3}, {4,5,6}, {7,8,9}."""
+    from avalanche.benchmarks import nc_benchmark
+
+    from cl_plugin.benchmarks.digits import _DigitsDataset
+
+    d = load_digits_tensors()
+    return nc_benchmark(
+        _DigitsDataset(d.x_train, d.y_train),
+        _DigitsDataset(d.x_test, d.y_test),
+        n_experiences=3,
+        task_labels=False,
+        fixed_class_order=list(range(10)),
+        per_exp_classes={0: 4},
+    )
+
+
+# ---------------------------------------------------------------- the digits data
+
+
+def test_digits_split_is_fixed_stratified_and_scaled():
+    a, b = load_digits_tensors(), load_digits_tensors()
+    assert tuple(a.x_train.shape) == (N_TRAIN, 1, 8, 8) and tuple(a.x_test.shape) == (N_TEST, 1, 8, 8)
+    assert a.x_train.dtype == torch.float32 and a.y_train.dtype == torch.int64
+    assert float(a.x_train.min()) == 0.0 and float(a.x_train.max()) == 1.0
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    a.x_train.add_(1.0)  # a copy: the next call is unchanged
+    assert float(load_digits_tensors().x_train.max()) == 1.0
+    per_class_test = torch.bincount(a.y_test, minlength=10)
+    per_class_all = per_class_test + torch.bincount(a.y_train, minlength=10)
+    assert (per_class_test - 0.3 * per_class_all).abs().max() <= 1.0
+
+
+def test_split_digits_classes_sizes_and_task_labels():
+    bm = split_digits(n_experiences=5, seed=0)
+    classes = [e.classes_in_this_experience for e in bm.train_stream]
+    assert [len(c) for c in classes] == [2] * 5
+    assert sorted(c for cs in classes for c in cs) == list(range(10))
+    assert sum(len(e.dataset) for e in bm.train_stream) == N_TRAIN
+    assert sum(len(e.dataset) for e in bm.test_stream) == N_TEST
+    for exp_train, exp_test, cs in zip(stream_tensors(bm.train_stream), stream_tensors(bm.test_stream), classes):
+        for x, y, t in (exp_train, exp_test):
+            assert tuple(x.shape[1:]) == (1, 8, 8)
+            assert sorted(set(y.tolist())) == sorted(cs)
+            assert set(t.tolist()) == {0}
+    tl = split_digits(n_experiences=5, seed=0, task_labels=True)
+    assert [e.task_label for e in tl.train_stream] == [0, 1, 2, 3, 4]
+    assert [set(tensors(e.dataset)[2].tolist()) for e in tl.test_stream] == [{k} for k in range(5)]
+    assert [e.classes_in_this_experience for e in tl.train_stream] == classes  # class ids are not remapped
+
+
+def test_split_digits_class_order_and_seed():
+    fixed = split_digits(n_experiences=2, class_order=[9, 8, 7, 6, 5, 4, 3, 2, 1, 0])
+    assert [e.classes_in_this_experience for e in fixed.train_stream] == [[5, 6, 7, 8, 9], [0, 1, 2, 3, 4]]
+
+    def order(seed):
+        return [e.classes_in_this_experience for e in split_digits(5, seed=seed).train_stream]
+
+    assert order(0) == order(0)
+    assert order(0) != order(1)
+    assert len(split_digits(10).train_stream) == 10 and len(split_digits(1).train_stream) == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(n_experiences=3), r"must divide the 10 digit classes.*\[1, 2, 5, 10\]"),
+        (dict(n_experiences=0), r"`n_experiences` must be >= 1, got 0"),
+        (dict(n_experiences="5"), r"`n_experiences` must be an int, got '5'"),
+        (dict(class_order=[0, 1, 2]), r"`class_order` must list each of the classes 0-9 exactly once"),
+        (dict(class_order=[0] * 10), r"`class_order` must list each"),
+        (dict(seed=1.5), r"`seed` must be an int"),
+        (dict(task_labels=1), r"`task_labels` must be True or False"),
+    ],
+)
+def test_split_digits_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        split_digits(**kwargs)
+
+
+def test_permuted_digits_first_unpermuted_then_one_permutation_each():
+    bm = permuted_digits(n_experiences=3, seed=0)
+    assert [e.classes_in_this_experience for e in bm.train_stream] == [list(range(10))] * 3
+    assert [len(e.dataset) for e in bm.train_stream] == [N_TRAIN] * 3
+    assert [len(e.dataset) for e in bm.test_stream] == [N_TEST] * 3
+    assert [e.task_label for e in bm.train_stream] == [0, 0, 0]
+
+    d = load_digits_tensors()
+    (x0, y0, _), (x1, y1, _), (x2, y2, _) = stream_tensors(bm.train_stream)
+    # Experience 0 holds exactly the original training images.
+    assert torch.equal(torch.unique(x0.flatten(1), dim=0), torch.unique(d.x_train.flatten(1), dim=0))
+    assert torch.equal(y0, y1) and torch.equal(y0, y2)  # same images, same order, in every experience
+    for xk in (x1, x2):
+        assert not torch.equal(xk, x0)
+        # One fixed permutation of the 64 pixels: every pixel column is some column of experience 0...
+        a, b = xk.flatten(1), x0.flatten(1)
+        assert all(any(torch.equal(a[:, j], b[:, i]) for i in range(64)) for j in range(64))
+        # ...and each image keeps its pixel values.
+        assert torch.equal(a.sort(dim=1).values, b.sort(dim=1).values)
+    assert not torch.equal(x1, x2)
+    # The test images of an experience use the training images' permutation.
+    t0, t1 = (tensors(e.dataset)[0].flatten(1) for e in list(bm.test_stream)[:2])
+    perm = [next(i for i in range(64) if torch.equal(x1.flatten(1)[:, j], x0.flatten(1)[:, i])) for j in range(64)]
+    varying = [j for j in range(64) if x0.flatten(1)[:, perm[j]].std() > 0]  # constant pixels are ambiguous
+    assert torch.equal(t1[:, varying], t0[:, [perm[j] for j in varying]])
+
+
+def test_permuted_digits_seeded():
+    same = [stream_tensors(permuted_digits(3, seed=7).test_stream) for _ in range(2)]
+    other = stream_tensors(permuted_digits(3, seed=8).test_stream)
+    for (xa, ya, _), (xb, yb, _) in zip(*same):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert torch.equal(same[0][0][0], other[0][0])  # experience 0 is unpermuted whatever the seed
+    assert not torch.equal(same[0][1][0], other[1][0])
+    with pytest.raises(ConfigError, match=r"`n_experiences` must be >= 1, got 0 \(permuted_digits\)"):
+        permuted_digits(0)
+
+
+def test_rotated_digits_angles():
+    bm = rotated_digits(n_experiences=3, angles=[0, 90, 180])
+    (x0, y0, _), (x90, y90, _), (x180, _, _) = stream_tensors(bm.test_stream)
+    d = load_digits_tensors()
+    assert torch.equal(torch.unique(x0.flatten(1), dim=0), torch.unique(d.x_test.flatten(1), dim=0))
+    assert torch.equal(y0, y90)
+    assert torch.equal(x90, x0.rot90(1, dims=(2, 3)))  # counter-clockwise
+    assert torch.allclose(x180, x0.rot90(2, dims=(2, 3)), atol=1e-6)
+    default = rotated_digits()
+    assert len(default.train_stream) == 5
+    assert [e.classes_in_this_experience for e in default.test_stream] == [list(range(10))] * 5
+    x72 = tensors(default.test_stream[1].dataset)[0]
+    assert not torch.equal(x72, x0) and float(x72.min()) >= 0.0 and float(x72.max()) <= 1.0
+    with pytest.raises(ConfigError, match=r"`angles` has 2 entries but `n_experiences` is 5.*n_experiences=2"):
+        rotated_digits(angles=[0, 45])
+    with pytest.raises(ConfigError, match=r"finite"):
+        rotated_digits(n_experiences=1, angles=[float("nan")])
+
+
+# ---------------------------------------------------------------- ContinualDataModule
+
+
+class LinearDigits(L.LightningModule):
+    """A linear model on the 64 pixels that records what every epoch trained and validated on."""
+
+    def __init__(self, crash_at_epoch: int | None = None):
+        super().__init__()
+        self.net = nn.Linear(64, 10)
+        self.crash_at_epoch = crash_at_epoch
+        self.train_classes: dict[int, set[int]] = {}
+        self.train_batches: list[tuple[int, list[int]]] = []
+        self.val_loaders: dict[int, int] = {}
+
+    def forward(self, x):
+        return self.net(x.flatten(1))
+
+    def training_step(self, batch, batch_idx):
+        if self.current_epoch == self.crash_at_epoch:
+            raise RuntimeError("simulated crash")
+        x, y, t = batch
+        self.train_classes.setdefault(self.current_epoch, set()).update(y.tolist())
+        self.train_batches.append((self.current_epoch, y.tolist()))
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        epoch = self.current_epoch
+        self.val_loaders[epoch] = max(self.val_loaders.get(epoch, 0), dataloader_idx + 1)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class SeenExperience(Callback):
+    """Records ``datamodule.current_experience`` where a callback reads it."""
+
+    def __init__(self):
+        self.at_train_start: list[int] = []
+        self.at_epoch_start: dict[int, int] = {}
+
+    def on_train_start(self, trainer, pl_module):
+        self.at_train_start.append(trainer.datamodule.current_experience)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.at_epoch_start[trainer.current_epoch] = trainer.datamodule.current_experience
+
+
+def experience_of_classes(dm, classes):
+    matches = [i for i, cs in enumerate(dm.classes_in_experience) if classes <= set(cs)]
+    assert len(matches) == 1, (classes, dm.classes_in_experience)
+    return matches[0]
+
+
+def test_one_fit_serves_each_experience_for_its_epochs():
+    dm = ContinualDataModule(three_class_blocks(), batch_size=64, epochs_per_experience=2)
+    assert dm.classes_in_experience == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert (dm.n_experiences, dm.total_epochs) == (3, 6)
+    assert [dm.experience_for_epoch(e) for e in range(6)] == [0, 0, 1, 1, 2, 2]
+    model, seen = LinearDigits(), SeenExperience()
+    trainer = quiet_trainer(max_epochs=dm.total_epochs, reload_dataloaders_every_n_epochs=1, callbacks=[seen])
+    trainer.fit(model, datamodule=dm)
+    trained = [experience_of_classes(dm, model.train_classes[e]) for e in range(6)]
+    assert trained == [0, 0, 1, 1, 2, 2]
+    assert [model.train_classes[e] for e in (0, 2, 4)] == [set(cs) for cs in dm.classes_in_experience]
+    assert seen.at_train_start == [0]
+    assert seen.at_epoch_start == {e: e // 2 for e in range(6)}
+    assert model.val_loaders == {0: 1, 1: 1, 2: 2, 3: 2, 4: 3, 5: 3}  # eval_on="seen"
+    assert dm.current_experience == 2
+
+
+def test_one_fit_without_reloading_dataloaders_is_an_error():
+    dm = ContinualDataModule(three_class_blocks(), epochs_per_experience=2)
+    trainer = quiet_trainer(max_epochs=6)
+    with pytest.raises(ConfigError, match=r"reload_dataloaders_every_n_epochs=1, max_epochs=6\).*got .*=0"):
+        trainer.fit(LinearDigits(), datamodule=dm)
+
+
+def test_running_past_the_stream_is_an_error():
+    dm = ContinualDataModule(three_class_blocks(), epochs_per_experience=2)
+    with pytest.raises(ConfigError, match=r"`Trainer\(max_epochs=7\)` runs past the end of the stream.*max_epochs=6"):
+        quiet_trainer(max_epochs=7, reload_dataloaders_every_n_epochs=1).fit(LinearDigits(), datamodule=dm)
+    with pytest.raises(ConfigError, match=r"Epoch 6 is past the end of the stream.*max_epochs=6"):
+        dm.experience_for_epoch(6)
+    with pytest.warns(UserWarning, match=r"only experiences 0\.\.0 of 3 will be trained"):
+        quiet_trainer(max_epochs=1, reload_dataloaders_every_n_epochs=1, limit_train_batches=1).fit(
+            LinearDigits(), datamodule=dm
+        )
+
+
+def test_set_experience_serves_one_experience_per_fit():
+    dm = ContinualDataModule(three_class_blocks(), batch_size=128, epochs_per_experience=2)
+    for experience in (1, 2):
+        dm.set_experience(experience)
+        assert dm.current_experience == experience and dm.fixed_experience == experience
+        model = LinearDigits()
+        quiet_trainer(max_epochs=2).fit(model, datamodule=dm)  # no reload needed, epoch does not choose
+        assert [experience_of_classes(dm, model.train_classes[e]) for e in (0, 1)] == [experience, experience]
+        assert model.val_loaders == {0: experience + 1, 1: experience + 1}
+    dm.set_experience(None)
+    assert dm.fixed_experience is None and dm.current_experience == 2
+    with pytest.raises(ConfigError, match=r"`experience` must be an int in \[0, 2\].*got 3"):
+        dm.set_experience(3)
+
+
+@pytest.mark.parametrize("crash_at_epoch", [2, 3])  # at an experience's first epoch, and inside it
+def test_resume_sees_the_same_stream(tmp_path, crash_at_epoch):
+    bm = three_class_blocks()
+
+    def run(model, folder, ckpt_path=None, seen=None):
+        dm = ContinualDataModule(bm, batch_size=256, epochs_per_experience=2, seed=3)
+        callbacks = [ModelCheckpoint(dirpath=tmp_path / folder, save_last=True, every_n_epochs=1)]
+        callbacks += [seen] if seen else []
+        trainer = quiet_trainer(
+            max_epochs=6, reload_dataloaders_every_n_epochs=1, enable_checkpointing=True, callbacks=callbacks
+        )
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+
+    full = LinearDigits()
+    run(full, "full")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(LinearDigits(crash_at_epoch=crash_at_epoch), "crashed")
+    resumed, seen = LinearDigits(), SeenExperience()
+    run(resumed, "resumed", ckpt_path=str(tmp_path / "crashed" / "last.ckpt"), seen=seen)
+    assert resumed.train_batches == [b for b in full.train_batches if b[0] >= crash_at_epoch]
+    assert seen.at_train_start == [crash_at_epoch // 2]
+    assert seen.at_epoch_start == {e: e // 2 for e in range(crash_at_epoch, 6)}
+    # Resuming a finished run trains nothing and is not mistaken for running past the stream.
+    again = LinearDigits()
+    run(again, "again", ckpt_path=str(tmp_path / "full" / "last.ckpt"))
+    assert again.train_batches == []
+
+
+def test_sampler_order_is_a_function_of_seed_and_epoch():
+    bm = split_digits(5, seed=0)
+
+    def order(seed, epoch):
+        sampler = ContinualDataModule(bm, seed=seed).train_sampler(0)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    assert order(0, 0) == order(0, 0)
+    assert order(0, 1) == order(0, 1)
+    assert order(0, 0) != order(0, 1)
+    assert order(0, 0) != order(1, 0)
+    assert sorted(order(0, 0)) == list(range(len(bm.train_stream[0].dataset)))
+
+
+def test_each_rank_gets_its_own_shard():
+    bm = split_digits(5, seed=0)
+    n = len(bm.train_stream[0].dataset)
+    shards = []
+    for rank in (0, 1):
+        dm = ContinualDataModule(bm, seed=0)
+        dm.trainer = types.SimpleNamespace(world_size=2, global_rank=rank)  # what the loader reads
+        dm.set_experience(0)
+        loader = dm.train_dataloader()
+        assert (loader.sampler.num_replicas, loader.sampler.rank) == (2, rank)
+        loader.sampler.set_epoch(4)
+        shards.append(list(loader.sampler))
+    assert len(shards[0]) == len(shards[1]) == (n + 1) // 2
+    assert set(shards[0]) | set(shards[1]) == set(range(n))
+    assert len(set(shards[0]) & set(shards[1])) == n % 2  # DistributedSampler pads an odd split with one repeat
+
+
+class ShardChecker(LinearDigits):
+    """Checks, on every rank, that the datamodule's sampler is the one training and that shards are disjoint."""
+
+    def on_train_epoch_end(self):
+        import torch.distributed as dist
+
+        dm = self.trainer.datamodule
+        sampler = self.trainer.train_dataloader.sampler
+        # Lightning would build its own sampler with its own seed (0) if it replaced ours.
+        assert type(sampler) is DistributedSampler and sampler.seed == dm.seed == 3
+        assert (sampler.num_replicas, sampler.rank, sampler.epoch) == (2, self.global_rank, self.current_epoch)
+        mine = (self.current_epoch, dm.current_experience, list(sampler))
+        everyone = [None, None]
+        dist.all_gather_object(everyone, mine)
+        (e0, x0, s0), (e1, x1, s1) = everyone
+        assert e0 == e1 and x0 == x1 == self.current_epoch
+        n = len(self.trainer.train_dataloader.dataset)
+        assert len(s0) == len(s1) == (n + 1) // 2
+        assert set(s0) | set(s1) == set(range(n)) and len(set(s0) & set(s1)) == n % 2
+        seen = sum(len(y) for e, y in self.train_batches if e == self.current_epoch)
+        assert seen == len(s0)
+
+
+@pytest.mark.ddp
+def test_ddp_each_rank_trains_its_shard_of_the_experience():
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("DDP test skipped: torch.distributed with the gloo backend is not available here")
+    dm = ContinualDataModule(split_digits(2, seed=0), batch_size=64, seed=3)
+    trainer = quiet_trainer(max_epochs=2, reload_dataloaders_every_n_epochs=1, devices=2, strategy="ddp_spawn")
+    trainer.fit(ShardChecker(), datamodule=dm)  # a failed check in a worker is raised here
+
+
+def test_eval_loaders_and_batches():
+    bm = split_digits(5, seed=0, task_labels=True)
+    dm = ContinualDataModule(bm, batch_size=16, eval_on="seen")
+    tests = dm.test_dataloader()
+    assert len(tests) == 5
+    assert [len(t.dataset) for t in tests] == [len(e.dataset) for e in bm.test_stream]
+    assert len(dm.val_dataloader()) == 1
+    dm.set_experience(3)
+    assert len(dm.val_dataloader()) == 4
+    assert len(ContinualDataModule(bm, eval_on="all").val_dataloader()) == 5
+    x, y, t = next(iter(dm.train_dataloader()))
+    assert tuple(x.shape) == (16, 1, 8, 8) and set(y.tolist()) <= set(dm.classes_in_experience[3])
+    assert set(t.tolist()) == {3}  # task labels pass through as the third element
+    x, y, t = next(iter(tests[2]))
+    assert set(y.tolist()) <= set(dm.classes_in_experience[2]) and set(t.tolist()) == {2}
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(batch_size=0), r"`batch_size` must be >= 1, got 0"),
+        (dict(epochs_per_experience=1.0), r"`epochs_per_experience` must be an int, got 1.0"),
+        (dict(num_workers=-1), r"`num_workers` must be >= 0"),
+        (dict(eval_on="last"), r"`eval_on` must be one of \['seen', 'all'\], got 'last'"),
+    ],
+)
+def test_datamodule_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        ContinualDataModule(split_digits(), **kwargs)
+
+
+def test_datamodule_rejects_what_is_not_a_benchmark():
+    with pytest.raises(ConfigError, match=r"`benchmark` has no `train_stream`"):
+        ContinualDataModule([1, 2, 3])
+    empty = types.SimpleNamespace(train_stream=[], test_stream=[])
+    with pytest.raises(ConfigError, match=r"stream is empty: 0 training and 0 test experiences"):
+        ContinualDataModule(empty)
+
+
+# ---------------------------------------------------------------- benchmark_by_name
+
+
+def test_benchmark_by_name_embedded():
+    bm = benchmark_by_name("permuted_digits", n_experiences=2, seed=1)
+    assert len(bm.train_stream) == 2
+    assert len(benchmark_by_name("split_digits").train_stream) == 5
+    bm = benchmark_by_name("split_digits", n_experiences=2, class_order=range(10), dataset_root="/ignored")
+    assert bm.train_stream[0].classes_in_this_experience == [0, 1, 2, 3, 4]
+    assert set(BENCHMARK_NAMES) == {
+        "split_digits", "permuted_digits", "rotated_digits",
+        "split_mnist", "split_fmnist", "split_cifar100", "split_cub200", "core50",
+    }  # fmt: skip
+
+
+def test_benchmark_by_name_unknown_names_and_options():
+    unknown = r"Unknown benchmark 'split_digit'.*'split_cifar100'.*Did you mean 'split_digits'"
+    with pytest.raises(ConfigError, match=unknown):
+        benchmark_by_name("split_digit")
+    with pytest.raises(ConfigError, match=r"Unknown option 'angle' for benchmark 'rotated_digits'.*'angles'\?"):
+        benchmark_by_name("rotated_digits", angle=[0])
+    with pytest.raises(ConfigError, match=r"Unknown option 'colour'"):
+        benchmark_by_name("split_mnist", colour=True)
+    with pytest.raises(ConfigError, match=r"`n_experiences`=3 does not divide the 100 classes of 'split_cifar100'"):
+        benchmark_by_name("split_cifar100", n_experiences=3)
+    with pytest.raises(ConfigError, match=r"scenario 'ni' has 8 experiences, not n_experiences=5"):
+        benchmark_by_name("core50", n_experiences=5, scenario="ni")
+    with pytest.raises(ConfigError, match=r"Unknown CORe50 `scenario` 'nicv2'"):
+        benchmark_by_name("core50", scenario="nicv2")
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("split_mnist", ["MNIST/raw/train-images-idx3-ubyte", "MNIST/raw/t10k-labels-idx1-ubyte", "gunzip"]),
+        ("split_fmnist", ["FashionMNIST/raw/train-labels-idx1-ubyte", "fashion-mnist"]),
+        ("split_cifar100", ["cifar-100-python/train", "cifar-100-python/meta", "cifar-100-python.tar.gz"]),
+        ("split_cub200", ["CUB_200_2011/images.txt", "CUB_200_2011/images/", "CUB_200_2011.tgz"]),
+        ("core50", ["core50_128x128/", "NIC_v2_391/", "labels2names.pkl", "batches_filelists_NICv2.zip"]),
+    ],
+)
+def test_benchmark_by_name_missing_files(tmp_path, name, expected):
+    with pytest.raises(MissingDatasetError) as info:
+        benchmark_by_name(name, dataset_root=tmp_path)
+    message = str(info.value)
+    assert str(tmp_path) in message and "Nothing is downloaded" in message
+    for part in expected:
+        assert part in message, (part, message)
+    assert isinstance(info.value, ConfigError) and isinstance(info.value, FileNotFoundError)
+    assert list(tmp_path.iterdir()) == []  # nothing was created or fetched
+
+
+def test_benchmark_by_name_reports_a_corrupt_cifar_file(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    for f in ("train", "test", "meta"):
+        (folder / f).write_bytes(b"not cifar")
+    with pytest.raises(MissingDatasetError, match=r"cifar-100-python/train \(present, but its MD5 sum is wrong"):
+        benchmark_by_name("split_cifar100", dataset_root=tmp_path)
+
+
+def _write_idx(path, magic, dims, payload: bytes):
+    path.write_bytes(struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in dims) + payload)
+
+
+def test_benchmark_by_name_reads_local_mnist_files(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, per_class in (("train", 3), ("t10k", 1)):
+        labels = bytes(c for c in range(10) for _ in range(per_class))
+        images = bytes(len(labels) * 28 * 28)
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", 0x803, (len(labels), 28, 28), images)
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", 0x801, (len(labels),), labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bm = benchmark_by_name("split_mnist", dataset_root=tmp_path, n_experiences=5, seed=0)
+    assert [len(e.dataset) for e in bm.train_stream] == [6] * 5
+    assert sorted(c for e in bm.train_stream for c in e.classes_in_this_experience) == list(range(10))
+    assert sorted(p.name for p in raw.iterdir()) == sorted(
+        f"{p}-{k}" for p in ("train", "t10k") for k in ("images-idx3-ubyte", "labels-idx1-ubyte")
+    )  # nothing downloaded next to them
