@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -68,3 +70,9 @@ def make_tiny_net():
         return net
 
     return make
+
+
+# The test models are tiny: one intra-op thread is faster than two on the 2-core
+# machines, and processes spawned for DDP would otherwise oversubscribe the cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
