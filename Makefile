@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/merge_state_dicts.py
+	$(BIN)/cl-plugin demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --doctest-modules cl_plugin tests

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["DigitsClassifier", "StreamRecipe", "RECIPES", "run_demo", "format_table"]
+__all__ = ["ImageClassifier", "StreamRecipe", "RECIPES", "run_demo", "format_table"]
 
 
 @dataclass(frozen=True)
@@ -57,27 +57,34 @@ def _lightning():
     return L
 
 
-class DigitsClassifier(_lightning().LightningModule):
+class ImageClassifier(_lightning().LightningModule):
     """A LightningModule around any classifier: cross-entropy, SGD with momentum 0.9 and no weight decay.
 
     No weight decay: rows of the head that an experience never trains keep a
     zero task vector, which class-incremental merging relies on.
 
     Args:
-        model: maps (N, 1, 8, 8) images to (N, 10) logits.
+        model: maps (N, C, H, W) images to (N, n_classes) logits.
         lr: SGD learning rate.
         frozen: prefixes of parameter names that are not trained.
+        input_size: (H, W) the model expects; other sizes are resized
+            bilinearly (e.g. CIFAR's 32×32 for a ViT-B/16 at 224×224).
     """
 
-    def __init__(self, model: nn.Module, lr: float = 1e-3, frozen: Sequence[str] = ()) -> None:
+    def __init__(
+        self, model: nn.Module, lr: float = 1e-3, frozen: Sequence[str] = (), input_size: tuple[int, int] | None = None
+    ) -> None:
         super().__init__()
         self.model = model
         self.lr = lr
+        self.input_size = None if input_size is None else tuple(input_size)
         for name, p in self.model.named_parameters():
             if any(name.startswith(prefix) for prefix in frozen):
                 p.requires_grad_(False)
 
     def forward(self, x):
+        if self.input_size is not None and tuple(x.shape[-2:]) != self.input_size:
+            x = nn.functional.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False)
         return self.model(x)
 
     def training_step(self, batch, batch_idx):
@@ -91,10 +98,55 @@ class DigitsClassifier(_lightning().LightningModule):
         return torch.optim.SGD(params, lr=self.lr, momentum=0.9, weight_decay=0.0)
 
 
-def build_benchmark(name: str, seed: int, n_experiences: int = 5):
-    from cl_plugin.benchmarks import benchmark_by_name
+@dataclass(frozen=True)
+class RunSpec:
+    """What one demo run trains: the stream, the model, and how."""
 
-    return benchmark_by_name(name, n_experiences=n_experiences, seed=seed)
+    benchmark: str
+    seed: int
+    epochs: int
+    weights: Path | None = None  # digits backbone file; None = random init
+    model_name: str | None = None  # a timm model for non-embedded benchmarks
+    pretrained: bool = False  # timm pretrained=True for model_name
+    dataset_root: str | None = None
+    batch_size: int = 32
+    lr: float | None = None
+    n_experiences: int | None = None
+
+    @property
+    def recipe(self) -> StreamRecipe:
+        if self.benchmark in RECIPES:
+            return RECIPES[self.benchmark]
+        class_incremental = self.benchmark.startswith("split_")
+        return StreamRecipe("none", 0, 1e-3, mask_classes=class_incremental)
+
+    def build_benchmark(self):
+        from cl_plugin.benchmarks import benchmark_by_name
+
+        options: dict[str, Any] = {"seed": self.seed}
+        if self.n_experiences is not None:
+            options["n_experiences"] = self.n_experiences
+        elif self.benchmark in RECIPES:
+            options["n_experiences"] = 5
+        if self.benchmark not in RECIPES:
+            options["dataset_root"] = self.dataset_root
+        return benchmark_by_name(self.benchmark, **options)
+
+    def build_module(self, n_classes: int) -> ImageClassifier:
+        recipe = self.recipe
+        lr = self.lr if self.lr is not None else recipe.lr
+        if self.model_name is None:
+            return ImageClassifier(backbone(self.weights), lr=lr, frozen=recipe.frozen)
+        import timm
+
+        model = timm.create_model(self.model_name, pretrained=self.pretrained, num_classes=n_classes)
+        with torch.no_grad():
+            head = model.get_classifier()
+            if isinstance(head, nn.Linear):
+                head.weight.zero_()
+                head.bias.zero_()
+        size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-2:]
+        return ImageClassifier(model, lr=lr, frozen=recipe.frozen, input_size=tuple(size))
 
 
 def backbone(weights: Path | None) -> nn.Module:
@@ -116,7 +168,8 @@ def accuracy_per_experience(module: nn.Module, loaders) -> list[float]:
     for loader in loaders:
         correct = total = 0
         for batch in loader:
-            correct += int((module(batch[0]).argmax(1) == batch[1]).sum())
+            x = batch[0].to(module.device) if hasattr(module, "device") else batch[0]
+            correct += int((module(x).argmax(1).cpu() == batch[1]).sum())
             total += len(batch[1])
         out.append(correct / max(total, 1))
     return out
@@ -132,54 +185,53 @@ def _trainer(max_epochs: int, progress: bool, **kwargs):
         enable_checkpointing=False,
         enable_model_summary=False,
         enable_progress_bar=progress,
-        deterministic=True,
         **kwargs,
     )
 
 
-def run_stream(
-    benchmark_name: str,
-    seed: int,
-    epochs: int,
-    weights: Path | None,
-    methods: Sequence[str],
-    out_dir: Path | None,
-    progress: bool = True,
-    batch_size: int = 32,
-) -> dict[str, dict[str, Any]]:
+def run_stream(spec: RunSpec, methods: Sequence[str], out_dir: Path | None, progress: bool = True) -> dict[str, dict[str, Any]]:
     """One sequential fine-tuning run with every method compared; returns ContinualEvaluation's results."""
     L = _lightning()
     from cl_plugin.benchmarks import ContinualDataModule
     from cl_plugin.callbacks import ClassIncrementalMasking, ContinualEvaluation, ModelMerging
 
-    recipe = RECIPES[benchmark_name]
-    L.seed_everything(seed, verbose=False)
-    benchmark = build_benchmark(benchmark_name, seed)
-    datamodule = ContinualDataModule(benchmark, batch_size=batch_size, epochs_per_experience=epochs, seed=seed)
-    module = DigitsClassifier(backbone(weights), lr=recipe.lr, frozen=recipe.frozen)
-    callbacks = [ModelMerging(methods[0]), ContinualEvaluation(compare=methods, output_dir=out_dir)]
-    if recipe.mask_classes:
-        callbacks.append(ClassIncrementalMasking(head="model.head"))
-    trainer = _trainer(datamodule.n_experiences * epochs, progress, callbacks=callbacks, reload_dataloaders_every_n_epochs=1)
+    L.seed_everything(spec.seed, verbose=False)
+    benchmark = spec.build_benchmark()
+    datamodule = ContinualDataModule(benchmark, batch_size=spec.batch_size, epochs_per_experience=spec.epochs, seed=spec.seed)
+    module = spec.build_module(benchmark.n_classes)
+    evaluation = ContinualEvaluation(compare=methods, output_dir=out_dir)
+    callbacks = [ModelMerging(methods[0]), evaluation]
+    if spec.recipe.mask_classes:
+        callbacks.append(ClassIncrementalMasking(head=_head_name(module)))
+    trainer = _trainer(datamodule.total_epochs, progress, callbacks=callbacks, reload_dataloaders_every_n_epochs=1)
     trainer.fit(module, datamodule=datamodule)
-    return callbacks[1].results
+    return evaluation.results
 
 
-def run_joint(benchmark_name: str, seed: int, epochs: int, weights: Path | None, progress: bool = True, batch_size: int = 32) -> dict[str, Any]:
-    """The upper bound: all experiences' training data at once, the same number of optimizer steps as the stream."""
+def _head_name(module: ImageClassifier) -> str:
+    classifier = module.model.get_classifier() if hasattr(module.model, "get_classifier") else module.model.head
+    for name, sub in module.named_modules():
+        if sub is classifier:
+            return name
+    return "model.head"
+
+
+def run_joint(spec: RunSpec, progress: bool = True) -> dict[str, Any]:
+    """The upper bound: every experience's training data at once, as many optimizer steps as the stream."""
     L = _lightning()
     from torch.utils.data import ConcatDataset, DataLoader
 
     from cl_plugin.benchmarks import ContinualDataModule
 
-    recipe = RECIPES[benchmark_name]
-    L.seed_everything(seed, verbose=False)
-    benchmark = build_benchmark(benchmark_name, seed)
-    datamodule = ContinualDataModule(benchmark, batch_size=batch_size, epochs_per_experience=1, seed=seed)
+    L.seed_everything(spec.seed, verbose=False)
+    benchmark = spec.build_benchmark()
+    datamodule = ContinualDataModule(benchmark, batch_size=spec.batch_size, epochs_per_experience=1, seed=spec.seed)
+    # `epochs` passes over the union of the experiences: the same number of
+    # examples, so of optimizer steps, as the stream's `epochs` per experience.
     train = ConcatDataset([e.dataset for e in benchmark.train_stream])
-    loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    module = DigitsClassifier(backbone(weights), lr=recipe.lr, frozen=recipe.frozen)
-    _trainer(epochs, progress).fit(module, train_dataloaders=loader)
+    loader = DataLoader(train, batch_size=spec.batch_size, shuffle=True, generator=torch.Generator().manual_seed(spec.seed))
+    module = spec.build_module(benchmark.n_classes)
+    _trainer(spec.epochs, progress).fit(module, train_dataloaders=loader)
     row = accuracy_per_experience(module, datamodule.test_dataloader())
     return {"average_accuracy": sum(row) / len(row), "forgetting": 0.0, "bwt": 0.0, "accuracy_matrix": [row]}
 
@@ -234,58 +286,78 @@ class single_thread:
 def run_demo(
     out: str | os.PathLike = "cl-plugin-results",
     benchmarks: Sequence[str] = ("split_digits", "permuted_digits"),
-    seeds: int = 1,
+    seeds: int = 3,
     epochs: int = 3,
     methods: Sequence[str] = METHODS,
     from_scratch: bool = True,
     progress: bool = True,
+    model_name: str | None = None,
+    pretrained: bool = False,
+    dataset_root: str | None = None,
+    n_experiences: int | None = None,
+    batch_size: int = 32,
+    lr: float | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run the grid, write ``results.json`` and heatmaps to ``out``, and return the aggregated results.
 
+    Embedded benchmarks (``split_digits``, ``permuted_digits``,
+    ``rotated_digits``) use the digits ViT pretrained on MNIST-5k (cached in
+    ``out/cache``). Other names go through
+    :func:`cl_plugin.benchmarks.benchmark_by_name` with ``dataset_root`` and
+    need ``model_name`` (a timm model; ``pretrained=True`` loads timm's weights).
+
     Returns:
         ``{benchmark: {method: {"average_accuracy", "average_accuracy_std",
-        "forgetting", "bwt", "accuracy_matrix", "seeds", ...}}}``, methods
+        "forgetting", "bwt", "accuracy_matrix", "seeds", ...}}}`` with methods
         named ``sequential_finetuning``, ``joint``, the merger names, and
-        ``<name>_from_scratch`` for the from-scratch run.
+        ``<name>_from_scratch`` for the run without pretraining.
     """
     from cl_plugin.errors import ConfigError
 
-    unknown = [b for b in benchmarks if b not in RECIPES]
-    if unknown:
-        raise ConfigError(f"The demo knows the embedded benchmarks {sorted(RECIPES)}, got {unknown}.")
-    if seeds < 1 or epochs < 1:
-        raise ConfigError(f"`seeds` and `epochs` must be >= 1, got seeds={seeds}, epochs={epochs}.")
+    for name in benchmarks:
+        if name not in RECIPES and model_name is None:
+            raise ConfigError(
+                f"Benchmark {name!r} is not embedded: pass a timm model with --model (e.g. vit_base_patch16_224 "
+                f"--pretrained) and --dataset-root. Embedded: {sorted(RECIPES)}."
+            )
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ConfigError(f"`seeds` must be an integer >= 1, got {seeds!r}.")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"`epochs` must be an integer >= 1, got {epochs!r}.")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ConfigError(f"`methods` must be a non-empty subset of {list(METHODS)}, got {list(methods)}.")
     out = Path(out)
-    cache = out / "cache"
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    results: dict[str, dict[str, Any]] = {}
     started = time.perf_counter()
+    results: dict[str, dict[str, Any]] = {}
     with single_thread():
-        results = _run_grid(benchmarks, seeds, epochs, methods, from_scratch, progress, out, cache)
+        for name in benchmarks:
+            common = dict(
+                benchmark=name, epochs=epochs, model_name=model_name if name not in RECIPES else None,
+                pretrained=pretrained, dataset_root=dataset_root, batch_size=batch_size, lr=lr,
+                n_experiences=n_experiences,
+            )
+            weights = pretrained_weights(out / "cache", name) if name in RECIPES else None
+            runs: dict[str, list[dict[str, Any]]] = {}
+            for seed in range(seeds):
+                spec = RunSpec(seed=seed, weights=weights, **common)
+                for method, result in run_stream(spec, methods, out / name if seed == 0 else None, progress).items():
+                    runs.setdefault(method, []).append(result)
+                runs.setdefault("joint", []).append(run_joint(spec, progress))
+            if from_scratch and name in RECIPES:
+                spec = RunSpec(seed=0, weights=None, **common)
+                for method, result in run_stream(spec, methods[:1], None, progress).items():
+                    runs.setdefault(f"{method}_from_scratch", []).append(result)
+            results[name] = {method: _aggregate(r) for method, r in runs.items()}
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "results.json", "w") as f:
         json.dump(results, f, indent=2)
     elapsed = time.perf_counter() - started
+    print()
     print(format_table(results))
     print(f"\nWrote {out / 'results.json'} and heatmaps under {out}/<benchmark>/ in {elapsed:.0f} s.")
-    return results
-
-
-def _run_grid(benchmarks, seeds, epochs, methods, from_scratch, progress, out, cache):
-    results: dict[str, dict[str, Any]] = {}
-    for name in benchmarks:
-        weights = pretrained_weights(cache, name)
-        runs: dict[str, list[dict[str, Any]]] = {}
-        for seed in range(seeds):
-            heatmaps = out / name if seed == 0 else None
-            for method, result in run_stream(name, seed, epochs, weights, methods, heatmaps, progress).items():
-                runs.setdefault(method, []).append(result)
-            runs.setdefault("joint", []).append(run_joint(name, seed, epochs, weights, progress))
-        if from_scratch:
-            for method, result in run_stream(name, 0, epochs, None, methods[:1], None, progress).items():
-                runs.setdefault(f"{method}_from_scratch", []).append(result)
-        results[name] = {method: _aggregate(r) for method, r in runs.items()}
     return results
 
 
@@ -297,7 +369,7 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
         for m in results[b]:
             if m not in methods:
                 methods.append(m)
-    order = ["joint", "sequential_finetuning"] + [m for m in METHODS] 
+    order = ["joint", "sequential_finetuning", *METHODS]
     methods.sort(key=lambda m: (order.index(m) if m in order else len(order), m))
     header = "| method | " + " | ".join(f"{b}: accuracy | forgetting | BWT" for b in benchmarks) + " |"
     rule = "|---|" + "---|---|---|" * len(benchmarks)
