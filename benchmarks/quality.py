@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _sections import write_section  # noqa: E402
 
-from cl_plugin.demo import METHODS, run_demo  # noqa: E402
+from cl_plugin.demo import METHODS, format_accuracy, run_demo  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ("split_digits", "permuted_digits", "rotated_digits")
@@ -118,7 +118,7 @@ input parameters and the task vectors conflict (see shared/FACTS.md for the reci
 """ + "\n".join(
         f"| {m} | "
         + " | ".join(
-            f"{results[b][m]['average_accuracy']:.3f} ± {results[b][m].get('average_accuracy_std', 0):.3f}" for b in BENCHMARKS
+            format_accuracy(results[b][m]) for b in BENCHMARKS
         )
         + " |"
         for m in ("joint", "sequential_finetuning", *MERGES, "magmax_from_scratch", "sequential_finetuning_from_scratch")

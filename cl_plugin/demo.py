@@ -361,6 +361,13 @@ def run_demo(
     return results
 
 
+def format_accuracy(result: dict[str, Any]) -> str:
+    """``mean ± std`` over seeds, or the single value with "(1 seed)"."""
+    if result.get("seeds", 1) > 1:
+        return f"{result['average_accuracy']:.3f} ± {result.get('average_accuracy_std', 0.0):.3f}"
+    return f"{result['average_accuracy']:.3f} (1 seed)"
+
+
 def format_table(results: dict[str, dict[str, Any]]) -> str:
     """A markdown table: one row per method, per benchmark average accuracy ± std, forgetting, BWT."""
     benchmarks = list(results)
@@ -381,7 +388,6 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
             if r is None:
                 cells.append(" - | - | - ")
                 continue
-            std = r.get("average_accuracy_std", 0.0)
-            cells.append(f" {r['average_accuracy']:.3f} ± {std:.3f} | {r['forgetting']:.3f} | {r['bwt']:.3f} ")
+            cells.append(f" {format_accuracy(r)} | {r['forgetting']:.3f} | {r['bwt']:.3f} ")
         lines.append(f"| {m} |" + "|".join(cells) + "|")
     return "\n".join(lines)
