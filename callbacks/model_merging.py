@@ -20,7 +20,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from cl_plugin._checks import check_scale
+from cl_plugin._checks import check_same_layout, check_scale
 from cl_plugin.errors import ConfigError, did_you_mean
 from cl_plugin.merging import MERGERS, get_merger
 from cl_plugin.task_vectors import TaskVector
@@ -199,6 +199,13 @@ class ModelMerging(TaskBoundaryCallback):
                 f"removed {removed[:5]}). Task vectors need one architecture for the whole stream."
             )
         self._names = names
+        if self._theta0 is not None:
+            # A reshaped parameter would only surface at the next boundary, after
+            # a whole experience of training: catch it before the first step.
+            state = pl_module.state_dict()
+            check_same_layout(
+                self._theta0, {n: state[n] for n in names}, "ModelMerging: the model against θ₀", check_dtype=False
+            )
         if self._theta0 is None and self._base_weights_source is not None:
             base = load_base_weights(self._base_weights_source)
             check_base_weights(base, pl_module, names)

@@ -385,6 +385,20 @@ def test_architecture_change_between_experiences_is_rejected():
     assert cb.merger.num_tasks == 1
 
 
+def test_reshaped_parameter_between_experiences_is_rejected_before_training():
+    L.seed_everything(0, verbose=False)
+    cb = ModelMerging()
+    dm = ToyStream(2, 1)
+    model = TinyClassifier()
+    dm.set_experience(0)
+    L.Trainer(max_epochs=1, callbacks=[cb], **trainer_kwargs()).fit(model, datamodule=dm)
+    model.net[3] = torch.nn.Linear(16, 5)
+    dm.set_experience(1)
+    with pytest.raises(StateDictMismatchError, match=r"'net.3.weight': expected \(4, 16\), got \(5, 16\)"):
+        L.Trainer(max_epochs=1, callbacks=[cb], **trainer_kwargs()).fit(model, datamodule=dm)
+    assert cb.merger.num_tasks == 1
+
+
 # -- DDP -------------------------------------------------------------------------------------------
 
 
