@@ -698,6 +698,49 @@ class SharedSubspace:
         trainable_count, total = count_parameters(model)
         return InjectionSummary(tuple(self._layers), trainable_names, trainable_count, total)
 
+    def attach(self, model: nn.Module, target_modules: Patterns | None = None) -> tuple[str, ...]:
+        """Manage :class:`SharedLinear` layers that already exist in ``model``.
+
+        For a model wrapped by another :class:`SharedSubspace` (e.g. one that
+        was rebuilt after a restart); follow with :meth:`load_state_dict` to
+        restore the bookkeeping exactly. Without it, the stored tasks are the
+        layers' tasks, and a task with temporary directions counts as training.
+
+        Args:
+            model: the model holding the layers.
+            target_modules: which layers (PEFT rules); ``None``: every SharedLinear.
+
+        Returns:
+            The names of the attached layers.
+
+        Raises:
+            ConfigError: this SharedSubspace is already injected, or the layers
+                disagree on ``p`` or on their tasks (or ``p`` differs from this one's).
+            NoMatchingModulesError: no SharedLinear is selected.
+        """
+        if self._layers:
+            raise ConfigError("This SharedSubspace already manages layers; create a new one for another model.")
+        if target_modules is None:
+            names = tuple(n for n, m in model.named_modules() if isinstance(m, SharedLinear))
+            if not names:
+                raise NoMatchingModulesError(f"{type(model).__name__} has no SharedLinear layer to attach to.")
+        else:
+            names = match_modules(model, target_modules, None, module_types=(SharedLinear,), what="target_modules").matched
+        layers = {n: model.get_submodule(n) for n in names}
+        ps = sorted({layer.p for layer in layers.values()})
+        tasks = {layer.tasks for layer in layers.values()}
+        if len(ps) > 1 or (self._p_option is not None and ps[0] != self._p_option):
+            raise ConfigError(f"The SharedLinear layers have p={ps}; this SharedSubspace has p={self._p_option}.")
+        if len(tasks) > 1:
+            raise ConfigError(f"The SharedLinear layers hold different tasks: {sorted(tasks)}.")
+        first = next(iter(layers.values()))
+        self._layers = layers
+        self._p = ps[0]
+        self._training = first.training_task
+        self._tasks = [t for t in first.tasks if t != first.training_task]
+        self._updates = len(self._tasks)
+        return names
+
     def _gen(self, *parts: str) -> torch.Generator:
         return layer_generator(self.seed, "share", str(self._updates), *parts)
 
@@ -764,6 +807,29 @@ class SharedSubspace:
             if layer.has_temporary:
                 out += [layer.tmp_basis_a, layer.tmp_coef_a, layer.tmp_basis_b, layer.tmp_coef_b]
         return out
+
+    def cancel_task(self) -> None:
+        """Drop the task being trained (its coefficients and temporary directions) without storing it.
+
+        The basis and the stored tasks are untouched; the last stored task is
+        selected again (the base weights when none is stored).
+
+        Raises:
+            ConfigError: no task is training.
+        """
+        self._require_injected()
+        key = self._training
+        if key is None:
+            raise ConfigError("No task is training; there is nothing to cancel.")
+        for layer in self._layers.values():
+            layer.remove_task(key)
+            layer.drop_temporary()
+            layer.training_task = None
+        self._training = None
+        if self._tasks:
+            self.select(self._tasks[-1])
+        else:
+            self.disable()
 
     @torch.no_grad()
     def finish_task(self) -> dict[str, tuple[int, int]]:

@@ -1,0 +1,39 @@
+"""Run by test_adapter_callbacks.py: 2-process DDP (gloo), one fit per experience, per-task LoRA and Share.
+
+New adapters and Share coefficients are created in ``setup`` of each fit, before
+DDP wraps the model; check_ranks all-gathers a checksum after every boundary,
+and at the end every rank's full state is compared.
+"""
+
+import sys
+
+import lightning as L
+import torch
+import torch.distributed as dist
+
+from cl_plugin.callbacks.adapters import LoRAAdapters, SharedSubspaceAdapters
+from stream_helpers import TinyClassifier, ToyStream, trainer_kwargs
+
+
+def run(name, callback, root):
+    L.seed_everything(0, verbose=False)
+    model = TinyClassifier()
+    dm = ToyStream(2, 1)
+    for experience in range(2):
+        dm.set_experience(experience)
+        trainer = L.Trainer(max_epochs=1, callbacks=[callback], default_root_dir=root, **trainer_kwargs(devices=2, strategy="ddp"))
+        trainer.fit(model, datamodule=dm)
+    flat = torch.cat([t.detach().double().flatten() for t in model.state_dict().values() if t.is_floating_point()])
+    gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    identical = all(torch.equal(g, gathered[0]) for g in gathered)
+    tasks = callback.tasks if isinstance(callback, LoRAAdapters) else callback.share.tasks
+    if trainer.global_rank == 0:
+        print(f"{name} RANKS IDENTICAL: {identical} tasks={tasks} world={dist.get_world_size()}", flush=True)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    root = sys.argv[1]
+    run("per_task", LoRAAdapters(["net.0"], r=2, trainable=["net.3"], mode="per_task", check_ranks=True), root)
+    run("share", SharedSubspaceAdapters(["net.0"], k=8, r=2, trainable=["net.3"], temporary_directions=1, check_ranks=True), root)
