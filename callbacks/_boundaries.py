@@ -112,19 +112,19 @@ def check_base_weights(base: Mapping[str, Tensor], module: LightningModule, name
 
 
 def parameter_fingerprint(module: LightningModule) -> list[float]:
-    """Two float64 sums over the trainable parameters: they change whenever a step changes a weight.
+    """Two sums over the trainable parameters (their sum and their norm): they change whenever a step changes a weight.
 
     Buffers are left out on purpose: BatchNorm updates its running statistics
-    in every forward pass, with or without an optimizer step.
+    in every forward pass, with or without an optimizer step. The reductions
+    read each parameter once and allocate nothing of its size.
     """
-    total, squares = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    total, norms = 0.0, 0.0
     with torch.no_grad():
         for p in module.parameters():
             if p.requires_grad and p.is_floating_point():
-                d = p.detach().double()
-                total += d.sum().cpu()
-                squares += d.square().sum().cpu()
-    return [float(total), float(squares)]
+                total += float(torch.sum(p, dtype=torch.float64))
+                norms += float(torch.linalg.vector_norm(p))
+    return [total, norms]
 
 
 def broadcast_buffers(trainer: Trainer, module: LightningModule) -> None:
@@ -191,6 +191,12 @@ class TaskBoundaryCallback(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._training_experience is not None:
+            self._end(trainer, pl_module, at_fit_end=True)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # A fit resumed from a checkpoint written after the last epoch skips the
+        # training loop, and with it on_train_end: close the pending experience here.
+        if self._training_experience is not None and trainer.state.fn == "fit":
             self._end(trainer, pl_module, at_fit_end=True)
 
     def _end(self, trainer: Trainer, pl_module: LightningModule, at_fit_end: bool) -> None:

@@ -238,16 +238,19 @@ class ContinualEvaluation(TaskBoundaryCallback):
         if at_fit_end:
             self._save(trainer)
 
-    def _summarise(self, trainer: Trainer, row: int) -> None:
-        metrics = {}
+    def _update_results(self) -> None:
         for name, matrix in self.matrices.items():
-            result = {
+            self.results[name] = {
                 "average_accuracy": float(matrix.average_accuracy()),
                 "forgetting": float(matrix.forgetting()),
                 "bwt": float(matrix.bwt()),
                 "accuracy_matrix": matrix.compute().tolist(),
             }
-            self.results[name] = result
+
+    def _summarise(self, trainer: Trainer, row: int) -> None:
+        self._update_results()
+        metrics = {}
+        for name, result in self.results.items():
             metrics[f"cl/{name}/avg_acc"] = result["average_accuracy"]
             metrics[f"cl/{name}/forgetting"] = result["forgetting"]
             metrics[f"cl/{name}/bwt"] = result["bwt"]
@@ -294,3 +297,5 @@ class ContinualEvaluation(TaskBoundaryCallback):
             self._mergers[name] = merger
         for name, matrix in state_dict.get("matrices", {}).items():
             self.matrices[name] = AccuracyMatrix.from_matrix(matrix)
+        if self.matrices:
+            self._update_results()

@@ -230,15 +230,20 @@ class ModelMerging(TaskBoundaryCallback):
     ) -> None:
         start = time.perf_counter()
         current = snapshot(pl_module, self._names, self.snapshot_device)
+        keep_current = at_fit_end and self.start_from == "finetuned"
         task_vector = TaskVector.between(current, self._theta0)
+        if not keep_current:
+            del current  # the snapshot is not needed past τ: free it before the fold
         self.merger.update(task_vector)
         elapsed = time.perf_counter() - start
-        norm = self.merger.merged().norm()
+        norm = self.merger.merged_norm()
+        task_norm = task_vector.norm()
+        del task_vector
         record = {
             "experience": experience,
             "merge_time_s": elapsed,
             "merged_norm": norm,
-            "task_vector_norm": task_vector.norm(),
+            "task_vector_norm": task_norm,
         }
         self.boundary_log.append(record)
         for logger in trainer.loggers:
@@ -253,7 +258,7 @@ class ModelMerging(TaskBoundaryCallback):
         if at_fit_end:
             # Hand the merged model back; keep the training weights if the next
             # fit continues from them.
-            self._kept_weights = current if self.start_from == "finetuned" else None
+            self._kept_weights = current if keep_current else None
             write_into(pl_module, self._merged_tensors())
             self._holds_merged = True
         else:

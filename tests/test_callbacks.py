@@ -431,3 +431,29 @@ def test_ddp_script_ranks_end_bit_identical(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "RANKS IDENTICAL: True" in result.stdout, result.stdout[-3000:]
+
+
+def test_resuming_a_finished_run_still_merges_the_last_experience(tmp_path):
+    """A checkpoint written after the last epoch (before fit's end) skips the training loop on resume."""
+    reference, _, _ = run_one_fit()
+
+    class StopBeforeFitEnds(L.Callback):
+        def on_train_end(self, trainer, pl_module):
+            raise RuntimeError("killed after the last checkpoint")
+
+    L.seed_everything(0, verbose=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_epochs=1)
+    kwargs = trainer_kwargs(enable_checkpointing=True)
+    trainer = L.Trainer(
+        max_epochs=N_EXP * EPE, reload_dataloaders_every_n_epochs=1,
+        callbacks=[StopBeforeFitEnds(), ModelMerging("magmax"), ckpt], **kwargs,
+    )
+    with pytest.raises(RuntimeError, match="killed after the last checkpoint"):
+        trainer.fit(TinyClassifier(), datamodule=ToyStream(N_EXP, EPE))
+
+    resumed = TinyClassifier()
+    cb = ModelMerging("magmax")
+    trainer = L.Trainer(max_epochs=N_EXP * EPE, reload_dataloaders_every_n_epochs=1, callbacks=[cb], **kwargs)
+    trainer.fit(resumed, datamodule=ToyStream(N_EXP, EPE), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert cb.merger.num_tasks == N_EXP
+    assert_same_weights(float_state(reference), float_state(resumed))

@@ -103,6 +103,7 @@ def test_evaluation_state_round_trip():
     assert restored._mergers["magmax"].num_tasks == 2
     for name, matrix in evaluation.matrices.items():
         assert torch.equal(restored.matrices[name].compute(), matrix.compute())
+    assert restored.results == evaluation.results
 
 
 @pytest.mark.parametrize(

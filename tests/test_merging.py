@@ -793,3 +793,13 @@ def test_eager_magmax_fold_over_several_chunks(monkeypatch):
     expected = torch.where(incoming.abs() >= acc.abs(), incoming, acc)
     _kernels.magmax_fold_(acc, incoming.mT.contiguous().mT)  # a non-contiguous incoming tensor
     assert torch.equal(acc, expected)
+
+
+@pytest.mark.parametrize("method", sorted(MERGERS))
+def test_merged_norm_equals_the_norm_of_merged(method, make_task_vectors):
+    merger = get_merger(method)
+    with pytest.raises(ConfigError, match="no task yet"):
+        merger.merged_norm()
+    for tv in make_task_vectors(3, seed=5):
+        merger.update(tv)
+    assert merger.merged_norm() == pytest.approx(merger.merged().norm(), rel=1e-6)

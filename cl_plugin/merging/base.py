@@ -56,6 +56,9 @@ class Merger:
     tensor_states: ClassVar[dict[str, str]] = {}
     #: Scalar states: name -> default value (plain Python numbers).
     scalar_states: ClassVar[dict[str, Any]] = {}
+    #: The tensor-state role that already is the merged vector (no finalisation
+    #: needed), or None.
+    merged_role: ClassVar[str | None] = None
 
     def __init__(self, *, scale: float | None = None) -> None:
         self._scale = None if scale is None else check_scale(scale, f"{type(self).__name__}")
@@ -238,6 +241,14 @@ class Merger:
             out = self._finalize()
         out = {n: t if t.dtype == self._layout[n][1] else t.to(self._layout[n][1]) for n, t in out.items()}
         return TaskVector(out, check_finite=False)
+
+    def merged_norm(self) -> float:
+        """‖merged()‖ over all tensors, without copying the state where the method allows it."""
+        if not self.num_tasks:
+            raise ConfigError(f"The {self.name!r} merger has no task yet; call update(task_vector) first.")
+        with torch.no_grad():
+            tensors = self._state[self.merged_role] if self.merged_role else self._finalize()
+            return TaskVector(tensors, check_finite=False).norm()
 
     def apply_to(self, base: StateDictLike, scale: float | None = None):
         """``base + scale · merged()``; ``scale=None`` uses :attr:`scale`. See :meth:`TaskVector.apply_to`."""

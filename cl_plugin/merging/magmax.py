@@ -46,6 +46,7 @@ class MagMaxMerger(Merger):
     name = "magmax"
     default_scale = 0.5
     tensor_states = {"merged": "same"}
+    merged_role = "merged"
 
     def _fold(self, tv: TaskVector) -> None:
         merged = self._state["merged"]

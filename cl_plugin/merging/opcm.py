@@ -98,6 +98,7 @@ class OPCMMerger(Merger):
     name = "opcm"
     default_scale = 1.0
     tensor_states = {"merged": "accumulate"}
+    merged_role = "merged"
     scalar_states = {"lambda_t": 1.0, "norm_sum": 0.0}
 
     def __init__(self, *, alpha: float = 0.5, scale: float | None = None) -> None:

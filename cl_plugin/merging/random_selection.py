@@ -59,6 +59,7 @@ class RandomMerger(Merger):
     name = "random"
     default_scale = 1.0
     tensor_states = {"merged": "same"}
+    merged_role = "merged"
 
     def __init__(self, *, seed: int = 0, scale: float | None = None) -> None:
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:

@@ -1,0 +1,56 @@
+"""The examples run as a user runs them: a fresh process, from the repository root.
+
+Small settings (one epoch per experience, a two-epoch pretraining cached in
+``tmp_path``) keep the file under a minute on two idle cores.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TIMEOUT_S = 240
+
+
+def run_example(script: str, *args: str) -> str:
+    """Run ``examples/<script>`` and return its stdout; fail with its output if it exits non-zero."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "examples" / script), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert proc.returncode == 0, f"{script} exited with {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_merge_state_dicts_prints_every_method():
+    out = run_example("merge_state_dicts.py")
+    for method in ("average", "magmax", "opcm", "random", "task_arithmetic", "ties"):
+        assert any(line.startswith(method) and "mean" in line for line in out.splitlines()), out
+
+
+@pytest.mark.slow
+def test_magmax_trainer_prints_merged_and_finetuned_accuracy(tmp_path):
+    # The one-fit style; the per-experience loop and DDP are covered in test_callbacks.py.
+    out = run_example(
+        "magmax_trainer.py",
+        "--epochs", "1",
+        "--pretrain-epochs", "2",
+        "--cache-dir", str(tmp_path / "cache"),
+    )
+    assert "final test accuracy per experience (split_digits, one-fit, magmax)" in out, out
+    rows = {line[:24].strip(): line[24:].split() for line in out.splitlines() if line.startswith(("merged", "sequential"))}
+    assert set(rows) == {"merged (magmax)", "sequential fine-tuning"}, out
+    for values in rows.values():
+        assert len(values) == 6  # five experiences and the average
+        assert all(0.0 <= float(v) <= 1.0 for v in values), out
