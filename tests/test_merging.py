@@ -287,7 +287,7 @@ def test_non_contiguous_inputs_give_the_same_result(name, make_task_vectors):
     assert not strided[1]["fc1.weight"].is_contiguous()
     actual = stream(name, strided, **options).merged()
     if name == "opcm":  # BLAS takes another path for a transposed layout: equal to rounding
-        assert_close(actual, expected, atol=1e-6, rtol=1e-6)
+        assert_close(actual, expected, atol=1e-5, rtol=1e-5)
     else:
         assert_tensors_equal(actual, expected)
 

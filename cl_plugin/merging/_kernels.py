@@ -38,10 +38,11 @@ __all__ = ["magmax_fold_", "random_fold_", "ties_fold_", "CHUNK_NUMEL", "COMPILE
 #: (``at::internal::GRAIN_SIZE``), so no chunk op starts an OpenMP region.
 CHUNK_NUMEL = 1 << 15
 #: Tensors of at least this many elements take the compiled path. The
-#: compiled function is shape-generic (``dynamic=True``), so it compiles once
-#: per process; from this size on one fused call is cheaper than the chunked
-#: loop (e.g. ViT-B's 768x768 attention projections, 12 of its 152 tensors).
-COMPILE_MIN_NUMEL = 1 << 16
+#: compiled function is shape-generic (``dynamic=True``): it compiles once per
+#: tensor rank it meets (dynamo guards the rank of the viewed tensor), and one
+#: fused call is far cheaper than the chunked loop from about this size on
+#: (e.g. ViT-B's 768x768 attention projections, 12 of its 152 tensors).
+COMPILE_MIN_NUMEL = 1 << 17
 
 _compile_state: dict[str, object] = {"failed": False}
 
