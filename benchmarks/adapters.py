@@ -68,13 +68,12 @@ from typing import Any
 
 import lightning as L
 import torch
+from _sections import write_section
 from lightning.pytorch import Callback
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DOC = REPO / "docs" / "results.md"
 PERFORMANCE_DOC = REPO / "docs" / "performance.md"
-RESULTS_MARKERS = ("<!-- adapters:start -->", "<!-- adapters:end -->")
-STORAGE_MARKERS = ("<!-- adapters_storage:start -->", "<!-- adapters_storage:end -->")
 
 STREAMS = ("split_digits", "rotated_digits")
 N_EXPERIENCES = 5
@@ -300,23 +299,6 @@ def verdict(rows: dict[str, dict[str, Any]], share_row: str = SHARE_TARGET_ROW) 
     return " ".join(parts)
 
 
-def replace_section(path: Path, markers: tuple[str, str], body: str) -> None:
-    """Write ``body`` between the markers in ``path``; everything else is kept (read right before writing)."""
-    start, end = markers
-    block = f"{start}\n{body.rstrip()}\n{end}"
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    if start in text and end in text and text.index(start) < text.index(end):
-        head, rest = text.split(start, 1)
-        _, tail = rest.split(end, 1)
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + ("\n\n" if text.strip() else "") + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".adapters-tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def run_all(seeds: int, cache_dir: Path, streams=STREAMS, methods=METHODS) -> dict[str, dict[str, Any]]:
     rows: dict[str, dict[str, Any]] = {}
     for stream in streams:
@@ -377,14 +359,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
         f"pretrained backbone. Measured {when} in {elapsed:.0f} s on one intra-op thread "
         f"(torch {torch.__version__}, {platform.machine()}); `docs/adapters.md` explains the methods."
     )
-    replace_section(
+    write_section(
         RESULTS_DOC,
-        RESULTS_MARKERS,
+        "adapters",
         f"## Adapters: LoRA and Share against full fine-tuning\n\nCommand: `{command}`\n\n{setting}\n\n{table}\n\n{summary}\n",
     )
-    replace_section(
+    write_section(
         PERFORMANCE_DOC,
-        STORAGE_MARKERS,
+        "adapters_storage",
         f"## Adapters: bytes stored per task\n\nCommand: `{command}`\n\n"
         "Float32 bytes each method keeps on top of the pretrained backbone θ₀ for the digits ViT (12 adapted "
         "Linear layers): per task, once, and in total after 5 and after 100 tasks. The merges keep one merged "

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import os
 import platform
@@ -61,9 +60,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from _memory import proc_status, reset_peak
+from _sections import write_section
+
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "performance.md"
-START, END = "<!-- callback_overhead:start -->", "<!-- callback_overhead:end -->"
 MB = 1 << 20
 BENCHMARK = "permuted_digits"
 #: glibc: serve every allocation of 64 KiB or more with its own mapping and unmap it when freed,
@@ -77,33 +78,6 @@ def log(message: str) -> None:
 
 
 # --------------------------------------------------------------------------- memory
-def _status_bytes(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def reset_peak(collect: bool = True) -> int | None:
-    """Set the peak-RSS mark to the current RSS and return that RSS (None off Linux).
-
-    ``collect`` runs the garbage collector first: about 0.3 s with Lightning
-    and Avalanche loaded, so the training runs skip it.
-    """
-    if collect:
-        gc.collect()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return None
-    return _status_bytes("VmRSS")
-
-
 def measured(fn, collect: bool = True):
     """Run ``fn()``; return (seconds, peak RSS rise in MB, RSS kept in MB) (memory None when unsupported)."""
     base = reset_peak(collect)
@@ -112,7 +86,7 @@ def measured(fn, collect: bool = True):
     elapsed = time.perf_counter() - start
     if base is None:
         return elapsed, None, None
-    return elapsed, (_status_bytes("VmHWM") - base) / MB, (_status_bytes("VmRSS") - base) / MB
+    return elapsed, (proc_status("VmHWM") - base) / MB, (proc_status("VmRSS") - base) / MB
 
 
 # --------------------------------------------------------------------------- the stream
@@ -286,7 +260,7 @@ def worker_boundary(spec: dict) -> dict:
     from cl_plugin.callbacks._boundaries import parameter_fingerprint
 
     fingerprint = measured(lambda: parameter_fingerprint(module))
-    norm = measured(lambda: callback.merger.merged().norm())
+    norm = measured(lambda: callback.merger.merged_norm())
     return dict(
         n_params=n_params, model_mb=model_mb, warmup_s=warmup_s,
         theta0=dict(s=theta0[0], peak_mb=theta0[1], kept_mb=theta0[2]),
@@ -411,7 +385,6 @@ def boundary_row(label: str, kind: str, items: list[dict], model_mb: float | Non
 def format_section(command: str, info: dict, load: tuple, overhead: dict, big: list[dict], accuracy: dict, spec: dict) -> str:
     o = overhead
     lines = [
-        START,
         "## `ModelMerging` in a Lightning run: step time, boundaries, accuracy",
         "",
         f"Command: `{command}` ({datetime.date.today().isoformat()}, {info['cpu']}, {info['cores']} cores; torch "
@@ -462,7 +435,7 @@ def format_section(command: str, info: dict, load: tuple, overhead: dict, big: l
             "boundaries reuse them). Inside a boundary, the fold itself (snapshot, τ, `merger.update`, as "
             f"`boundary_log` records it) took a median {_median([s for r in big for s in r['fold_s']]) * 1e3:.0f} ms; "
             f"the logged norm of the merged vector {_median([r['norm']['s'] for r in big]) * 1e3:.0f} ms (peak "
-            f"{_fmt(_median([r['norm']['peak_mb'] for r in big]), '.0f')} MB: `merged()` returns a copy); each of the "
+            f"{_fmt(_median([r['norm']['peak_mb'] for r in big]), '.0f')} MB, `merger.merged_norm()`); each of the "
             f"two weight fingerprints {_median([r['fingerprint']['s'] for r in big]) * 1e3:.0f} ms. The one-off "
             f"compilation of the fused MagMax kernel took {_median([r['warmup_s'] for r in big]):.1f} s, before the stream.",
         ]
@@ -485,20 +458,7 @@ def format_section(command: str, info: dict, load: tuple, overhead: dict, big: l
             "|---|---|---|",
             f"| permuted digits, 5 experiences | {cell('sequential_finetuning')} | {cell('magmax')} |",
         ]
-    lines.append(END)
     return "\n".join(lines)
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace this script's section of ``path`` (read right before writing); create the file if missing."""
-    text = path.read_text() if path.exists() else "# Performance\n"
-    if START in text and END in text:
-        before, rest = text.split(START, 1)
-        text = before + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 def main() -> int:
@@ -539,7 +499,7 @@ def main() -> int:
     section = format_section(command, machine_info(), (load_start, load_end), overhead, big, accuracy, spec)
     print(section)
     if not args.no_write:
-        write_section(DOC, section)
+        write_section(DOC, "callback_overhead", section, title="Performance")
         log(f"wrote {DOC.relative_to(REPO)}")
     log(f"done in {time.perf_counter() - started:.0f} s")
     return 0

@@ -60,9 +60,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from _memory import proc_status, reset_peak
+from _sections import write_section
+
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "performance.md"
-START, END = "<!-- merge_speed:start -->", "<!-- merge_speed:end -->"
 MB = 1 << 20
 
 #: FusionBench's implementation of each method, where it has one.
@@ -89,33 +91,11 @@ FOOTPRINT = {
 
 
 # --------------------------------------------------------------------------- measuring
-def _proc_status(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def reset_peak() -> int | None:
-    """Reset the peak-RSS mark to the current RSS; return the current RSS in bytes (None if unsupported)."""
-    gc.collect()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return None
-    return _proc_status("VmRSS")
-
-
 def peak_since(baseline: int | None) -> float | None:
     """Peak RSS above ``baseline`` since the last :func:`reset_peak`, in MiB."""
     if baseline is None:
         return None
-    hwm = _proc_status("VmHWM")
+    hwm = proc_status("VmHWM")
     return None if hwm is None else (hwm - baseline) / MB
 
 
@@ -746,7 +726,7 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"info": info, "results": {"|".join(map(str, k)): v for k, v in results.items()}}, indent=1))
     if not args.no_write:
-        write_section(Path(args.output), section)
+        write_section(Path(args.output), "merge_speed", section, title="Performance")
         log(f"wrote {args.output}")
     return 0
 
@@ -778,7 +758,6 @@ def render(results, methods, model, numel, tasks, opcm_tasks, info, command, ela
     peers_installed = info["fusion_bench"] not in ("not installed", "skipped (--no-peers)")
     model_mb = numel * 4 / MB
     lines = [
-        START,
         "## Merge speed and memory (`benchmarks/merge_speed.py`)",
         "",
         "```",
@@ -967,7 +946,6 @@ def render(results, methods, model, numel, tasks, opcm_tasks, info, command, ela
         lines.append(f"| OPCM at least 2x faster than FusionBench's OPCM | {opcm_ratio:.2f}x | {'pass' if opcm_ratio >= 2 else 'FAIL'} |")
     elif "opcm" in methods:
         lines.append(f"| OPCM at least 2x faster than FusionBench's OPCM | {why('fusionbench', 'opcm', opcm_tasks, peers_installed)} | not measured |")
-    lines += ["", END]
     return "\n".join(lines)
 
 
@@ -978,19 +956,6 @@ def _scale(results, tasks) -> float:
 
 def fmt_load(load) -> str:
     return "n/a" if not load else "/".join(f"{x:.1f}" for x in load)
-
-
-def write_section(path: Path, section: str) -> None:
-    """Put ``section`` between the markers in ``path``, replacing an earlier one; create the file if needed."""
-    text = path.read_text() if path.exists() else "# Performance\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        tail = rest.split(END, 1)[1]
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 if __name__ == "__main__":
