@@ -45,6 +45,22 @@ class TinyClassifier(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
 
+class OffsetSampler(DistributedSampler):
+    """A DistributedSampler whose epoch is shifted by ``epoch_offset``.
+
+    A new Trainer counts epochs from 0; with the offset, epoch k of experience
+    e in a one-fit-per-experience run sees the order epoch e·E + k sees in a
+    one-fit run, so the two runs can be compared bit for bit.
+    """
+
+    def __init__(self, *args, epoch_offset: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.epoch_offset = epoch_offset
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch + self.epoch_offset)
+
+
 class ToyStream(L.LightningDataModule):
     """Serves experience ``current_epoch // epochs_per_experience`` (or a fixed one after set_experience).
 
@@ -60,6 +76,8 @@ class ToyStream(L.LightningDataModule):
         self.seed = seed
         self._fixed: int | None = None
         self.current_experience = 0
+        #: Added to the sampler's epoch (see OffsetSampler).
+        self.epoch_offset = 0
 
     def set_experience(self, i: int) -> None:
         self._fixed = i
@@ -69,8 +87,9 @@ class ToyStream(L.LightningDataModule):
         if self._fixed is None:
             self.current_experience = self.trainer.current_epoch // self.epochs_per_experience
         ds = experience_data(self.current_experience)
-        sampler = DistributedSampler(
-            ds, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=True, seed=self.seed
+        sampler = OffsetSampler(
+            ds, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=True, seed=self.seed,
+            epoch_offset=self.epoch_offset,
         )
         return DataLoader(ds, batch_size=self.batch_size, sampler=sampler)
 

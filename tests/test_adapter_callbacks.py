@@ -159,26 +159,9 @@ def run_fit_per_experience(callback, seed=0, n_exp=N_EXP):
     for e in range(n_exp):
         dm.set_experience(e)
         trainer = L.Trainer(max_epochs=EPE, callbacks=[callback], **trainer_kwargs())
-        _fit_with_epoch_offset(trainer, model, dm, e * EPE)
-    return model, theta
-
-
-def _fit_with_epoch_offset(trainer, model, dm, offset):
-    # A new Trainer counts epochs from 0; shift the sampler's epoch so that each
-    # epoch sees the order the same epoch of the one-fit run sees.
-    original = dm.train_dataloader
-
-    def train_dataloader():
-        loader = original()
-        base = type(loader.sampler).set_epoch
-        loader.sampler.set_epoch = lambda epoch: base(loader.sampler, epoch + offset)
-        return loader
-
-    dm.train_dataloader = train_dataloader
-    try:
+        dm.epoch_offset = e * EPE
         trainer.fit(model, datamodule=dm)
-    finally:
-        dm.train_dataloader = original
+    return model, theta
 
 
 RUNNERS = [run_one_fit, run_fit_per_experience]
@@ -579,7 +562,8 @@ def test_a_new_process_between_fits_continues_exactly(tmp_path, make):
             cb = make()
             cb.load_state_dict(torch.load(tmp_path / "cb.pt", weights_only=True))
         dm.set_experience(e)
-        _fit_with_epoch_offset(L.Trainer(max_epochs=EPE, callbacks=[cb], **trainer_kwargs()), model, dm, e * EPE)
+        dm.epoch_offset = e * EPE
+        L.Trainer(max_epochs=EPE, callbacks=[cb], **trainer_kwargs()).fit(model, datamodule=dm)
     assert_same(state_of(reference), state_of(model))
 
 

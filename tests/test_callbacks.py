@@ -75,34 +75,9 @@ def run_fit_per_experience(method="magmax", reuse_trainer=False, seed=0, **cb_kw
         else:
             trainer.fit_loop.max_epochs += EPE
         # The sampler's epoch must match the one-fit run for the comparison to be exact.
-        trainer.fit(model, datamodule=dm) if reuse_trainer else _fit_at_epochs(trainer, model, dm, e)
-    return model, cb, theta0
-
-
-def _fit_at_epochs(trainer, model, dm, experience):
-    # A fresh Trainer counts epochs from 0; shift the sampler's epoch so epoch k
-    # of experience e sees the order epoch e*EPE+k sees in the one-fit run.
-    original = dm.train_dataloader
-
-    def train_dataloader():
-        loader = original()
-        loader.sampler.set_epoch = _shifted_set_epoch(loader.sampler, experience * EPE)
-        return loader
-
-    dm.train_dataloader = train_dataloader
-    try:
+        dm.epoch_offset = 0 if reuse_trainer else e * EPE
         trainer.fit(model, datamodule=dm)
-    finally:
-        dm.train_dataloader = original
-
-
-def _shifted_set_epoch(sampler, offset):
-    base = type(sampler).set_epoch
-
-    def set_epoch(epoch):
-        base(sampler, epoch + offset)
-
-    return set_epoch
+    return model, cb, theta0
 
 
 # -- boundaries and the merged result -------------------------------------------------------
