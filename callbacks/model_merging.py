@@ -100,8 +100,6 @@ class ModelMerging(TaskBoundaryCallback):
                 f"Unknown merging method {method!r} (ModelMerging). Choose one of {sorted(MERGERS)}."
                 + did_you_mean(str(method), MERGERS)
             )
-        if "scale" in method_options:  # unreachable through the signature, kept for **dict callers
-            raise ConfigError("Pass `scale` once, as ModelMerging(scale=...).")
         self.merger = get_merger(method, **method_options)
         self.method = method
         self.method_options = dict(method_options)
@@ -161,8 +159,7 @@ class ModelMerging(TaskBoundaryCallback):
         Raises:
             ConfigError: no experience has been folded yet.
         """
-        if self._theta0 is None or self.merger.num_tasks == 0:
-            raise ConfigError("No experience has been merged yet: train at least one experience first.")
+        self._require_merged()
         out = dict(pl_module.state_dict())
         for n, t in self._merged_tensors().items():
             out[n] = t.to(device=out[n].device, dtype=out[n].dtype)
@@ -177,8 +174,7 @@ class ModelMerging(TaskBoundaryCallback):
             with merging.merged_weights(model):
                 trainer.test(model, datamodule=dm)
         """
-        if self._theta0 is None or self.merger.num_tasks == 0:
-            raise ConfigError("No experience has been merged yet: train at least one experience first.")
+        self._require_merged()
         saved = snapshot(pl_module, self._names, self.snapshot_device)
         write_into(pl_module, self._merged_tensors())
         try:
@@ -267,6 +263,10 @@ class ModelMerging(TaskBoundaryCallback):
             self._check_ranks_agree(trainer, pl_module)
 
     # -- internals -------------------------------------------------------------------------------
+    def _require_merged(self) -> None:
+        if self._theta0 is None or self.merger.num_tasks == 0:
+            raise ConfigError("No experience has been merged yet: train at least one experience first.")
+
     def _merged_tensors(self) -> dict[str, Tensor]:
         """θ₀ + scale·merged over the merged names (on ``snapshot_device``)."""
         return self.merger.merged().apply_to(self._theta0, self.scale)

@@ -15,7 +15,6 @@ algorithms it calls stay Lightning-free.
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
 import time

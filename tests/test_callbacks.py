@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import lightning as L
@@ -19,7 +18,7 @@ from cl_plugin.callbacks import ModelMerging
 from cl_plugin.errors import ConfigError, NoMatchingModulesError, StateDictMismatchError
 from cl_plugin.merging import get_merger
 
-from stream_helpers import TinyClassifier, ToyStream, experience_data, trainer_kwargs
+from stream_helpers import TinyClassifier, ToyStream, trainer_kwargs
 
 N_EXP, EPE = 3, 2
 
