@@ -97,6 +97,7 @@ import contextlib
 import numbers
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -119,7 +120,7 @@ from cl_plugin.adapters.lora import (
     set_active_adapter,
     use_adapter,
 )
-from cl_plugin.adapters.matching import Patterns, _normalise
+from cl_plugin.adapters.matching import Patterns, _normalise, match_modules
 from cl_plugin.adapters.share import SharedLinear, SharedSubspace
 from cl_plugin.errors import ConfigError, did_you_mean, preview
 from cl_plugin.merging import MERGERS, get_merger
@@ -245,6 +246,7 @@ class _AdapterCallback(TaskBoundaryCallback):
         alpha: float,
         dropout: float,
         trainable: Patterns,
+        trainable_per_task: bool,
         seed: int,
         check_ranks: bool | None,
     ) -> None:
@@ -253,6 +255,12 @@ class _AdapterCallback(TaskBoundaryCallback):
         self.target_modules = _check_patterns(target_modules, "target_modules", owner, required=True)
         self.exclude_modules = _check_patterns(exclude_modules, "exclude_modules", owner, required=False)
         self.trainable = _check_patterns(trainable, "trainable", owner, required=False) or ()
+        self.trainable_per_task = _check_bool(trainable_per_task, "trainable_per_task", owner)
+        if self.trainable_per_task and not (isinstance(self.trainable, str) or self.trainable):
+            raise ConfigError(
+                f"`trainable_per_task=True` keeps one copy of the `trainable` modules per task, but `trainable` names "
+                f"none ({owner}); pass the modules too, e.g. trainable=['head'], trainable_per_task=True."
+            )
         self.r = check_int(r, "r")
         self.alpha = check_float(alpha, "alpha", 0.0, float("inf"), low_open=True, high_open=True)
         self.dropout = check_float(dropout, "dropout", 0.0, 1.0, low_open=False, high_open=True)
@@ -262,6 +270,9 @@ class _AdapterCallback(TaskBoundaryCallback):
         self.check_ranks = _check_bool(check_ranks, "check_ranks", owner)
         self._layer_names: tuple[str, ...] | None = None
         self._module: LightningModule | None = None
+        # trainable_per_task: state names of the trainable modules, and one CPU copy of them per stored task
+        self._task_module_names: list[str] = []
+        self._task_modules: dict[str, dict[str, Tensor]] = {}
 
     # -- subclass hooks ----------------------------------------------------------------------------
     def _inject(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -277,6 +288,56 @@ class _AdapterCallback(TaskBoundaryCallback):
     def _adapter_layer_names(self, pl_module: LightningModule) -> tuple[str, ...]:
         names = [n for n, m in pl_module.named_modules() if isinstance(m, SharedLinear)]
         return tuple(names) if names else tuple(lora_layers(pl_module))
+
+    # -- trainable_per_task: one copy of the trainable modules per task (PEFT's modules_to_save) -------------
+    @property
+    def task_module_states(self) -> Mapping[str, Mapping[str, Tensor]]:
+        """With ``trainable_per_task=True``: task -> the ``trainable`` modules' state stored for it (CPU copies)."""
+        return dict(self._task_modules)
+
+    def _record_trainable_modules(self, pl_module: LightningModule) -> None:
+        """Before injection: the state names of the ``trainable`` modules, which must hold no adapted layer."""
+        if not self.trainable_per_task:
+            return
+        with warnings.catch_warnings():  # inject_lora matches again right after this and warns there
+            warnings.simplefilter("ignore")
+            wrapped = match_modules(pl_module, self.target_modules, self.exclude_modules, what="target_modules").matched
+            modules = match_modules(pl_module, self.trainable, None, module_types=None, what="trainable").matched
+        names: list[str] = []
+        for module_name in modules:
+            inside = [w for w in wrapped if module_name == "" or w.startswith(module_name + ".")]
+            if inside:
+                raise ConfigError(
+                    f"{self._owner}: `trainable` module {module_name!r} contains adapted layers ({preview(inside, 3)}), "
+                    "and trainable_per_task=True would store a full copy of it per task. Name smaller modules in "
+                    "`trainable` (e.g. the head only)."
+                )
+            prefix = f"{module_name}." if module_name else ""
+            names += [prefix + k for k, t in pl_module.get_submodule(module_name).state_dict().items() if t.is_floating_point()]
+        self._task_module_names = list(dict.fromkeys(names))
+
+    def _store_task_modules(self, pl_module: LightningModule, key: str | None) -> None:
+        if self.trainable_per_task and key is not None:
+            self._task_modules[key] = snapshot(pl_module, self._task_module_names, _CPU)
+
+    def _install_task_modules(self, pl_module: LightningModule, key: str | None) -> None:
+        """Write task ``key``'s stored copy into the module (nothing when none is stored for it)."""
+        if self.trainable_per_task and key in self._task_modules:
+            write_into(pl_module, self._task_modules[key])
+
+    @contextlib.contextmanager
+    def _task_modules_in_place(self, pl_module: LightningModule, key: str | None) -> Iterator[None]:
+        """Inside the block the trainable modules hold task ``key``'s copy; the live weights come back after."""
+        if not self.trainable_per_task or key not in self._task_modules:
+            yield
+            return
+        state = pl_module.state_dict()
+        live = {n: state[n].detach().clone() for n in self._task_module_names}
+        write_into(pl_module, self._task_modules[key])
+        try:
+            yield
+        finally:
+            write_into(pl_module, live)
 
     # -- Lightning hooks ---------------------------------------------------------------------------
     @override
@@ -354,7 +415,14 @@ class _AdapterCallback(TaskBoundaryCallback):
         """
         keys = _labels_to_keys(task_labels, inputs.shape[0])
         keys = [None] * inputs.shape[0] if keys is None else keys
-        return _grouped_forward(pl_module, inputs, keys, self._selector(pl_module))
+        select = self._selector(pl_module)
+
+        @contextlib.contextmanager
+        def select_with_modules(key):
+            with select(key), self._task_modules_in_place(pl_module, key):
+                yield
+
+        return _grouped_forward(pl_module, inputs, keys, select_with_modules)
 
     def predict(self, pl_module: LightningModule, batch: Sequence[Any]) -> Tensor:
         """Logits for a batch ``(x, y, task_labels)`` as Avalanche's datasets yield it.
@@ -382,6 +450,24 @@ class _AdapterCallback(TaskBoundaryCallback):
                 "Resume with the same arguments."
             )
 
+    def _task_modules_state(self) -> dict[str, Any]:
+        return {
+            "task_module_names": list(self._task_module_names),
+            "task_modules": {k: dict(v) for k, v in self._task_modules.items()},
+        }
+
+    def _load_task_modules_state(self, state_dict: Mapping[str, Any]) -> None:
+        names = state_dict.get("task_module_names")
+        if names and self._task_module_names and list(names) != self._task_module_names:
+            raise ConfigError(
+                f"The checkpoint's {self._owner} kept per-task copies of {preview(names, 3)}, this run's `trainable` "
+                f"modules hold {preview(self._task_module_names, 3)}; resume with the same `trainable`."
+            )
+        if names:
+            self._task_module_names = list(names)
+        saved = state_dict.get("task_modules") or {}
+        self._task_modules = {str(k): {n: t.to(_CPU) for n, t in v.items()} for k, v in saved.items()}
+
 
 # ----------------------------------------------------------------------------------------------------
 class LoRAAdapters(_AdapterCallback):
@@ -402,7 +488,7 @@ class LoRAAdapters(_AdapterCallback):
         trainable: modules trained in full beside the adapters, e.g.
             ``["head"]`` (default none). In ``"merge"`` mode their change is
             part of the task vector; in ``"per_task"`` mode they are shared by
-            all tasks and keep training.
+            all tasks and keep training, unless ``trainable_per_task=True``.
         mode: ``"merge"`` (default: fold every adapter into one merged update)
             or ``"per_task"`` (keep one adapter per experience, select by task label).
         method: merging method of ``"merge"`` mode, a name in
@@ -417,6 +503,14 @@ class LoRAAdapters(_AdapterCallback):
             (default: a new adapter) or ``"finetuned"`` (a copy of the previous
             task's adapter).
         exclude_modules: layers never to adapt (same rules as ``target_modules``).
+        trainable_per_task: ``"per_task"`` mode: keep one copy of the
+            ``trainable`` modules per task, like PEFT's ``modules_to_save``
+            (default False: one copy shared by all tasks). Each experience
+            trains them on from the previous task's copy; its end stores them
+            for the task; the task label selects that copy together with the
+            adapter. Shared modules drift with every task while the older
+            adapters stay frozen, which costs the older tasks accuracy
+            (``docs/adapters.md``).
         seed: seed of every adapter's initialisation (default 0); the same on all ranks.
         reset_optimizer: ``"merge"`` mode: clear the optimizers' state at every
             boundary inside one ``fit`` (default True). ``"per_task"`` rebuilds
@@ -440,6 +534,8 @@ class LoRAAdapters(_AdapterCallback):
     Attributes:
         merger: ``"merge"`` mode: the streaming merger (``merger.num_tasks`` experiences folded).
         tasks: ``"per_task"`` mode: the adapter names of the finished experiences, in order.
+        task_module_states: with ``trainable_per_task=True``, task -> the stored
+            copy of the ``trainable`` modules' state (CPU tensors).
 
     State (``state_dict``): ``format_version``, ``mode``, ``method``,
     ``method_options``, ``scale``, ``start_from``, ``r``, ``alpha``, ``seed``,
@@ -447,8 +543,10 @@ class LoRAAdapters(_AdapterCallback):
     ``theta0`` (name -> CPU tensor: the wrapped base weights and the trainable
     parameters at the start), ``merger`` (its ``state_dict``), ``kept`` (the
     adapter and trainable parameters kept aside after ``fit``, or None),
-    ``holds_merged``, ``tasks``, ``training_adapter``, and the boundary
-    bookkeeping of :class:`TaskBoundaryCallback`.
+    ``holds_merged``, ``tasks``, ``training_adapter``, ``trainable_per_task``,
+    ``task_module_names`` and ``task_modules`` (task -> CPU copies of the
+    trainable modules' state, with ``trainable_per_task=True``), and the
+    boundary bookkeeping of :class:`TaskBoundaryCallback`.
 
     Example::
 
@@ -473,6 +571,7 @@ class LoRAAdapters(_AdapterCallback):
         start_from: str = "fresh",
         *,
         exclude_modules: Patterns | None = None,
+        trainable_per_task: bool = False,
         seed: int = 0,
         reset_optimizer: bool = True,
         check_ranks: bool | None = None,
@@ -498,6 +597,11 @@ class LoRAAdapters(_AdapterCallback):
                 f"(LoRAAdapters).{did_you_mean(str(start_from), START_FROM[mode])}"
             )
         reset_optimizer = _check_bool(reset_optimizer, "reset_optimizer", "LoRAAdapters")
+        if mode == "merge" and _check_bool(trainable_per_task, "trainable_per_task", "LoRAAdapters"):
+            raise ConfigError(
+                "`trainable_per_task=True` needs mode='per_task' (LoRAAdapters): in mode='merge' the `trainable` "
+                "modules' change is part of each task vector and is merged like the adapters."
+            )
         super().__init__(
             target_modules,
             exclude_modules=exclude_modules,
@@ -505,6 +609,7 @@ class LoRAAdapters(_AdapterCallback):
             alpha=alpha,
             dropout=dropout,
             trainable=trainable,
+            trainable_per_task=trainable_per_task,
             seed=seed,
             check_ranks=check_ranks,
         )
@@ -546,6 +651,7 @@ class LoRAAdapters(_AdapterCallback):
     # -- injection and experiences ---------------------------------------------------------------------
     def _inject(self, trainer: Trainer, pl_module: LightningModule) -> None:
         first = _MERGE_ADAPTER if self.mode == "merge" else adapter_key(experience_of(trainer, self._experiences_finished))
+        self._record_trainable_modules(pl_module)
         summary = inject_lora(
             pl_module,
             self.target_modules,
@@ -585,6 +691,7 @@ class LoRAAdapters(_AdapterCallback):
             return True
         previous = self._tasks[-1] if self._tasks else None
         stale = self._training_adapter  # an experience that ended without a step: its adapter learnt nothing
+        self._install_task_modules(pl_module, previous)  # undo any earlier select of another task's copy
         add_adapter(pl_module, key, seed=self.seed)
         if self.start_from == "finetuned" and previous is not None:
             with torch.no_grad():
@@ -614,6 +721,7 @@ class LoRAAdapters(_AdapterCallback):
     @override
     def on_experience_end(self, trainer: Trainer, pl_module: LightningModule, experience: int, at_fit_end: bool) -> None:
         if self.mode == "per_task":
+            self._store_task_modules(pl_module, self._training_adapter)
             self._tasks.append(self._training_adapter)
             self._training_adapter = None
         else:
@@ -729,6 +837,7 @@ class LoRAAdapters(_AdapterCallback):
             "method_options": self.method_options,
             "scale": self.scale,
             "start_from": self.start_from,
+            "trainable_per_task": self.trainable_per_task,
             "r": self.r,
             "alpha": self.alpha,
             "seed": self.seed,
@@ -747,6 +856,7 @@ class LoRAAdapters(_AdapterCallback):
             holds_merged=self._holds_merged,
             tasks=list(self._tasks),
             training_adapter=self._training_adapter,
+            **self._task_modules_state(),
         )
         return state
 
@@ -776,6 +886,7 @@ class LoRAAdapters(_AdapterCallback):
         self._trainable_names = list(state_dict.get("trainable_names", self._trainable_names))
         self._tasks = [str(t) for t in state_dict.get("tasks", [])]
         self._training_adapter = state_dict.get("training_adapter")
+        self._load_task_modules_state(state_dict)
         if self._module is not None:
             self._apply_loaded(self._module)
 
@@ -816,10 +927,18 @@ class SharedSubspaceAdapters(_AdapterCallback):
         r: rank of the first experience's LoRA (default 8).
         alpha: LoRA scaling numerator (default 16).
         dropout: LoRA dropout (default 0.0).
-        trainable: modules trained in full, shared by all tasks (e.g. ``["head"]``).
+        trainable: modules trained in full beside the adapters (e.g. ``["head"]``):
+            shared by all tasks, or one copy per task with ``trainable_per_task``.
         init: a new task's coefficients start as the previous task's
             (``"previous"``, default) or fresh (``"fresh"``: ΔW = 0).
         exclude_modules: layers never to adapt.
+        trainable_per_task: keep one copy of the ``trainable`` modules per task
+            (PEFT's ``modules_to_save``), selected by task label with the
+            task's coefficients (default False: shared by all tasks). Each
+            experience trains them on from the previous task's copy. With a
+            shared head, the head drifts with every task while the stored
+            coefficients stay frozen; on rotated digits that cost Share about
+            6 points (``docs/adapters.md``).
         seed: seeds every random draw (default 0); the same on all ranks.
         check_ranks: as for :class:`LoRAAdapters`.
 
@@ -834,12 +953,15 @@ class SharedSubspaceAdapters(_AdapterCallback):
         share: the :class:`~cl_plugin.adapters.SharedSubspace` once the first
             experience has ended (None before): ``share.tasks``,
             ``share.bytes_per_task()``, ``share.task_delta(t)``, ...
+        task_module_states: with ``trainable_per_task=True``, task -> the stored
+            copy of the ``trainable`` modules' state (CPU tensors).
 
     State (``state_dict``): ``format_version``, the options above, ``layers``,
     ``lora_task`` (the experience the LoRA trains), and ``share`` (the
     :meth:`SharedSubspace.state_dict`: basis, every task's coefficients,
     temporary directions while a task trains; or None before the first
-    boundary), plus the boundary bookkeeping.
+    boundary), ``task_module_names`` and ``task_modules`` (per-task copies
+    with ``trainable_per_task=True``), plus the boundary bookkeeping.
 
     Example::
 
@@ -866,6 +988,7 @@ class SharedSubspaceAdapters(_AdapterCallback):
         init: str = "previous",
         *,
         exclude_modules: Patterns | None = None,
+        trainable_per_task: bool = False,
         seed: int = 0,
         check_ranks: bool | None = None,
     ) -> None:
@@ -876,6 +999,7 @@ class SharedSubspaceAdapters(_AdapterCallback):
             alpha=alpha,
             dropout=dropout,
             trainable=trainable,
+            trainable_per_task=trainable_per_task,
             seed=seed,
             check_ranks=check_ranks,
         )
@@ -918,6 +1042,7 @@ class SharedSubspaceAdapters(_AdapterCallback):
 
     # -- injection and experiences -----------------------------------------------------------------------
     def _inject(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._record_trainable_modules(pl_module)
         summary = inject_lora(
             pl_module,
             self.target_modules,
@@ -965,24 +1090,40 @@ class SharedSubspaceAdapters(_AdapterCallback):
             return True
         if share.training_task is not None:
             share.cancel_task()  # an experience that ended without a step: store nothing for it
+        self._install_task_modules(pl_module, share.tasks[-1])  # undo any earlier select of another task's copy
         share.start_task(key)
         return True
 
     @override
     def on_experience_end(self, trainer: Trainer, pl_module: LightningModule, experience: int, at_fit_end: bool) -> None:
         if self.share is None:
+            self._store_task_modules(pl_module, self._lora_task)
             self._build_share(pl_module, self._lora_task)
         else:
+            self._store_task_modules(pl_module, self.share.training_task)
             self.share.finish_task()
         if self.check_ranks:
             _check_ranks_agree(trainer, pl_module, "SharedSubspaceAdapters")
 
     # -- inference ----------------------------------------------------------------------------------------
-    def select(self, task_label: int | str | None) -> None:
-        """Use task ``task_label``'s update from now on; ``None``: the mean update of all stored tasks."""
+    def select(self, task_label: int | str | None, pl_module: LightningModule | None = None) -> None:
+        """Use task ``task_label``'s update from now on; ``None``: the mean update of all stored tasks.
+
+        With ``trainable_per_task=True`` pass the module too: the task's copy of
+        the ``trainable`` modules is written into it (``None``: the latest
+        task's copy). The next experience starts again from the latest task's copy.
+        """
         if self.share is None:
             raise ConfigError("SharedSubspaceAdapters: no Share layers yet; finish the first experience first.")
+        if self.trainable_per_task and pl_module is None:
+            raise ConfigError(
+                "SharedSubspaceAdapters(trainable_per_task=True) keeps the `trainable` modules per task: pass the "
+                "module as well, select(task_label, module), so that they are switched with the coefficients."
+            )
         self.share.select(task_label)
+        if pl_module is not None and self.share.tasks:
+            key = self.share.tasks[-1] if task_label is None else adapter_key(task_label, "task label")
+            self._install_task_modules(pl_module, key)
 
     def _selector(self, pl_module: LightningModule):
         share = self.share
@@ -1046,6 +1187,7 @@ class SharedSubspaceAdapters(_AdapterCallback):
             "explained_variance": self.explained_variance,
             "temporary_directions": self.temporary_directions,
             "init": self.init,
+            "trainable_per_task": self.trainable_per_task,
             "r": self.r,
             "alpha": self.alpha,
             "seed": self.seed,
@@ -1059,6 +1201,7 @@ class SharedSubspaceAdapters(_AdapterCallback):
             layers=None if self._layer_names is None else list(self._layer_names),
             lora_task=self._lora_task,
             share=None if self.share is None else self.share.state_dict(),
+            **self._task_modules_state(),
         )
         return state
 
@@ -1075,6 +1218,7 @@ class SharedSubspaceAdapters(_AdapterCallback):
         self._lora_task = state_dict.get("lora_task", self._lora_task)
         if layers is not None:
             self._layer_names = tuple(layers)
+        self._load_task_modules_state(state_dict)
         saved_share = state_dict.get("share")
         if saved_share is None:
             return

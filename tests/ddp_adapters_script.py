@@ -2,7 +2,7 @@
 
 New adapters and Share coefficients are created in ``setup`` of each fit, before
 DDP wraps the model; check_ranks all-gathers a checksum after every boundary,
-and at the end every rank's full state is compared.
+and at the end every rank's full state (and Share's per-task head copies) is compared.
 """
 
 import sys
@@ -23,7 +23,9 @@ def run(name, callback, root):
         dm.set_experience(experience)
         trainer = L.Trainer(max_epochs=1, callbacks=[callback], default_root_dir=root, **trainer_kwargs(devices=2, strategy="ddp"))
         trainer.fit(model, datamodule=dm)
-    flat = torch.cat([t.detach().double().flatten() for t in model.state_dict().values() if t.is_floating_point()])
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    tensors += [t for copy in callback.task_module_states.values() for t in copy.values()]  # trainable_per_task
+    flat = torch.cat([t.detach().double().flatten() for t in tensors])
     gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, flat)
     identical = all(torch.equal(g, gathered[0]) for g in gathered)
@@ -36,4 +38,8 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     root = sys.argv[1]
     run("per_task", LoRAAdapters(["net.0"], r=2, trainable=["net.3"], mode="per_task", check_ranks=True), root)
-    run("share", SharedSubspaceAdapters(["net.0"], k=8, r=2, trainable=["net.3"], temporary_directions=1, check_ranks=True), root)
+    share = SharedSubspaceAdapters(
+        ["net.0"], k=8, r=2, trainable=["net.3"], trainable_per_task=True, temporary_directions=1, check_ranks=True
+    )
+    run("share", share, root)
+    assert sorted(share.task_module_states) == ["0", "1"], share.task_module_states

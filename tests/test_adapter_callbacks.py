@@ -27,6 +27,7 @@ from stream_helpers import TinyClassifier, ToyStream, experience_data, trainer_k
 N_EXP, EPE = 3, 2
 TARGETS = ["net.0"]  # TinyClassifier: net.0 Linear(8, 16), net.1 BatchNorm, net.3 Linear(16, 4)
 HEAD = ["net.3"]
+HEAD_STATE = ("net.3.weight", "net.3.bias")
 WEIGHT = "net.0.weight"
 
 
@@ -106,7 +107,7 @@ class RecordingShare(SharedSubspaceAdapters):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.trained_deltas, self.trained_factors, self.optimizers = {}, {}, []
+        self.trained_deltas, self.trained_factors, self.optimizers, self.head_ends = {}, {}, [], {}
 
     def on_experience_start(self, trainer, pl_module, experience):
         super().on_experience_start(trainer, pl_module, experience)
@@ -125,6 +126,7 @@ class RecordingShare(SharedSubspaceAdapters):
 
     def on_experience_end(self, trainer, pl_module, experience, at_fit_end):
         key = str(experience)
+        self.head_ends[key] = {n: t for n, t in state_of(pl_module).items() if n in HEAD_STATE}
         if self.share is None:
             self.trained_deltas[key] = dict(lora_delta(pl_module))
             layer = lora_layers(pl_module)["net.0"]
@@ -485,6 +487,125 @@ def test_shared_subspace_attach_manages_existing_layers():
         SharedSubspace(k=2, p=1).attach(nn.Sequential(nn.Linear(2, 2)))
     with pytest.raises(ConfigError, match=r"p=\[1\]; this SharedSubspace has p=2"):
         SharedSubspace(k=2, p=2).attach(net)
+
+
+# -- trainable_per_task: one copy of the trainable modules per task ---------------------------------------
+
+
+def _per_task_head_callback(kind, **overrides):
+    if kind == "lora":
+        return RecordingLoRA(**lora_kwargs(mode="per_task", trainable_per_task=True, **overrides))
+    return RecordingShare(**share_kwargs(trainable_per_task=True, temporary_directions=1, **overrides))
+
+
+def _head_ends(cb):
+    if isinstance(cb, RecordingLoRA):
+        return {str(e): {n: state[n] for n in HEAD_STATE} for e, state, _ in cb.ends}
+    return cb.head_ends
+
+
+def _task_delta(cb, model, task):
+    if isinstance(cb, LoRAAdapters):
+        return dict(lora_delta(model, task))
+    return dict(cb.share.task_delta(task))
+
+
+@pytest.mark.parametrize("kind", ["lora", "share"])
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_trainable_per_task_stores_the_head_of_each_task_and_selects_it_by_label(runner, kind):
+    cb = _per_task_head_callback(kind)
+    model, _ = runner(cb)
+    heads = _head_ends(cb)
+    assert sorted(cb.task_module_states) == ["0", "1", "2"]
+    for task, state in cb.task_module_states.items():
+        assert sorted(state) == sorted(HEAD_STATE)
+        assert_same(state, heads[task])  # exactly the head its experience ended with
+    assert not torch.equal(heads["0"]["net.3.weight"], heads["2"]["net.3.weight"])  # the head did train on
+    live = {n: model.state_dict()[n].clone() for n in HEAD_STATE}
+    assert_same(live, heads["2"])  # after the stream the module holds the latest task's head
+    model.eval()
+    x = experience_data(0).tensors[0][:6]
+    with torch.no_grad():
+        outputs = {}
+        for task in ("0", "1", "2"):
+            expected = plain_model_with(model, _task_delta(cb, model, task))
+            expected.load_state_dict({**expected.state_dict(), **heads[task]})
+            got = cb.forward_by_task(model, x, int(task))
+            assert torch.allclose(got, expected(x), atol=1e-5), task
+            outputs[task] = got
+        labels = torch.tensor([2, 0, 1, 1, 0, 2])
+        mixed = cb.forward_by_task(model, x, labels)
+        for i, label in enumerate(labels.tolist()):
+            assert torch.allclose(mixed[i], outputs[str(label)][i], atol=1e-6)
+    assert_same({n: model.state_dict()[n] for n in HEAD_STATE}, live)  # selection never leaves a copy behind
+
+
+def test_without_trainable_per_task_the_head_is_shared_and_nothing_is_stored():
+    cb = RecordingShare(**share_kwargs())
+    model, _ = run_one_fit(cb)
+    assert cb.task_module_states == {}
+    x = experience_data(0).tensors[0][:4]
+    model.eval()
+    with torch.no_grad():
+        expected = plain_model_with(model, dict(cb.share.task_delta("0")))(x)  # task 0 with the latest head
+        assert torch.allclose(cb.forward_by_task(model, x, 0), expected, atol=1e-5)
+
+
+def test_share_select_writes_the_task_head_and_the_next_experience_starts_from_the_latest():
+    L.seed_everything(0, verbose=False)
+    model = TinyClassifier()
+    dm = ToyStream(N_EXP, EPE)
+    cb = _per_task_head_callback("share")
+    starts = {}
+
+    class HeadAtStart(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            starts[trainer.datamodule.current_experience] = {n: state_of(pl_module)[n] for n in HEAD_STATE}
+
+    for e in range(N_EXP):
+        dm.set_experience(e)
+        dm.epoch_offset = e * EPE
+        L.Trainer(max_epochs=EPE, callbacks=[cb, HeadAtStart()], **trainer_kwargs()).fit(model, datamodule=dm)
+        if e == 1:
+            with pytest.raises(ConfigError, match=r"pass the module as well, select\(task_label, module\)"):
+                cb.select(0)
+            cb.select(0, model)
+            assert_same({n: model.state_dict()[n] for n in HEAD_STATE}, cb.head_ends["0"])
+    assert_same(starts[2], cb.head_ends["1"])  # not task 0's copy, which select had written
+    cb.select(None, model)
+    assert_same({n: model.state_dict()[n] for n in HEAD_STATE}, cb.head_ends["2"])
+
+
+@pytest.mark.parametrize("kind", ["lora", "share"])
+def test_trainable_per_task_killed_and_resumed_ends_bit_identical(tmp_path, kind):
+    make = {
+        "lora": lambda: LoRAAdapters(**lora_kwargs(mode="per_task", trainable_per_task=True)),
+        "share": lambda: SharedSubspaceAdapters(**share_kwargs(trainable_per_task=True, temporary_directions=1)),
+    }[kind]
+    reference_cb = make()
+    reference, _ = run_one_fit(reference_cb)
+    resumed, cb = crash_and_resume(tmp_path, make, 13)
+    assert_same(state_of(reference), state_of(resumed))
+    assert sorted(cb.task_module_states) == ["0", "1", "2"]
+    for task, state in reference_cb.task_module_states.items():
+        assert_same(state, cb.task_module_states[task])
+
+
+def test_trainable_per_task_bad_input_raises_clear_errors():
+    with pytest.raises(ConfigError, match=r"`trainable_per_task=True` needs mode='per_task'"):
+        LoRAAdapters(**lora_kwargs(trainable_per_task=True))
+    with pytest.raises(ConfigError, match=r"`trainable_per_task` must be True or False, got 'yes'"):
+        SharedSubspaceAdapters(**share_kwargs(trainable_per_task="yes"))
+    with pytest.raises(ConfigError, match=r"but `trainable` names none.*trainable=\['head'\], trainable_per_task=True"):
+        SharedSubspaceAdapters(**share_kwargs(trainable=(), trainable_per_task=True))
+    # a trainable module that holds an adapted layer would be copied whole per task
+    model = TinyClassifier()
+    before = state_of(model)
+    cb = LoRAAdapters(**lora_kwargs(mode="per_task", trainable=["net"], trainable_per_task=True))
+    with pytest.raises(ConfigError, match=r"`trainable` module 'net' contains adapted layers \('net.0'\)"):
+        L.Trainer(max_epochs=1, callbacks=[cb], **trainer_kwargs()).fit(model, datamodule=ToyStream(1, 1))
+    assert not lora_layers(model)  # raised before anything was injected
+    assert_same(state_of(model), before)
 
 
 # -- resume ----------------------------------------------------------------------------------------------
