@@ -85,6 +85,31 @@ def test_digits_split_is_fixed_stratified_and_scaled():
     assert (per_class_test - 0.3 * per_class_all).abs().max() <= 1.0
 
 
+def _image_keys(images):
+    return {tuple(x.flatten().tolist()) for x in images}
+
+
+def test_validation_split_comes_from_the_training_images_only():
+    full, val = load_digits_tensors(), load_digits_tensors(validation=True)
+    assert tuple(val.x_train.shape) == (1005, 1, 8, 8) and tuple(val.x_test.shape) == (252, 1, 8, 8)
+    # the two validation parts are exactly the training images, and never a test image
+    assert sorted(_image_keys(val.x_train) | _image_keys(val.x_test)) == sorted(_image_keys(full.x_train))
+    assert not _image_keys(val.x_test) & _image_keys(full.x_test)
+    assert not _image_keys(val.x_test) & _image_keys(val.x_train)
+    per_class = torch.bincount(val.y_test, minlength=10)
+    assert (per_class - 0.2 * torch.bincount(full.y_train, minlength=10)).abs().max() <= 1.0  # stratified
+    assert torch.equal(load_digits_tensors(validation=True).x_test, val.x_test)  # fixed
+
+
+@pytest.mark.parametrize("build", [split_digits, permuted_digits, rotated_digits])
+def test_every_digits_stream_builds_on_the_validation_split(build):
+    bm = build(n_experiences=5, validation=True)
+    assert sum(len(e.dataset) for e in bm.test_stream) == (252 if build is split_digits else 5 * 252)
+    assert sum(len(e.dataset) for e in bm.train_stream) == (1005 if build is split_digits else 5 * 1005)
+    with pytest.raises(ConfigError, match=r"`validation` must be True or False, got 1"):
+        build(n_experiences=5, validation=1)
+
+
 def test_split_digits_classes_sizes_and_task_labels():
     bm = split_digits(n_experiences=5, seed=0)
     classes = [e.classes_in_this_experience for e in bm.train_stream]

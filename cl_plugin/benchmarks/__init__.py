@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from cl_plugin.benchmarks.digits import (
     DIGITS_SPLIT_SEED,
     DIGITS_TEST_FRACTION,
+    DIGITS_VALIDATION_FRACTION,
     DigitsSplit,
     load_digits_tensors,
     permuted_digits,
@@ -39,6 +40,7 @@ __all__ = [
     "EMBEDDED_BENCHMARKS",
     "DIGITS_SPLIT_SEED",
     "DIGITS_TEST_FRACTION",
+    "DIGITS_VALIDATION_FRACTION",
     "ContinualDataModule",
     "DigitsSplit",
     "MissingDatasetError",

@@ -8,6 +8,10 @@ One fixed train/test split serves every stream: stratified by class, 30 % held
 out, drawn once with ``random_state=0`` (:data:`DIGITS_SPLIT_SEED`). That gives
 **1,257 training and 540 test images**, whatever ``seed`` a stream is built
 with, so results over several seeds are measured on the same test images.
+Every stream also takes ``validation=True``, for choosing hyperparameters
+without touching the test images: 20 % of the training images (stratified,
+``random_state=0``; 252 images) become the evaluation stream and the other
+1,005 the training stream.
 Images are float32 tensors of shape ``(1, 8, 8)`` scaled to [0, 1] (the raw
 pixel values run from 0 to 16).
 
@@ -46,6 +50,7 @@ from cl_plugin.errors import ConfigError
 __all__ = [
     "DIGITS_SPLIT_SEED",
     "DIGITS_TEST_FRACTION",
+    "DIGITS_VALIDATION_FRACTION",
     "DIGITS_N_CLASSES",
     "DigitsSplit",
     "load_digits_tensors",
@@ -58,6 +63,8 @@ __all__ = [
 DIGITS_SPLIT_SEED = 0
 #: Fraction of the 1,797 images held out for testing (540 images).
 DIGITS_TEST_FRACTION = 0.3
+#: Fraction of the training images held out as the evaluation set with ``validation=True``.
+DIGITS_VALIDATION_FRACTION = 0.2
 #: Number of classes (the digits 0-9).
 DIGITS_N_CLASSES = 10
 _PIXEL_MAX = 16.0  # load_digits stores integer intensities 0..16
@@ -65,7 +72,11 @@ _N_PIXELS = 64
 
 
 class DigitsSplit(NamedTuple):
-    """The fixed digits split: images ``(N, 1, 8, 8)`` float32 in [0, 1], labels ``(N,)`` int64."""
+    """The fixed digits split: images ``(N, 1, 8, 8)`` float32 in [0, 1], labels ``(N,)`` int64.
+
+    ``x_test``/``y_test`` are the held-out images: the test set, or the
+    validation set when the split was made with ``validation=True``.
+    """
 
     x_train: Tensor
     y_train: Tensor
@@ -73,8 +84,8 @@ class DigitsSplit(NamedTuple):
     y_test: Tensor
 
 
-@functools.lru_cache(maxsize=1)
-def _cached_split() -> DigitsSplit:
+@functools.lru_cache(maxsize=2)
+def _cached_split(validation: bool = False) -> DigitsSplit:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -87,16 +98,35 @@ def _cached_split() -> DigitsSplit:
         stratify=digits.target,
         random_state=DIGITS_SPLIT_SEED,
     )
+    if validation:  # carved from the training images only: the test images stay unseen
+        train_idx, test_idx = train_test_split(
+            train_idx,
+            test_size=DIGITS_VALIDATION_FRACTION,
+            stratify=digits.target[train_idx],
+            random_state=DIGITS_SPLIT_SEED,
+        )
     train_idx = torch.as_tensor(train_idx)
     test_idx = torch.as_tensor(test_idx)
     return DigitsSplit(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx])
 
 
-def load_digits_tensors() -> DigitsSplit:
+def _check_validation(validation: object, what: str) -> bool:
+    if not isinstance(validation, bool):
+        raise ConfigError(f"`validation` must be True or False, got {validation!r} ({what}).")
+    return validation
+
+
+def load_digits_tensors(validation: bool = False) -> DigitsSplit:
     """Return the fixed train/test split of scikit-learn's digits as tensors.
 
     The same 1,257 training and 540 test images on every call (fresh copies,
     so changing them in place does not change the streams).
+
+    Args:
+        validation: instead, split the 1,257 training images into 1,005 for
+            training and 252 held out (``x_test``/``y_test``), stratified with
+            ``random_state=0``, to choose hyperparameters without the test
+            images. Default False.
 
     Example:
         >>> split = load_digits_tensors()
@@ -104,8 +134,11 @@ def load_digits_tensors() -> DigitsSplit:
         ((1257, 1, 8, 8), (540, 1, 8, 8))
         >>> float(split.x_train.min()), float(split.x_train.max())
         (0.0, 1.0)
+        >>> tuple(load_digits_tensors(validation=True).x_test.shape)
+        (252, 1, 8, 8)
     """
-    return DigitsSplit(*(t.clone() for t in _cached_split()))
+    validation = _check_validation(validation, "load_digits_tensors")
+    return DigitsSplit(*(t.clone() for t in _cached_split(validation)))
 
 
 class _DigitsDataset(Dataset):
@@ -161,6 +194,7 @@ def split_digits(
     class_order: Sequence[int] | None = None,
     *,
     task_labels: bool = False,
+    validation: bool = False,
 ):
     """Class-incremental digits: the 10 classes split evenly over the experiences.
 
@@ -174,6 +208,9 @@ def split_digits(
             ``10 // n_experiences`` classes.
         task_labels: give experience ``k`` the task label ``k`` (task-incremental
             use); default False, every task label is 0. Class ids stay 0-9.
+        validation: train on 1,005 of the training images and evaluate on the
+            other 252 (``test_stream`` then holds them) instead of the test
+            images; for choosing hyperparameters. Default False.
 
     Returns:
         An Avalanche ``NCScenario``: ``train_stream`` of 1,257 images and
@@ -200,6 +237,7 @@ def split_digits(
         )
     seed = _check_int("seed", seed, 0, what)
     task_labels = _check_task_labels(task_labels, what)
+    validation = _check_validation(validation, what)
     order = None
     if class_order is not None:
         try:
@@ -210,7 +248,7 @@ def split_digits(
             raise ConfigError(
                 f"`class_order` must list each of the classes 0-9 exactly once, got {class_order!r} ({what})."
             )
-    data = _cached_split()
+    data = _cached_split(validation)
     return nc_benchmark(
         # Copies: the cached split must not change if a user edits a stream in place.
         _DigitsDataset(data.x_train.clone(), data.y_train.clone()),
@@ -236,7 +274,7 @@ def _permute_pixels(images: Tensor, perm: Tensor) -> Tensor:
     return flat[:, perm].reshape(images.shape)
 
 
-def permuted_digits(n_experiences: int = 5, seed: int = 0, *, task_labels: bool = False):
+def permuted_digits(n_experiences: int = 5, seed: int = 0, *, task_labels: bool = False, validation: bool = False):
     """Domain-incremental digits: each experience shuffles the pixels its own way.
 
     Experience 0 is the unpermuted data; experience ``k > 0`` applies the
@@ -250,6 +288,9 @@ def permuted_digits(n_experiences: int = 5, seed: int = 0, *, task_labels: bool 
         seed: seeds the permutations; the same seed gives the same stream.
         task_labels: give experience ``k`` the task label ``k``; default False
             (every task label 0).
+        validation: train on 1,005 of the training images and evaluate on the
+            other 252 instead of the test images (see :func:`load_digits_tensors`).
+            Default False.
 
     Returns:
         An Avalanche ``NCScenario`` with ``n_experiences`` experiences in each
@@ -269,7 +310,7 @@ def permuted_digits(n_experiences: int = 5, seed: int = 0, *, task_labels: bool 
     n = _check_int("n_experiences", n_experiences, 1, what)
     seed = _check_int("seed", seed, 0, what)
     task_labels = _check_task_labels(task_labels, what)
-    data = _cached_split()
+    data = _cached_split(_check_validation(validation, what))
     train_sets, test_sets = [], []
     for perm in _pixel_permutations(n, seed):
         train_sets.append(_DigitsDataset(_permute_pixels(data.x_train, perm), data.y_train))
@@ -293,6 +334,7 @@ def rotated_digits(
     angles: Sequence[float] | None = None,
     *,
     task_labels: bool = False,
+    validation: bool = False,
 ):
     """Domain-incremental digits: each experience rotates the images by its own angle.
 
@@ -308,6 +350,9 @@ def rotated_digits(
         angles: one angle in degrees per experience. Default: evenly spaced
             from 0, ``360 * k / n_experiences`` (0/72/144/216/288 for five).
         task_labels: give experience ``k`` the task label ``k``; default False.
+        validation: train on 1,005 of the training images and evaluate on the
+            other 252 instead of the test images (see :func:`load_digits_tensors`).
+            Default False.
 
     Returns:
         An Avalanche ``NCScenario``; every experience holds all 1,257 training
@@ -341,7 +386,7 @@ def rotated_digits(
             )
         if not all(math.isfinite(a) for a in chosen):
             raise ConfigError(f"`angles` must be finite numbers of degrees, got {angles!r} ({what}).")
-    data = _cached_split()
+    data = _cached_split(_check_validation(validation, what))
     train_sets = [_DigitsDataset(_rotate(data.x_train, a), data.y_train) for a in chosen]
     test_sets = [_DigitsDataset(_rotate(data.x_test, a), data.y_test) for a in chosen]
     return _domain_benchmark(train_sets, test_sets, task_labels)
