@@ -6,7 +6,7 @@ k carries task label k:
 
 * split digits: two classes per experience. Training masks the logits outside
   the experience's classes (``ClassIncrementalMasking``) and the prediction is
-  the arg-max over the task's two classes (one head per task, in effect);
+  the arg-max over the task's two classes;
 * rotated digits: all ten classes in every experience, each rotated by its own
   angle; the prediction is the arg-max over the ten classes.
 
@@ -19,42 +19,55 @@ one ``fit`` over the stream. The methods, each through its cl-plugin callback:
 * full fine-tuning + MagMax: ``ModelMerging("magmax", start_from="finetuned")``,
   every weight trained, at the demo's learning rate for the stream;
 * LoRA + MagMax: ``LoRAAdapters(mode="merge", start_from="finetuned")``;
-* per-task LoRA: ``LoRAAdapters(mode="per_task")``, the task label selects the adapter;
-* Share: ``SharedSubspaceAdapters`` (the first experience trains the LoRA the
-  basis starts from), the task label selects the coefficients; twice: with
-  K = p = 8 (chosen so that a task's coefficients are at least 10 times
-  smaller than a rank-8 adapter) and with K = 32 (the reference code's K).
+* per-task LoRA: ``LoRAAdapters(mode="per_task", trainable_per_task=True)``:
+  the task label selects the adapter and the task's copy of the head;
+* Share: ``SharedSubspaceAdapters(trainable_per_task=True)`` (the first
+  experience trains the LoRA the basis starts from): the task label selects
+  the coefficients and the head's copy;
+* Share with one head shared by all tasks (``trainable_per_task=False``), to
+  show what the shared head costs;
+* Share with K = 32, p = 8 (the reference code's sizes).
 
 LoRA is r=8, alpha=16 on every ``qkv``, ``proj``, ``fc1`` and ``fc2`` of the
-three blocks; the head is trained in full (it is shared by all tasks). Every
-adapter method uses SGD at lr 1e-2, picked on seed 0 of the split stream's
-test set and of per-task LoRA on the rotated one (there is no validation
-split); Share's sizes were chosen the same way.
+three blocks; the head is trained in full. Share has 2 temporary directions.
+
+Hyperparameters are chosen on a validation split, never on the test images:
+``--tune`` runs every candidate on the streams built with ``validation=True``
+(1,005 training images, 252 held out from the training set), seeds 0-1, and
+keeps per method the setting with the best mean validation accuracy over both
+streams. Candidates: learning rate 3e-3/1e-2/2e-2 for the LoRA methods;
+for Share, learning rate 1e-2/2e-2/3e-2 and (K, p) in (8, 8), (16, 4),
+(24, 3): each a task's coefficients at least 10 times smaller than a rank-8
+adapter with its head. The choice is written to
+``benchmarks/adapters_tuning.json``, which the default run reads, and the
+validation table to ``docs/results.md``. Full fine-tuning keeps the demo's
+learning rate (chosen in FACTS.md's study, on the test set).
 
 Figures: trainable parameters per task; bytes stored per task (what grows with
-the number of tasks: an adapter, or Share's coefficients); bytes stored once
-(independent of the number of tasks: the merged update, Share's basis, the
-shared head); the final average accuracy over the 5 experiences, mean ± std
+the number of tasks: an adapter, or Share's coefficients, plus the task's copy
+of the head); bytes stored once (the merged update, Share's basis, a shared
+head); the final average accuracy over the 5 test experiences, mean ± std
 over the seeds. The pretrained backbone θ₀, which every method keeps, is not
 counted. Storage is the same on both streams (one architecture).
 
 Run it from the repository root::
 
-    .venv/bin/python benchmarks/adapters.py              # 3 seeds: about 2 minutes on one core, plus
+    .venv/bin/python benchmarks/adapters.py --tune       # choose the settings: about 3 minutes
+    .venv/bin/python benchmarks/adapters.py              # the figures, 3 seeds: about 2 minutes, plus
                                                          # 1-2 minutes the first time (pretraining)
     .venv/bin/python benchmarks/adapters.py --seeds 1 --no-write   # a smoke test
 
-It prints the tables and writes them to ``docs/results.md`` between
-``<!-- adapters:start -->`` and ``<!-- adapters:end -->``, and the storage
-figures to ``docs/performance.md`` between ``<!-- adapters_storage:start -->``
-and ``<!-- adapters_storage:end -->``; nothing else in those files is
-touched. The pretrained backbones are cached under ``.cache/``.
+The default run prints the tables and writes them between the markers
+``adapters`` of ``docs/results.md`` and ``docs/adapters.md``, and the storage
+figures between ``adapters_storage`` of ``docs/performance.md``; nothing else
+in those files is touched. The pretrained backbones are cached under ``.cache/``.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import logging
 import platform
 import shlex
@@ -62,7 +75,7 @@ import statistics
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +87,8 @@ from lightning.pytorch import Callback
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DOC = REPO / "docs" / "results.md"
 PERFORMANCE_DOC = REPO / "docs" / "performance.md"
+ADAPTERS_DOC = REPO / "docs" / "adapters.md"
+TUNING_FILE = Path(__file__).resolve().with_name("adapters_tuning.json")
 
 STREAMS = ("split_digits", "rotated_digits")
 N_EXPERIENCES = 5
@@ -82,25 +97,64 @@ BATCH_SIZE = 32
 TARGET_MODULES = ["qkv", "proj", "fc1", "fc2"]
 HEAD = "model.head"
 LORA = dict(r=8, alpha=16.0)
-ADAPTER_LR = 1e-2
+TEMPORARY_DIRECTIONS = 2
+TUNING_SEEDS = 2
+LORA_LRS = (3e-3, 1e-2, 2e-2)
+SHARE_LRS = (1e-2, 2e-2, 3e-2)
+SHARE_SIZES = ((8, 8), (16, 4), (24, 3))
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
     kind: str  # "full", "lora_merge", "lora_per_task", "share"
-    share: dict[str, int] | None = None
+    lr: float | None = None  # None: the demo's learning rate for the stream
+    share: dict[str, Any] = field(default_factory=dict)
+    per_task_head: bool = False
 
 
-METHODS = (
-    Method("full fine-tuning + MagMax", "full"),
-    Method("LoRA + MagMax", "lora_merge"),
-    Method("per-task LoRA", "lora_per_task"),
-    Method("Share (K=8, p=8)", "share", dict(k=8, p=8, temporary_directions=2)),
-    Method("Share (K=32, p=8)", "share", dict(k=32, p=8, temporary_directions=2)),
-)
-#: The Share row the issue's targets are checked on.
-SHARE_TARGET_ROW = "Share (K=8, p=8)"
+#: The method the issue's targets are checked on, against "per-task LoRA".
+SHARE_TARGET = "Share"
+
+
+def tuning_candidates() -> dict[str, list[Method]]:
+    """Every setting ``--tune`` tries, by method."""
+    return {
+        "LoRA + MagMax": [Method("LoRA + MagMax", "lora_merge", lr) for lr in LORA_LRS],
+        "per-task LoRA": [Method("per-task LoRA", "lora_per_task", lr, per_task_head=True) for lr in LORA_LRS],
+        SHARE_TARGET: [
+            Method(SHARE_TARGET, "share", lr, dict(k=k, p=p, temporary_directions=TEMPORARY_DIRECTIONS), per_task_head=True)
+            for k, p in SHARE_SIZES
+            for lr in SHARE_LRS
+        ],
+    }
+
+
+def methods_from_tuning(tuned: dict[str, dict[str, Any]]) -> tuple[Method, ...]:
+    """The methods of the default run, with the settings ``--tune`` chose."""
+    missing = [m for m in tuning_candidates() if m not in tuned]
+    if missing:
+        raise SystemExit(f"{TUNING_FILE.name} has no setting for {missing}: run benchmarks/adapters.py --tune first.")
+    share = tuned[SHARE_TARGET]
+    share_options = dict(k=share["k"], p=share["p"], temporary_directions=TEMPORARY_DIRECTIONS)
+    shared = Method(
+        f"Share, one head for all tasks (K={share['k']}, p={share['p']})", "share", share["lr"], share_options
+    )
+    return (
+        Method("full fine-tuning + MagMax", "full"),
+        Method("LoRA + MagMax", "lora_merge", tuned["LoRA + MagMax"]["lr"]),
+        Method("per-task LoRA", "lora_per_task", tuned["per-task LoRA"]["lr"], per_task_head=True),
+        Method(SHARE_TARGET, "share", share["lr"], share_options, per_task_head=True),
+        shared,
+        Method("Share (K=32, p=8)", "share", share["lr"], dict(k=32, p=8, temporary_directions=TEMPORARY_DIRECTIONS), per_task_head=True),
+    )
+
+
+def describe(method: Method) -> str:
+    """The setting of a method, as the tables print it."""
+    lr = "the demo's" if method.lr is None else f"{method.lr:g}"
+    sizes = f", K={method.share['k']}, p={method.share['p']}" if method.share else ""
+    return f"lr {lr}{sizes}"
 
 
 class CountTrainable(Callback):
@@ -123,8 +177,8 @@ def _callback(method: Method):
     if method.kind == "lora_merge":
         return LoRAAdapters(TARGET_MODULES, trainable=[HEAD], mode="merge", method="magmax", start_from="finetuned", **LORA)
     if method.kind == "lora_per_task":
-        return LoRAAdapters(TARGET_MODULES, trainable=[HEAD], mode="per_task", **LORA)
-    return SharedSubspaceAdapters(TARGET_MODULES, trainable=[HEAD], **method.share, **LORA)
+        return LoRAAdapters(TARGET_MODULES, trainable=[HEAD], trainable_per_task=method.per_task_head, mode="per_task", **LORA)
+    return SharedSubspaceAdapters(TARGET_MODULES, trainable=[HEAD], trainable_per_task=method.per_task_head, **method.share, **LORA)
 
 
 def _bytes(tensors) -> int:
@@ -133,7 +187,7 @@ def _bytes(tensors) -> int:
 
 @torch.no_grad()
 def task_il_accuracy(module, datamodule, forward, mask_classes: bool) -> list[float]:
-    """Accuracy per test experience; ``forward(module, x, task_labels)`` picks the adapter by task label.
+    """Accuracy per evaluation experience; ``forward(module, x, task_labels)`` picks the adapter by task label.
 
     With ``mask_classes`` the arg-max runs over the experience's classes only.
     """
@@ -165,8 +219,12 @@ def _trainer(max_epochs: int, callbacks: list) -> L.Trainer:
     )
 
 
-def run_method(method: Method, stream: str, seed: int, weights: Path) -> dict[str, Any]:
-    """One stream with one method: accuracy per experience and the storage figures."""
+def run_method(method: Method, stream: str, seed: int, weights: Path, *, validation: bool = False) -> dict[str, Any]:
+    """One stream with one method: accuracy per experience and the storage figures.
+
+    ``validation=True`` trains on 1,005 training images and evaluates on the
+    other 252 (the digits streams' ``validation`` split) instead of the test images.
+    """
     from cl_plugin.adapters import adapter_bytes
     from cl_plugin.benchmarks import ContinualDataModule, rotated_digits, split_digits
     from cl_plugin.callbacks import ClassIncrementalMasking
@@ -176,13 +234,12 @@ def run_method(method: Method, stream: str, seed: int, weights: Path) -> dict[st
     L.seed_everything(seed, verbose=False)
     build = split_digits if stream == "split_digits" else rotated_digits
     datamodule = ContinualDataModule(
-        build(n_experiences=N_EXPERIENCES, seed=seed, task_labels=True),
+        build(n_experiences=N_EXPERIENCES, seed=seed, task_labels=True, validation=validation),
         batch_size=BATCH_SIZE,
         epochs_per_experience=EPOCHS,
         seed=seed,
     )
-    lr = recipe.lr if method.kind == "full" else ADAPTER_LR
-    module = ImageClassifier(backbone(weights), lr=lr, frozen=recipe.frozen)
+    module = ImageClassifier(backbone(weights), lr=recipe.lr if method.lr is None else method.lr, frozen=recipe.frozen)
     callback = _callback(method)
     counter = CountTrainable()
     callbacks = [callback, counter]
@@ -193,17 +250,22 @@ def run_method(method: Method, stream: str, seed: int, weights: Path) -> dict[st
     seconds = time.perf_counter() - started
 
     head = _bytes(module.model.head.parameters())
+    head_per_task, head_once = (head, 0) if method.per_task_head else (0, head)
+    if method.per_task_head:
+        stored = {sum(t.numel() * t.element_size() for t in copy.values()) for copy in callback.task_module_states.values()}
+        if stored != {head}:
+            raise RuntimeError(f"{method.name}: per-task head copies of {stored} bytes, expected {head}.")
     trainable = counter.per_experience
     if method.kind == "share":
         forward = callback.forward_by_task
-        per_task = callback.share.bytes_per_task()
-        once = callback.share.shared_bytes() + head
+        per_task = callback.share.bytes_per_task() + head_per_task
+        once = callback.share.shared_bytes() + head_once
         later = sorted({n for e, n in trainable.items() if e > 0})
         trainable_text = f"{trainable[0]:,} (first task: the LoRA), then " + ", ".join(f"{n:,}" for n in later)
     elif method.kind == "lora_per_task":
         forward = callback.forward_by_task
-        per_task = adapter_bytes(module, "0")
-        once = head
+        per_task = adapter_bytes(module, "0") + head_per_task
+        once = head_once
         trainable_text = ", ".join(f"{n:,}" for n in sorted(set(trainable.values())))
     else:
 
@@ -244,18 +306,19 @@ def _size(n: int) -> str:
 
 
 def format_table(rows: dict[str, dict[str, Any]]) -> str:
-    """One row per method: storage, then accuracy per stream (mean ± std over seeds)."""
+    """One row per method: setting, storage, then accuracy per stream (mean ± std over seeds)."""
     streams = [s for s in STREAMS if any(s in r["streams"] for r in rows.values())]
-    header = "| method | trainable parameters per task | bytes stored per task | bytes stored once | " + " | ".join(
+    header = "| method | setting | trainable parameters per task | bytes stored per task | bytes stored once | " + " | ".join(
         f"{s}: accuracy" for s in streams
     ) + " |"
-    lines = [header, "|---|---|---|---|" + "---|" * len(streams)]
+    lines = [header, "|---|---|---|---|---|" + "---|" * len(streams)]
     for name, r in rows.items():
-        cells = []
-        for s in streams:
-            acc = r["streams"][s]
-            cells.append(f"{acc['mean']:.3f} ± {acc['std']:.3f}")
-        lines.append(f"| {name} | {r['trainable']} | {_size(r['bytes_per_task'])} | {_size(r['bytes_once'])} | " + " | ".join(cells) + " |")
+        cells = [f"{r['streams'][s]['mean']:.3f} ± {r['streams'][s]['std']:.3f}" for s in streams]
+        lines.append(
+            f"| {name} | {r['setting']} | {r['trainable']} | {_size(r['bytes_per_task'])} | {_size(r['bytes_once'])} | "
+            + " | ".join(cells)
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -279,15 +342,15 @@ def format_storage(rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def verdict(rows: dict[str, dict[str, Any]], share_row: str = SHARE_TARGET_ROW) -> str:
+def verdict(rows: dict[str, dict[str, Any]], share_row: str = SHARE_TARGET) -> str:
     """Whether Share meets the issue's targets against per-task LoRA, stream by stream."""
     lora, share = rows.get("per-task LoRA"), rows.get(share_row)
     if not lora or not share:
         return ""
     ratio = lora["bytes_per_task"] / share["bytes_per_task"]
     parts = [
-        f"Targets of the adapters issue, for {share_row}: at least 10x fewer bytes per task than per-task LoRA: "
-        f"{ratio:.1f}x, {'met' if ratio >= 10 else 'NOT met'}."
+        f"Targets of the adapters issue, for {share_row} ({share['setting']}), against per-task LoRA: at least 10x "
+        f"fewer bytes per task: {ratio:.1f}x, {'met' if ratio >= 10 else 'NOT met'}."
     ]
     for stream in STREAMS:
         if stream in share["streams"] and stream in lora["streams"]:
@@ -299,7 +362,15 @@ def verdict(rows: dict[str, dict[str, Any]], share_row: str = SHARE_TARGET_ROW) 
     return " ".join(parts)
 
 
-def run_all(seeds: int, cache_dir: Path, streams=STREAMS, methods=METHODS) -> dict[str, dict[str, Any]]:
+def _log(stream: str, label: str, seed: int, result: dict[str, Any]) -> None:
+    print(
+        f"{stream}, {label}, seed {seed}: average accuracy {result['average_accuracy']:.3f} "
+        f"({', '.join(f'{a:.3f}' for a in result['accuracy'])}) in {result['seconds']:.1f} s",
+        flush=True,
+    )
+
+
+def run_all(seeds: int, cache_dir: Path, methods, streams=STREAMS) -> dict[str, dict[str, Any]]:
     rows: dict[str, dict[str, Any]] = {}
     for stream in streams:
         weights = pretrained_weights(cache_dir, stream)
@@ -307,14 +378,11 @@ def run_all(seeds: int, cache_dir: Path, streams=STREAMS, methods=METHODS) -> di
             runs = []
             for seed in range(seeds):
                 result = run_method(method, stream, seed, weights)
-                print(
-                    f"{stream}, {method.name}, seed {seed}: average accuracy {result['average_accuracy']:.3f} "
-                    f"({', '.join(f'{a:.3f}' for a in result['accuracy'])}) in {result['seconds']:.1f} s",
-                    flush=True,
-                )
+                _log(stream, method.name, seed, result)
                 runs.append(result)
             accs = [r["average_accuracy"] for r in runs]
             row = rows.setdefault(method.name, {k: runs[0][k] for k in ("trainable", "bytes_per_task", "bytes_once")})
+            row["setting"] = describe(method) if method.lr is not None else "lr: the demo's (3e-3 split, 1e-3 rotated)"
             if (row["bytes_per_task"], row["bytes_once"]) != (runs[0]["bytes_per_task"], runs[0]["bytes_once"]):
                 raise RuntimeError(f"{method.name}: storage differs between streams; the table assumes one architecture.")
             row.setdefault("streams", {})[stream] = {
@@ -325,12 +393,52 @@ def run_all(seeds: int, cache_dir: Path, streams=STREAMS, methods=METHODS) -> di
     return rows
 
 
+def tune(cache_dir: Path, seeds: int = TUNING_SEEDS, streams=STREAMS) -> tuple[dict[str, dict[str, Any]], str]:
+    """Every candidate of :func:`tuning_candidates` on the validation split; the best setting per method.
+
+    Returns the chosen settings ({method: {"lr", and "k", "p" for Share}}) and
+    the validation table (markdown).
+    """
+    scores: dict[str, list[tuple[Method, dict[str, float]]]] = {}
+    for name, candidates in tuning_candidates().items():
+        for method in candidates:
+            per_stream = {}
+            for stream in streams:
+                weights = pretrained_weights(cache_dir, stream)
+                accs = []
+                for seed in range(seeds):
+                    result = run_method(method, stream, seed, weights, validation=True)
+                    _log(f"{stream} (validation)", f"{name} {describe(method)}", seed, result)
+                    accs.append(result["average_accuracy"])
+                per_stream[stream] = statistics.fmean(accs)
+            scores.setdefault(name, []).append((method, per_stream))
+    chosen: dict[str, dict[str, Any]] = {}
+    lines = [
+        "| method | setting | " + " | ".join(f"{s}: validation accuracy" for s in streams) + " | mean | chosen |",
+        "|---|---|" + "---|" * len(streams) + "---|---|",
+    ]
+    for name, results in scores.items():
+        best_method, _ = max(results, key=lambda mr: statistics.fmean(mr[1].values()))
+        chosen[name] = {"lr": best_method.lr, **({"k": best_method.share["k"], "p": best_method.share["p"]} if best_method.share else {})}
+        for method, per_stream in results:
+            cells = " | ".join(f"{per_stream[s]:.3f}" for s in streams)
+            mark = "**yes**" if method is best_method else ""
+            lines.append(f"| {name} | {describe(method)} | {cells} | {statistics.fmean(per_stream.values()):.3f} | {mark} |")
+    return chosen, "\n".join(lines)
+
+
+def _measured(elapsed: float) -> str:
+    when = datetime.date.today().isoformat()
+    return f"Measured {when} in {elapsed:.0f} s on one intra-op thread (torch {torch.__version__}, {platform.machine()})."
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    parser.add_argument("--seeds", type=int, default=None, help=f"seeds 0..N-1 (default 3; {TUNING_SEEDS} with --tune)")
     parser.add_argument("--streams", nargs="+", choices=STREAMS, default=list(STREAMS), help="streams to run (default both)")
+    parser.add_argument("--tune", action="store_true", help=f"choose the settings on the validation split and write {TUNING_FILE.name}")
     parser.add_argument("--cache-dir", default=str(REPO / ".cache"), help="where the pretrained backbones are cached")
-    parser.add_argument("--no-write", action="store_true", help="print only; do not update docs/")
+    parser.add_argument("--no-write", action="store_true", help="print only; write neither docs/ nor the tuning file")
     args = parser.parse_args(argv)
     command = shlex.join([".venv/bin/python", "benchmarks/adapters.py", *(sys.argv[1:] if argv is None else argv)])
 
@@ -338,43 +446,68 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
 
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*val_dataloader.*")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     started = time.perf_counter()
-    with single_thread():  # the models are tiny: one intra-op thread is much faster on busy cores
-        rows = run_all(args.seeds, Path(args.cache_dir), args.streams)
+    if args.tune:
+        seeds = TUNING_SEEDS if args.seeds is None else args.seeds
+        with single_thread():  # the models are tiny: one intra-op thread is much faster on busy cores
+            chosen, table = tune(Path(args.cache_dir), seeds, args.streams)
+        elapsed = time.perf_counter() - started
+        print(f"\n{table}\n\nChosen: {json.dumps(chosen)}\nin {elapsed:.0f} s.")
+        if not args.no_write:
+            TUNING_FILE.write_text(
+                json.dumps({"command": command, "seeds": seeds, "streams": list(args.streams), "chosen": chosen}, indent=2) + "\n",
+                encoding="utf-8",
+            )
+            write_section(
+                RESULTS_DOC,
+                "adapters_tuning",
+                f"## Adapters: settings chosen on the validation split\n\nCommand: `{command}`\n\n"
+                f"Every candidate on split and rotated digits built with `validation=True` (trained on 1,005 of the "
+                f"training images, evaluated on the other 252; the test images are not used), seeds 0-{seeds - 1}, "
+                f"otherwise as in the table below. The setting with the best mean validation accuracy over the "
+                f"streams is kept per method and written to `benchmarks/{TUNING_FILE.name}`, which "
+                f"`benchmarks/adapters.py` reads. {_measured(elapsed)}\n\n{table}\n",
+            )
+            print(f"Wrote {TUNING_FILE.relative_to(REPO)} and updated {RESULTS_DOC.relative_to(REPO)}.")
+        return chosen
+
+    seeds = 3 if args.seeds is None else args.seeds
+    methods = methods_from_tuning(json.loads(TUNING_FILE.read_text(encoding="utf-8"))["chosen"])
+    with single_thread():
+        rows = run_all(seeds, Path(args.cache_dir), methods, args.streams)
     elapsed = time.perf_counter() - started
     table, storage, summary = format_table(rows), format_storage(rows), verdict(rows)
-    print(f"\n{table}\n\n{storage}\n\n{summary}\n\n{len(METHODS)} methods x {len(args.streams)} stream(s) x {args.seeds} seed(s) in {elapsed:.0f} s.")
+    print(f"\n{table}\n\n{storage}\n\n{summary}\n\n{len(methods)} methods x {len(args.streams)} stream(s) x {seeds} seed(s) in {elapsed:.0f} s.")
     if args.no_write:
         return rows
-    when = datetime.date.today().isoformat()
     setting = (
-        f"Task-incremental (task labels given) split and rotated digits, 5 experiences, {args.seeds} seed(s), "
-        f"{EPOCHS} epochs per experience, batch {BATCH_SIZE}; the demo's pretrained digits ViT with its head zeroed "
-        "and trained. Split digits masks the logits outside the experience while training and predicts over the "
-        "task's two classes; rotated digits predicts over all ten. Full fine-tuning at the demo's learning rate "
-        f"(3e-3 split, 1e-3 rotated); every adapter at lr {ADAPTER_LR:g}, LoRA r={LORA['r']}, alpha={LORA['alpha']:g} "
-        "on qkv/proj/fc1/fc2, head trained in full; Share with 2 temporary directions. The adapters' learning rate "
-        "and Share's sizes were picked on seed 0's test set (no validation split). Bytes are float32 on top of the "
-        f"pretrained backbone. Measured {when} in {elapsed:.0f} s on one intra-op thread "
-        f"(torch {torch.__version__}, {platform.machine()}); `docs/adapters.md` explains the methods."
+        f"Task-incremental (task labels given) split and rotated digits, 5 experiences, {seeds} seed(s), "
+        f"{EPOCHS} epochs per experience, batch {BATCH_SIZE}, evaluated on the test images; the demo's pretrained "
+        "digits ViT with its head zeroed and trained. Split digits masks the logits outside the experience while "
+        "training and predicts over the task's two classes; rotated digits predicts over all ten. LoRA "
+        f"r={LORA['r']}, alpha={LORA['alpha']:g} on qkv/proj/fc1/fc2; Share with {TEMPORARY_DIRECTIONS} temporary "
+        "directions. Per-task LoRA and Share keep one copy of the head per task (`trainable_per_task=True`) "
+        "unless the row says one head for all tasks. Learning rates and Share's K and p were chosen on the "
+        "validation split by `benchmarks/adapters.py --tune` (the tuning table in `docs/results.md`); full fine-tuning uses the "
+        "demo's learning rate. Bytes are float32 on top of the pretrained backbone. "
+        f"{_measured(elapsed)} `docs/adapters.md` explains the methods."
     )
-    write_section(
-        RESULTS_DOC,
-        "adapters",
-        f"## Adapters: LoRA and Share against full fine-tuning\n\nCommand: `{command}`\n\n{setting}\n\n{table}\n\n{summary}\n",
-    )
+    body = f"## Adapters: LoRA and Share against full fine-tuning\n\nCommand: `{command}`\n\n{setting}\n\n{table}\n\n{storage}\n\n{summary}\n"
+    write_section(RESULTS_DOC, "adapters", body)
+    write_section(ADAPTERS_DOC, "adapters", body.replace("## Adapters: LoRA and Share against full fine-tuning", "### The figures"))
     write_section(
         PERFORMANCE_DOC,
         "adapters_storage",
         f"## Adapters: bytes stored per task\n\nCommand: `{command}`\n\n"
         "Float32 bytes each method keeps on top of the pretrained backbone θ₀ for the digits ViT (12 adapted "
-        "Linear layers): per task, once, and in total after 5 and after 100 tasks. The merges keep one merged "
-        "update whatever the number of tasks; per-task LoRA keeps one rank-8 adapter per task; Share keeps K×p "
-        "coefficients per side and layer per task plus one shared basis. Accuracy and setting: "
-        f"`docs/results.md`.\n\n{storage}\n\n{summary}\n",
+        "Linear layers, a 650-parameter head): per task, once, and in total after 5 and after 100 tasks. The "
+        "merges keep one merged update whatever the number of tasks; per-task LoRA keeps one rank-8 adapter and "
+        "one head per task; Share keeps K×p coefficients per side and layer and one head per task, plus one "
+        f"shared basis. Accuracy and setting: `docs/results.md`.\n\n{storage}\n\n{summary}\n",
     )
-    print(f"Updated {RESULTS_DOC.relative_to(REPO)} and {PERFORMANCE_DOC.relative_to(REPO)}.")
+    print(f"Updated {RESULTS_DOC.relative_to(REPO)}, {ADAPTERS_DOC.relative_to(REPO)} and {PERFORMANCE_DOC.relative_to(REPO)}.")
     return rows
 
 

@@ -937,8 +937,8 @@ class SharedSubspaceAdapters(_AdapterCallback):
             task's coefficients (default False: shared by all tasks). Each
             experience trains them on from the previous task's copy. With a
             shared head, the head drifts with every task while the stored
-            coefficients stay frozen; on rotated digits that cost Share about
-            6 points (``docs/adapters.md``).
+            coefficients stay frozen; on rotated digits that cost Share
+            several points (``docs/adapters.md``).
         seed: seeds every random draw (default 0); the same on all ranks.
         check_ranks: as for :class:`LoRAAdapters`.
 
