@@ -54,3 +54,21 @@ def test_magmax_trainer_prints_merged_and_finetuned_accuracy(tmp_path):
     for values in rows.values():
         assert len(values) == 6  # five experiences and the average
         assert all(0.0 <= float(v) <= 1.0 for v in values), out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, per_task_bytes", [("share", 9_512), ("lora", 100_904)])
+def test_adapters_trainer_prints_accuracy_forgetting_and_bytes(tmp_path, method, per_task_bytes):
+    out = run_example(
+        "adapters_trainer.py",
+        "--method", method,
+        "--epochs", "1",
+        "--pretrain-epochs", "2",
+        "--cache-dir", str(tmp_path / "cache"),
+    )
+    accuracy = [line.split()[1:] for line in out.splitlines() if line.startswith("accuracy")]
+    assert len(accuracy) == 1 and len(accuracy[0]) == 6, out  # five experiences and the average
+    assert all(0.0 <= float(v) <= 1.0 for v in accuracy[0]), out
+    # Share (K=24, p=3): 12 layers x 2 sides x 24 x 3 floats + the 650-float head; LoRA r=8: 12 adapters + head
+    assert f"bytes stored per task {per_task_bytes:,}" in out, out
+    assert "one head per task" in out, out
