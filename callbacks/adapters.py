@@ -33,8 +33,17 @@ the callbacks only decide when to call them.
     label picks the adapter: :meth:`LoRAAdapters.forward_by_task` (inputs and
     labels) or :meth:`LoRAAdapters.predict` (a batch ``(x, y, task_labels)``,
     usable as ``ContinualEvaluation(predict=...)``); inside your own code,
-    ``with use_adapter(model, k): model(x)``. A label with no adapter (a task
-    not trained yet) uses the base model.
+    ``with use_adapter(model, k): model(x)`` (the adapter only: with
+    ``trainable_per_task=True`` use ``forward_by_task``, which also puts in
+    the task's copy of the ``trainable`` modules). A label with no adapter (a
+    task not trained yet) uses the base model.
+
+``trainable_per_task=True`` (per-task LoRA and Share)
+    One copy of the ``trainable`` modules (the head) per task, stored at each
+    boundary, like PEFT's ``modules_to_save``. ``forward_by_task`` runs each
+    label's samples with that task's copy through
+    ``torch.func.functional_call``: nothing is written into the module, and
+    the pass stays differentiable.
 
 :class:`SharedSubspaceAdapters`
     Share (Kaushik et al., 2026, arXiv:2602.06043): the first experience
@@ -80,7 +89,8 @@ DDP
 
 Resume
     Callback state (θ₀, the merger, the kept adapter, the adapter and task
-    bookkeeping, Share's basis and coefficients) is in ``state_dict``; the
+    bookkeeping, Share's basis and coefficients, the per-task copies of the
+    ``trainable`` modules) is in ``state_dict``; the
     adapters themselves are in the module's ``state_dict``. Lightning restores
     the module before the callbacks, into a module whose adapters this
     callback injected in ``setup``: per-task adapters are created by
@@ -135,6 +145,8 @@ START_FROM = {"merge": ("fresh", "finetuned", "merged"), "per_task": ("fresh", "
 SHARE_INITS = ("previous", "fresh")
 STATE_FORMAT_VERSION = 1
 _MERGE_ADAPTER = "default"
+# What a state written before an option existed was run with.
+_OPTIONS_BEFORE_THEY_EXISTED = {"trainable_per_task": False}
 _CPU = torch.device("cpu")
 
 
@@ -197,19 +209,15 @@ def _labels_to_keys(task_labels: Any, batch_size: int) -> list[str] | None:
     return [adapter_key(label, "task label") for label in labels]
 
 
-def _grouped_forward(
-    pl_module: LightningModule, inputs: Tensor, keys: list[Any], select: Callable[[Any], contextlib.AbstractContextManager]
-) -> Tensor:
-    """One forward pass per distinct key under ``select(key)``; outputs put back in batch order."""
+def _grouped_forward(inputs: Tensor, keys: list[Any], run: Callable[[Tensor, Any], Tensor]) -> Tensor:
+    """One forward pass ``run(part, key)`` per distinct key; outputs put back in batch order."""
     distinct = list(dict.fromkeys(keys))
     if len(distinct) == 1:
-        with select(distinct[0]):
-            return pl_module(inputs)
+        return run(inputs, distinct[0])
     out: Tensor | None = None
     for key in distinct:
         index = torch.tensor([i for i, k in enumerate(keys) if k == key], device=inputs.device)
-        with select(key):
-            part = pl_module(inputs.index_select(0, index))
+        part = run(inputs.index_select(0, index), key)
         if not isinstance(part, Tensor) or part.shape[0] != index.numel():
             raise ConfigError("forward_by_task needs a module whose output is a batch-first tensor.")
         if out is None:
@@ -293,7 +301,7 @@ class _AdapterCallback(TaskBoundaryCallback):
     @property
     def task_module_states(self) -> Mapping[str, Mapping[str, Tensor]]:
         """With ``trainable_per_task=True``: task -> the ``trainable`` modules' state stored for it (CPU copies)."""
-        return dict(self._task_modules)
+        return {task: dict(copy) for task, copy in self._task_modules.items()}
 
     def _record_trainable_modules(self, pl_module: LightningModule) -> None:
         """Before injection: the state names of the ``trainable`` modules, which must hold no adapted layer."""
@@ -325,19 +333,25 @@ class _AdapterCallback(TaskBoundaryCallback):
         if self.trainable_per_task and key in self._task_modules:
             write_into(pl_module, self._task_modules[key])
 
-    @contextlib.contextmanager
-    def _task_modules_in_place(self, pl_module: LightningModule, key: str | None) -> Iterator[None]:
-        """Inside the block the trainable modules hold task ``key``'s copy; the live weights come back after."""
-        if not self.trainable_per_task or key not in self._task_modules:
-            yield
-            return
-        state = pl_module.state_dict()
-        live = {n: state[n].detach().clone() for n in self._task_module_names}
-        write_into(pl_module, self._task_modules[key])
-        try:
-            yield
-        finally:
-            write_into(pl_module, live)
+    def _training_key(self) -> str | None:
+        """The task whose adapter (or coefficients) is training now, if any."""
+        return None
+
+    def _task_module_overrides(self, pl_module: LightningModule, key: str | None) -> dict[str, Tensor] | None:
+        """The stored copy a forward pass for task ``key`` uses, on the module's devices (None: the live weights).
+
+        A task with a stored copy gets it; the task being trained, or any label
+        while one trains, gets the live weights (they are that task's); without
+        a training task, a label with no copy (or no label) gets the latest copy.
+        """
+        if not self.trainable_per_task or not self._task_modules:
+            return None
+        if key not in self._task_modules:
+            if self._training_key() is not None:
+                return None
+            key = next(reversed(self._task_modules))
+        state = pl_module.state_dict(keep_vars=True)
+        return {n: t.to(device=state[n].device, dtype=state[n].dtype) for n, t in self._task_modules[key].items()}
 
     # -- Lightning hooks ---------------------------------------------------------------------------
     @override
@@ -417,12 +431,16 @@ class _AdapterCallback(TaskBoundaryCallback):
         keys = [None] * inputs.shape[0] if keys is None else keys
         select = self._selector(pl_module)
 
-        @contextlib.contextmanager
-        def select_with_modules(key):
-            with select(key), self._task_modules_in_place(pl_module, key):
-                yield
+        def run(part: Tensor, key: Any) -> Tensor:
+            with select(key):
+                overrides = self._task_module_overrides(pl_module, key)
+                if overrides is None:
+                    return pl_module(part)
+                # The task's copy stands in for the live tensors during this call only (nothing is
+                # written in place), so the pass stays differentiable and the live weights untouched.
+                return torch.func.functional_call(pl_module, overrides, (part,), strict=False)
 
-        return _grouped_forward(pl_module, inputs, keys, select_with_modules)
+        return _grouped_forward(inputs, keys, run)
 
     def predict(self, pl_module: LightningModule, batch: Sequence[Any]) -> Tensor:
         """Logits for a batch ``(x, y, task_labels)`` as Avalanche's datasets yield it.
@@ -441,9 +459,8 @@ class _AdapterCallback(TaskBoundaryCallback):
             raise ConfigError(
                 f"Unsupported {self._owner} state format_version={version!r}; this version reads {STATE_FORMAT_VERSION}."
             )
-        diff = [
-            f"{k}: saved {state_dict[k]!r}, here {v!r}" for k, v in options.items() if k in state_dict and state_dict[k] != v
-        ]
+        saved = {**_OPTIONS_BEFORE_THEY_EXISTED, **state_dict}
+        diff = [f"{k}: saved {saved[k]!r}, here {v!r}" for k, v in options.items() if k in saved and saved[k] != v]
         if diff:
             raise ConfigError(
                 f"The checkpoint's {self._owner} was built with other options ({'; '.join(diff)}). "
@@ -456,13 +473,16 @@ class _AdapterCallback(TaskBoundaryCallback):
             "task_modules": {k: dict(v) for k, v in self._task_modules.items()},
         }
 
-    def _load_task_modules_state(self, state_dict: Mapping[str, Any]) -> None:
+    def _check_task_modules_state(self, state_dict: Mapping[str, Any]) -> None:
         names = state_dict.get("task_module_names")
         if names and self._task_module_names and list(names) != self._task_module_names:
             raise ConfigError(
                 f"The checkpoint's {self._owner} kept per-task copies of {preview(names, 3)}, this run's `trainable` "
                 f"modules hold {preview(self._task_module_names, 3)}; resume with the same `trainable`."
             )
+
+    def _load_task_modules_state(self, state_dict: Mapping[str, Any]) -> None:
+        names = state_dict.get("task_module_names")
         if names:
             self._task_module_names = list(names)
         saved = state_dict.get("task_modules") or {}
@@ -642,6 +662,9 @@ class LoRAAdapters(_AdapterCallback):
     @property
     def tasks(self) -> tuple[str, ...]:
         return tuple(self._tasks)
+
+    def _training_key(self) -> str | None:
+        return self._training_adapter if self.mode == "per_task" else None
 
     @property
     def base_weights(self) -> dict[str, Tensor] | None:
@@ -826,6 +849,9 @@ class LoRAAdapters(_AdapterCallback):
 
         ``"per_task"`` mode: label ``k`` selects adapter ``"k"``; a label with no
         adapter yet, or ``task_labels=None``, uses the base model (no adapter).
+        With ``trainable_per_task=True`` label ``k`` also gets task k's copy of
+        the ``trainable`` modules; other labels get the latest task's copy (the
+        live weights while an experience trains).
         """
         return super().forward_by_task(pl_module, inputs, task_labels)
 
@@ -863,6 +889,7 @@ class LoRAAdapters(_AdapterCallback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._check_loaded_options(state_dict, self._options())
+        self._check_task_modules_state(state_dict)
         layers = state_dict.get("layers")
         if layers is not None and self._layer_names is not None and tuple(layers) != tuple(self._layer_names):
             raise ConfigError(
@@ -1040,6 +1067,9 @@ class SharedSubspaceAdapters(_AdapterCallback):
     def _what_is_new(self) -> str:
         return "Share's layers after the first experience and each task's coefficients"
 
+    def _training_key(self) -> str | None:
+        return self._lora_task if self.share is None else self.share.training_task
+
     # -- injection and experiences -----------------------------------------------------------------------
     def _inject(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._record_trainable_modules(pl_module)
@@ -1157,7 +1187,10 @@ class SharedSubspaceAdapters(_AdapterCallback):
 
         Label ``k`` selects task ``"k"``'s coefficients (the experience index);
         ``task_labels=None`` uses the mean update of all stored tasks; a label
-        of a task not trained yet uses the base model.
+        of a task not trained yet uses the base model. With
+        ``trainable_per_task=True`` label ``k`` also gets task k's copy of the
+        ``trainable`` modules; other labels get the latest task's copy (the
+        live weights while an experience trains), whatever :meth:`select` wrote.
         """
         return super().forward_by_task(pl_module, inputs, task_labels)
 
@@ -1208,6 +1241,7 @@ class SharedSubspaceAdapters(_AdapterCallback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._check_loaded_options(state_dict, self._options())
+        self._check_task_modules_state(state_dict)
         layers = state_dict.get("layers")
         if layers is not None and self._layer_names is not None and tuple(layers) != tuple(self._layer_names):
             raise ConfigError(

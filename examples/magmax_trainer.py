@@ -158,6 +158,10 @@ def main() -> None:
         print(f"{'experience':24s}" + "".join(f"{k:>7d}" for k in range(len(merged))) + "  average")
         for name, row in [(f"merged ({args.method})", merged), ("sequential fine-tuning", finetuned)]:
             print(f"{name:24s}" + "".join(f"{a:7.3f}" for a in row) + f"  {sum(row) / len(row):7.3f}")
+    if torch.distributed.is_initialized():
+        # Lightning leaves the process group up after fit; shut gloo down before the interpreter
+        # exits, where its threads otherwise sometimes abort the process (exit code 134).
+        torch.distributed.destroy_process_group()
 
 
 def latest(directory: Path | None) -> Path | None:

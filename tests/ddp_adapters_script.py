@@ -37,9 +37,15 @@ def run(name, callback, root):
 if __name__ == "__main__":
     torch.set_num_threads(1)
     root = sys.argv[1]
-    run("per_task", LoRAAdapters(["net.0"], r=2, trainable=["net.3"], mode="per_task", check_ranks=True), root)
+    lora = LoRAAdapters(["net.0"], r=2, trainable=["net.3"], trainable_per_task=True, mode="per_task", check_ranks=True)
+    run("per_task", lora, root)
+    assert sorted(lora.task_module_states) == ["0", "1"], lora.task_module_states
     share = SharedSubspaceAdapters(
         ["net.0"], k=8, r=2, trainable=["net.3"], trainable_per_task=True, temporary_directions=1, check_ranks=True
     )
     run("share", share, root)
     assert sorted(share.task_module_states) == ["0", "1"], share.task_module_states
+    # Shut gloo down before the interpreter exits: left to exit-time destructors, its threads
+    # sometimes abort the process ("terminate called without an active exception", exit 134).
+    dist.barrier()
+    dist.destroy_process_group()

@@ -27,3 +27,7 @@ if __name__ == "__main__":
     identical = all(torch.equal(g, gathered[0]) for g in gathered)
     if trainer.global_rank == 0:
         print(f"RANKS IDENTICAL: {identical} world={dist.get_world_size()} merged={cb.merger.num_tasks}")
+    # Shut gloo down before the interpreter exits: left to exit-time destructors, its threads
+    # sometimes abort the process ("terminate called without an active exception", exit 134).
+    dist.barrier()
+    dist.destroy_process_group()

@@ -576,15 +576,16 @@ def test_share_select_writes_the_task_head_and_the_next_experience_starts_from_t
     assert_same({n: model.state_dict()[n] for n in HEAD_STATE}, cb.head_ends["2"])
 
 
+@pytest.mark.parametrize("crash_at_step", [9, 13, 21])
 @pytest.mark.parametrize("kind", ["lora", "share"])
-def test_trainable_per_task_killed_and_resumed_ends_bit_identical(tmp_path, kind):
+def test_trainable_per_task_killed_and_resumed_ends_bit_identical(tmp_path, kind, crash_at_step):
     make = {
         "lora": lambda: LoRAAdapters(**lora_kwargs(mode="per_task", trainable_per_task=True)),
         "share": lambda: SharedSubspaceAdapters(**share_kwargs(trainable_per_task=True, temporary_directions=1)),
     }[kind]
     reference_cb = make()
     reference, _ = run_one_fit(reference_cb)
-    resumed, cb = crash_and_resume(tmp_path, make, 13)
+    resumed, cb = crash_and_resume(tmp_path, make, crash_at_step)
     assert_same(state_of(reference), state_of(resumed))
     assert sorted(cb.task_module_states) == ["0", "1", "2"]
     for task, state in reference_cb.task_module_states.items():
@@ -606,6 +607,63 @@ def test_trainable_per_task_bad_input_raises_clear_errors():
         L.Trainer(max_epochs=1, callbacks=[cb], **trainer_kwargs()).fit(model, datamodule=ToyStream(1, 1))
     assert not lora_layers(model)  # raised before anything was injected
     assert_same(state_of(model), before)
+
+
+@pytest.mark.parametrize("kind", ["lora", "share"])
+def test_forward_by_task_with_per_task_heads_is_differentiable_and_writes_nothing(kind):
+    cb = _per_task_head_callback(kind)
+    model, _ = run_one_fit(cb)
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    live = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.net[3].weight.requires_grad_(True)
+    x = experience_data(0).tensors[0][:6].clone().requires_grad_(True)
+    out = cb.forward_by_task(model, x, torch.tensor([0, 0, 1, 1, 2, 2]))
+    out.sum().backward()  # no in-place write got in the way of autograd
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    # every label was served by its stored copy, so the live head took part in no pass
+    assert model.net[3].weight.grad is None
+    assert_same({n: p.detach() for n, p in model.named_parameters()}, live)
+
+
+def test_unlabelled_share_forward_uses_the_latest_head_whatever_select_wrote():
+    cb = _per_task_head_callback("share")
+    model, _ = run_one_fit(cb)
+    model.eval()
+    x = experience_data(0).tensors[0][:6]
+    with torch.no_grad():
+        before = cb.forward_by_task(model, x)
+        cb.select(0, model)  # writes task 0's head into the module
+        assert_same({n: model.state_dict()[n] for n in HEAD_STATE}, cb.head_ends["0"])
+        assert torch.equal(cb.forward_by_task(model, x), before)
+        assert torch.equal(cb.forward_by_task(model, x, 7), cb.forward_by_task(model, x, 7))  # no task 7: base + latest head
+
+
+def test_a_state_without_per_task_copies_does_not_load_into_trainable_per_task(tmp_path):
+    cb = LoRAAdapters(**lora_kwargs(mode="per_task"))
+    run_one_fit(cb)
+    state = cb.state_dict()
+    for key in ("trainable_per_task", "task_module_names", "task_modules"):  # as written before the option existed
+        state.pop(key)
+    fresh = LoRAAdapters(**lora_kwargs(mode="per_task", trainable_per_task=True))
+    with pytest.raises(ConfigError, match=r"trainable_per_task: saved False, here True"):
+        fresh.load_state_dict(state)
+    LoRAAdapters(**lora_kwargs(mode="per_task")).load_state_dict(state)  # the run it came from loads it
+
+
+def test_a_state_with_other_per_task_modules_raises_before_changing_anything():
+    cb = LoRAAdapters(**lora_kwargs(mode="per_task", trainable_per_task=True))
+    run_one_fit(cb)
+    state = cb.state_dict()
+    state["task_module_names"] = ["net.9.weight"]
+    other = LoRAAdapters(**lora_kwargs(mode="per_task", trainable_per_task=True))
+    run_one_fit(other, seed=1)
+    before = (other.tasks, other.task_module_states)
+    with pytest.raises(ConfigError, match=r"kept per-task copies of 'net.9.weight', this run's .*resume with the same `trainable`"):
+        other.load_state_dict(state)
+    assert other.tasks == before[0]
+    for task, copy in before[1].items():
+        assert_same(copy, other.task_module_states[task])
 
 
 # -- resume ----------------------------------------------------------------------------------------------
@@ -668,11 +726,14 @@ def test_share_killed_and_resumed_ends_bit_identical(tmp_path, crash_at_step, op
         lambda: LoRAAdapters(**lora_kwargs(start_from="finetuned")),
         lambda: LoRAAdapters(**lora_kwargs(mode="per_task")),
         lambda: SharedSubspaceAdapters(**share_kwargs(temporary_directions=1)),
+        lambda: LoRAAdapters(**lora_kwargs(mode="per_task", trainable_per_task=True)),
+        lambda: SharedSubspaceAdapters(**share_kwargs(temporary_directions=1, trainable_per_task=True)),
     ],
 )
 def test_a_new_process_between_fits_continues_exactly(tmp_path, make):
     """One fit per experience, the callback saved and loaded into a fresh one between fits."""
-    reference, _ = run_fit_per_experience(make())
+    reference_cb = make()
+    reference, _ = run_fit_per_experience(reference_cb)
     L.seed_everything(0, verbose=False)
     model = TinyClassifier()
     dm = ToyStream(N_EXP, EPE)
@@ -686,6 +747,9 @@ def test_a_new_process_between_fits_continues_exactly(tmp_path, make):
         dm.epoch_offset = e * EPE
         L.Trainer(max_epochs=EPE, callbacks=[cb], **trainer_kwargs()).fit(model, datamodule=dm)
     assert_same(state_of(reference), state_of(model))
+    assert sorted(cb.task_module_states) == sorted(reference_cb.task_module_states)
+    for task, state in reference_cb.task_module_states.items():
+        assert_same(state, cb.task_module_states[task])
 
 
 def test_state_dict_round_trip_and_option_mismatch(tmp_path):

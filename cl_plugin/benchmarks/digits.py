@@ -85,7 +85,7 @@ class DigitsSplit(NamedTuple):
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_split(validation: bool = False) -> DigitsSplit:
+def _cached_split(validation: bool) -> DigitsSplit:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -214,7 +214,8 @@ def split_digits(
 
     Returns:
         An Avalanche ``NCScenario``: ``train_stream`` of 1,257 images and
-        ``test_stream`` of 540 images in total, split by class.
+        ``test_stream`` of 540 images in total, split by class (1,005 and
+        252 with ``validation=True``).
 
     Raises:
         ConfigError: ``n_experiences`` does not divide 10, ``seed`` is not an
@@ -281,7 +282,7 @@ def permuted_digits(n_experiences: int = 5, seed: int = 0, *, task_labels: bool 
     ``k``-th permutation of the 64 pixels drawn from ``torch.randperm`` with a
     generator seeded by ``seed``. Train and test images of one experience
     share its permutation. Every experience holds all 1,257 training and 540
-    test images and all 10 classes.
+    test images (1,005 and 252 with ``validation=True``) and all 10 classes.
 
     Args:
         n_experiences: number of experiences (>= 1). Default 5.
@@ -356,7 +357,8 @@ def rotated_digits(
 
     Returns:
         An Avalanche ``NCScenario``; every experience holds all 1,257 training
-        and 540 test images and all 10 classes.
+        and 540 test images (1,005 and 252 with ``validation=True``) and all
+        10 classes.
 
     Raises:
         ConfigError: ``n_experiences`` < 1, ``angles`` of the wrong length, or
