@@ -117,6 +117,13 @@ class OPCMMerger(Merger):
     def options(self):
         return {"alpha": self.alpha}
 
+    def reset(self) -> None:
+        super().reset()
+        # The buffers the next update writes into: the merged tensors of the update before
+        # the last. Reusing them keeps the peak memory flat over a stream (a fresh
+        # model-sized dict per update was measured to grow glibc's heap by one model copy).
+        self._spare: dict[str, Tensor] = {}
+
     @property
     def lambda_t(self) -> float:
         """λ_t of the last update: ‖M'‖ / mean task-vector norm (1.0 after the first task)."""
@@ -133,7 +140,7 @@ class OPCMMerger(Merger):
         previous_lambda = float(self._scalars["lambda_t"])
         norm_sum = float(self._scalars["norm_sum"]) + norm
         mean_norm = norm_sum / (self.num_tasks + 1)
-        # Built into a new dict and swapped in at the end, so a failure midway
+        # Built into the spare buffers and swapped in at the end, so a failure midway
         # (an SVD that does not converge) leaves the previous state intact.
         new_merged: dict[str, Tensor] = {}
         squared = 0.0
@@ -144,7 +151,12 @@ class OPCMMerger(Merger):
                 added = project_out_merged_directions(m, task, self.alpha)
             else:
                 added = task
-            new = torch.add(added, m, alpha=previous_lambda)
+            new = self._spare.get(n)
+            reusable = new is not None and (new.shape, new.dtype, new.device) == (m.shape, m.dtype, m.device)
+            if not reusable or new.data_ptr() == m.data_ptr():
+                new = torch.empty_like(m)
+            torch.add(added, m, alpha=previous_lambda, out=new)
+            del added
             new_merged[n] = new
             squared += float(torch.linalg.vector_norm(new)) ** 2
         merged_norm = math.sqrt(squared)
@@ -152,6 +164,7 @@ class OPCMMerger(Merger):
             factor = mean_norm / merged_norm
             for t in new_merged.values():
                 t.mul_(factor)
+        self._spare = merged
         self._state["merged"] = new_merged
         self._scalars.update(lambda_t=merged_norm / mean_norm if mean_norm > 0 else 0.0, norm_sum=norm_sum)
 
