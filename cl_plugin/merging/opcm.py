@@ -77,6 +77,21 @@ def project_out_merged_directions(merged: Tensor, task: Tensor, alpha: float) ->
     return task - u @ removed @ vh
 
 
+def _views_of_flat_buffers(like: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Uninitialised tensors shaped as ``like``'s, views into one flat buffer per (dtype, device)."""
+    sizes: dict[tuple[torch.dtype, torch.device], int] = {}
+    for t in like.values():
+        sizes[(t.dtype, t.device)] = sizes.get((t.dtype, t.device), 0) + t.numel()
+    flat = {key: torch.empty(n, dtype=key[0], device=key[1]) for key, n in sizes.items()}
+    offsets = dict.fromkeys(flat, 0)
+    out = {}
+    for name, t in like.items():
+        key = (t.dtype, t.device)
+        out[name] = flat[key][offsets[key] : offsets[key] + t.numel()].view(t.shape)
+        offsets[key] += t.numel()
+    return out
+
+
 @register_merger("opcm")
 class OPCMMerger(Merger):
     """Streaming OPCM.
@@ -117,12 +132,6 @@ class OPCMMerger(Merger):
     def options(self):
         return {"alpha": self.alpha}
 
-    def reset(self) -> None:
-        super().reset()
-        # The buffers the next update writes into: the merged tensors of the update before
-        # the last. Reusing them keeps the peak memory flat over a stream (a fresh
-        # model-sized dict per update was measured to grow glibc's heap by one model copy).
-        self._spare: dict[str, Tensor] = {}
 
     @property
     def lambda_t(self) -> float:
@@ -140,9 +149,12 @@ class OPCMMerger(Merger):
         previous_lambda = float(self._scalars["lambda_t"])
         norm_sum = float(self._scalars["norm_sum"]) + norm
         mean_norm = norm_sum / (self.num_tasks + 1)
-        # Built into the spare buffers and swapped in at the end, so a failure midway
-        # (an SVD that does not converge) leaves the previous state intact.
-        new_merged: dict[str, Tensor] = {}
+        # Built into new buffers and swapped in at the end, so a failure midway (an SVD
+        # that does not converge) leaves the previous state intact. One flat buffer per
+        # dtype and device rather than one tensor per name: a block that large is mapped
+        # and unmapped as a whole, where many layer-sized blocks were measured to stay in
+        # glibc's heap after the swap and grow the peak by one model copy over 10 tasks.
+        new_merged = _views_of_flat_buffers(merged)
         squared = 0.0
         for n, t in tv.items():
             m = merged[n]
@@ -151,20 +163,15 @@ class OPCMMerger(Merger):
                 added = project_out_merged_directions(m, task, self.alpha)
             else:
                 added = task
-            new = self._spare.get(n)
-            reusable = new is not None and (new.shape, new.dtype, new.device) == (m.shape, m.dtype, m.device)
-            if not reusable or new.data_ptr() == m.data_ptr():
-                new = torch.empty_like(m)
+            new = new_merged[n]
             torch.add(added, m, alpha=previous_lambda, out=new)
             del added
-            new_merged[n] = new
             squared += float(torch.linalg.vector_norm(new)) ** 2
         merged_norm = math.sqrt(squared)
         if merged_norm > 0.0:
             factor = mean_norm / merged_norm
             for t in new_merged.values():
                 t.mul_(factor)
-        self._spare = merged
         self._state["merged"] = new_merged
         self._scalars.update(lambda_t=merged_norm / mean_norm if mean_norm > 0 else 0.0, norm_sum=norm_sum)
 
