@@ -123,6 +123,7 @@ from cl_plugin.adapters.lora import (
     check_float,
     check_int,
     delete_adapter,
+    InjectionSummary,
     inject_lora,
     lora_delta,
     lora_layers,
@@ -285,6 +286,23 @@ class _AdapterCallback(TaskBoundaryCallback):
     # -- subclass hooks ----------------------------------------------------------------------------
     def _inject(self, trainer: Trainer, pl_module: LightningModule) -> None:
         raise NotImplementedError
+
+    def _inject_lora(self, pl_module: LightningModule, adapter_name: str) -> InjectionSummary:
+        """Wrap the target layers in LoRA with this callback's arguments; record what was wrapped."""
+        self._record_trainable_modules(pl_module)
+        summary = inject_lora(
+            pl_module,
+            self.target_modules,
+            exclude_modules=self.exclude_modules,
+            r=self.r,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            trainable=self.trainable,
+            adapter_name=adapter_name,
+            seed=self.seed,
+        )
+        self._layer_names = summary.wrapped
+        return summary
 
     def _prepare(self, pl_module: LightningModule, experience: int, *, dry_run: bool = False) -> bool:
         """Make ``experience``'s adapter the trained one; return True if new Parameters were (or would be) created."""
@@ -453,6 +471,46 @@ class _AdapterCallback(TaskBoundaryCallback):
         return self.forward_by_task(pl_module, batch[0], labels)
 
     # -- checkpointing -----------------------------------------------------------------------------
+    def _options(self) -> dict[str, Any]:
+        """The arguments a checkpoint must have been written with to resume here."""
+        raise NotImplementedError
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """What both callbacks save; each adds its own state to it."""
+        state = super().state_dict()
+        state.update(format_version=STATE_FORMAT_VERSION, **self._options())
+        state.update(
+            layers=None if self._layer_names is None else list(self._layer_names),
+            task_module_names=list(self._task_module_names),
+            task_modules={k: dict(v) for k, v in self._task_modules.items()},
+        )
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Check that the checkpoint fits this run before anything changes, then restore the shared state."""
+        self._check_loaded_options(state_dict, self._options())
+        names = state_dict.get("task_module_names")
+        if names and self._task_module_names and list(names) != self._task_module_names:
+            raise ConfigError(
+                f"The checkpoint's {self._owner} kept per-task copies of {preview(names, 3)}, this run's `trainable` "
+                f"modules hold {preview(self._task_module_names, 3)}; resume with the same `trainable`."
+            )
+        layers = state_dict.get("layers")
+        if layers is not None and self._layer_names is not None and tuple(layers) != tuple(self._layer_names):
+            raise ConfigError(
+                f"The checkpoint's {self._owner} wrapped {preview(layers, 3)}, this run wraps "
+                f"{preview(self._layer_names, 3)}; resume with the same `target_modules`."
+            )
+        super().load_state_dict(state_dict)
+        if layers is not None:
+            self._layer_names = tuple(layers)
+        if names:
+            self._task_module_names = list(names)
+        saved = state_dict.get("task_modules") or {}
+        self._task_modules = {str(k): {n: t.to(_CPU) for n, t in v.items()} for k, v in saved.items()}
+
     def _check_loaded_options(self, state_dict: Mapping[str, Any], options: Mapping[str, Any]) -> None:
         version = state_dict.get("format_version", STATE_FORMAT_VERSION)
         if version != STATE_FORMAT_VERSION:
@@ -466,27 +524,6 @@ class _AdapterCallback(TaskBoundaryCallback):
                 f"The checkpoint's {self._owner} was built with other options ({'; '.join(diff)}). "
                 "Resume with the same arguments."
             )
-
-    def _task_modules_state(self) -> dict[str, Any]:
-        return {
-            "task_module_names": list(self._task_module_names),
-            "task_modules": {k: dict(v) for k, v in self._task_modules.items()},
-        }
-
-    def _check_task_modules_state(self, state_dict: Mapping[str, Any]) -> None:
-        names = state_dict.get("task_module_names")
-        if names and self._task_module_names and list(names) != self._task_module_names:
-            raise ConfigError(
-                f"The checkpoint's {self._owner} kept per-task copies of {preview(names, 3)}, this run's `trainable` "
-                f"modules hold {preview(self._task_module_names, 3)}; resume with the same `trainable`."
-            )
-
-    def _load_task_modules_state(self, state_dict: Mapping[str, Any]) -> None:
-        names = state_dict.get("task_module_names")
-        if names:
-            self._task_module_names = list(names)
-        saved = state_dict.get("task_modules") or {}
-        self._task_modules = {str(k): {n: t.to(_CPU) for n, t in v.items()} for k, v in saved.items()}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -674,19 +711,7 @@ class LoRAAdapters(_AdapterCallback):
     # -- injection and experiences ---------------------------------------------------------------------
     def _inject(self, trainer: Trainer, pl_module: LightningModule) -> None:
         first = _MERGE_ADAPTER if self.mode == "merge" else adapter_key(experience_of(trainer, self._experiences_finished))
-        self._record_trainable_modules(pl_module)
-        summary = inject_lora(
-            pl_module,
-            self.target_modules,
-            exclude_modules=self.exclude_modules,
-            r=self.r,
-            alpha=self.alpha,
-            dropout=self.dropout,
-            trainable=self.trainable,
-            adapter_name=first,
-            seed=self.seed,
-        )
-        self._layer_names = summary.wrapped
+        summary = self._inject_lora(pl_module, first)
         layers = lora_layers(pl_module)
         factor_ids = {id(p) for layer in layers.values() for d in (layer.lora_A, layer.lora_B) for p in d.values()}
         self._weight_names = [f"{n}.weight" for n in summary.wrapped]
@@ -872,9 +897,7 @@ class LoRAAdapters(_AdapterCallback):
     @override
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state.update(format_version=STATE_FORMAT_VERSION, **self._options())
         state.update(
-            layers=None if self._layer_names is None else list(self._layer_names),
             trainable_names=list(self._trainable_names),
             theta0=self._theta0,
             merger={k: (v.clone() if isinstance(v, Tensor) else v) for k, v in self.merger.state_dict().items()},
@@ -882,20 +905,11 @@ class LoRAAdapters(_AdapterCallback):
             holds_merged=self._holds_merged,
             tasks=list(self._tasks),
             training_adapter=self._training_adapter,
-            **self._task_modules_state(),
         )
         return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._check_loaded_options(state_dict, self._options())
-        self._check_task_modules_state(state_dict)
-        layers = state_dict.get("layers")
-        if layers is not None and self._layer_names is not None and tuple(layers) != tuple(self._layer_names):
-            raise ConfigError(
-                f"The checkpoint's LoRAAdapters wrapped {preview(layers, 3)}, this run wraps "
-                f"{preview(self._layer_names, 3)}; resume with the same `target_modules`."
-            )
         super().load_state_dict(state_dict)
         merger_state = state_dict.get("merger")
         if merger_state is not None and merger_state.get("num_tasks", 0) > 0:
@@ -907,13 +921,11 @@ class LoRAAdapters(_AdapterCallback):
         kept = state_dict.get("kept")
         self._kept = None if kept is None else {n: t.to(_CPU) for n, t in kept.items()}
         self._holds_merged = bool(state_dict.get("holds_merged", False))
-        if layers is not None:
-            self._layer_names = tuple(layers)
-            self._weight_names = [f"{n}.weight" for n in layers]
+        if self._layer_names is not None:
+            self._weight_names = [f"{n}.weight" for n in self._layer_names]
         self._trainable_names = list(state_dict.get("trainable_names", self._trainable_names))
         self._tasks = [str(t) for t in state_dict.get("tasks", [])]
         self._training_adapter = state_dict.get("training_adapter")
-        self._load_task_modules_state(state_dict)
         if self._module is not None:
             self._apply_loaded(self._module)
 
@@ -1072,19 +1084,7 @@ class SharedSubspaceAdapters(_AdapterCallback):
 
     # -- injection and experiences -----------------------------------------------------------------------
     def _inject(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._record_trainable_modules(pl_module)
-        summary = inject_lora(
-            pl_module,
-            self.target_modules,
-            exclude_modules=self.exclude_modules,
-            r=self.r,
-            alpha=self.alpha,
-            dropout=self.dropout,
-            trainable=self.trainable,
-            adapter_name=_MERGE_ADAPTER,
-            seed=self.seed,
-        )
-        self._layer_names = summary.wrapped
+        self._inject_lora(pl_module, _MERGE_ADAPTER)
         self._lora_task = adapter_key(experience_of(trainer, self._experiences_finished))
 
     @override
@@ -1229,30 +1229,13 @@ class SharedSubspaceAdapters(_AdapterCallback):
     @override
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state.update(format_version=STATE_FORMAT_VERSION, **self._options())
-        state.update(
-            layers=None if self._layer_names is None else list(self._layer_names),
-            lora_task=self._lora_task,
-            share=None if self.share is None else self.share.state_dict(),
-            **self._task_modules_state(),
-        )
+        state.update(lora_task=self._lora_task, share=None if self.share is None else self.share.state_dict())
         return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._check_loaded_options(state_dict, self._options())
-        self._check_task_modules_state(state_dict)
-        layers = state_dict.get("layers")
-        if layers is not None and self._layer_names is not None and tuple(layers) != tuple(self._layer_names):
-            raise ConfigError(
-                f"The checkpoint's SharedSubspaceAdapters wrapped {preview(layers, 3)}, this run wraps "
-                f"{preview(self._layer_names, 3)}; resume with the same `target_modules`."
-            )
         super().load_state_dict(state_dict)
         self._lora_task = state_dict.get("lora_task", self._lora_task)
-        if layers is not None:
-            self._layer_names = tuple(layers)
-        self._load_task_modules_state(state_dict)
         saved_share = state_dict.get("share")
         if saved_share is None:
             return

@@ -25,6 +25,8 @@ from cl_plugin.benchmarks import (
 )
 from cl_plugin.errors import ConfigError
 
+from stream_helpers import trainer_kwargs
+
 N_TRAIN, N_TEST = 1257, 540
 
 
@@ -38,17 +40,8 @@ def stream_tensors(stream):
 
 
 def quiet_trainer(**kwargs):
-    defaults = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=1,
-    )
-    defaults.update(kwargs)
-    return L.Trainer(**defaults)
+    # Lightning's default `deterministic`, not stream_helpers' True: these tests check data order only.
+    return L.Trainer(**trainer_kwargs(deterministic=None, num_sanity_val_steps=0, limit_val_batches=1, **kwargs))
 
 
 def three_class_blocks():
