@@ -116,7 +116,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 from typing_extensions import override
 
-from cl_plugin._checks import check_scale
+from cl_plugin._checks import check_bool, check_scale
 from cl_plugin.adapters.lora import (
     add_adapter,
     adapter_key,
@@ -152,12 +152,6 @@ _CPU = torch.device("cpu")
 
 
 # -- helpers shared by both callbacks ----------------------------------------------------------
-def _check_bool(value: object, what: str, owner: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"`{what}` must be True or False, got {value!r} ({owner}).")
-    return value
-
-
 def _check_patterns(patterns: object, what: str, owner: str, *, required: bool) -> Patterns | None:
     if patterns is None and not required:
         return None
@@ -264,7 +258,7 @@ class _AdapterCallback(TaskBoundaryCallback):
         self.target_modules = _check_patterns(target_modules, "target_modules", owner, required=True)
         self.exclude_modules = _check_patterns(exclude_modules, "exclude_modules", owner, required=False)
         self.trainable = _check_patterns(trainable, "trainable", owner, required=False) or ()
-        self.trainable_per_task = _check_bool(trainable_per_task, "trainable_per_task", owner)
+        self.trainable_per_task = check_bool(trainable_per_task, "trainable_per_task", owner)
         if self.trainable_per_task and not (isinstance(self.trainable, str) or self.trainable):
             raise ConfigError(
                 f"`trainable_per_task=True` keeps one copy of the `trainable` modules per task, but `trainable` names "
@@ -276,7 +270,7 @@ class _AdapterCallback(TaskBoundaryCallback):
         self.seed = check_int(seed, "seed", low=0)
         if check_ranks is None:
             check_ranks = os.environ.get("CL_PLUGIN_DEBUG", "0") == "1"
-        self.check_ranks = _check_bool(check_ranks, "check_ranks", owner)
+        self.check_ranks = check_bool(check_ranks, "check_ranks", owner)
         self._layer_names: tuple[str, ...] | None = None
         self._module: LightningModule | None = None
         # trainable_per_task: state names of the trainable modules, and one CPU copy of them per stored task
@@ -653,8 +647,8 @@ class LoRAAdapters(_AdapterCallback):
                 f"`start_from` must be one of {list(START_FROM[mode])} with mode={mode!r}, got {start_from!r} "
                 f"(LoRAAdapters).{did_you_mean(str(start_from), START_FROM[mode])}"
             )
-        reset_optimizer = _check_bool(reset_optimizer, "reset_optimizer", "LoRAAdapters")
-        if mode == "merge" and _check_bool(trainable_per_task, "trainable_per_task", "LoRAAdapters"):
+        reset_optimizer = check_bool(reset_optimizer, "reset_optimizer", "LoRAAdapters")
+        if mode == "merge" and check_bool(trainable_per_task, "trainable_per_task", "LoRAAdapters"):
             raise ConfigError(
                 "`trainable_per_task=True` needs mode='per_task' (LoRAAdapters): in mode='merge' the `trainable` "
                 "modules' change is part of each task vector and is merged like the adapters."

@@ -20,7 +20,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from cl_plugin._checks import check_same_layout, check_scale
+from cl_plugin._checks import check_bool, check_same_layout, check_scale
 from cl_plugin.errors import ConfigError, did_you_mean
 from cl_plugin.merging import MERGERS, get_merger
 from cl_plugin.task_vectors import TaskVector
@@ -126,9 +126,7 @@ class ModelMerging(TaskBoundaryCallback):
         if isinstance(base_weights, (str, os.PathLike)):
             load_base_weights(base_weights)  # fail now on a missing or pickled file
         self._base_weights_source = base_weights
-        if not isinstance(reset_optimizer, bool):
-            raise ConfigError(f"`reset_optimizer` must be True or False, got {reset_optimizer!r}.")
-        self.reset_optimizer = reset_optimizer
+        self.reset_optimizer = check_bool(reset_optimizer, "reset_optimizer", "ModelMerging")
         if check_ranks is None:
             check_ranks = os.environ.get("CL_PLUGIN_DEBUG", "0") == "1"
         self.check_ranks = bool(check_ranks)

@@ -109,3 +109,10 @@ def check_scale(scale: object, what: str, *, low: float = 0.0, high: float = 10.
             "Pass scale=None to use the method's default."
         )
     return value
+
+
+def check_bool(value: object, name: str, owner: str) -> bool:
+    """Return ``value`` unchanged, or raise unless it is exactly True or False (not 0/1 or a string)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"`{name}` must be True or False, got {value!r} ({owner}).")
+    return value

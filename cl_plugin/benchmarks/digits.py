@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from cl_plugin._checks import check_bool
 from cl_plugin.errors import ConfigError
 
 __all__ = [
@@ -110,12 +111,6 @@ def _cached_split(validation: bool) -> DigitsSplit:
     return DigitsSplit(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx])
 
 
-def _check_validation(validation: object, what: str) -> bool:
-    if not isinstance(validation, bool):
-        raise ConfigError(f"`validation` must be True or False, got {validation!r} ({what}).")
-    return validation
-
-
 def load_digits_tensors(validation: bool = False) -> DigitsSplit:
     """Return the fixed train/test split of scikit-learn's digits as tensors.
 
@@ -137,7 +132,7 @@ def load_digits_tensors(validation: bool = False) -> DigitsSplit:
         >>> tuple(load_digits_tensors(validation=True).x_test.shape)
         (252, 1, 8, 8)
     """
-    validation = _check_validation(validation, "load_digits_tensors")
+    validation = check_bool(validation, "validation", "load_digits_tensors")
     return DigitsSplit(*(t.clone() for t in _cached_split(validation)))
 
 
@@ -162,12 +157,6 @@ def _check_int(name: str, value: object, minimum: int, what: str) -> int:
     if value < minimum:
         raise ConfigError(f"`{name}` must be >= {minimum}, got {value!r} ({what}).")
     return int(value)
-
-
-def _check_task_labels(task_labels: object, what: str) -> bool:
-    if not isinstance(task_labels, bool):
-        raise ConfigError(f"`task_labels` must be True or False, got {task_labels!r} ({what}).")
-    return task_labels
 
 
 def _domain_benchmark(train_sets: list[_DigitsDataset], test_sets: list[_DigitsDataset], task_labels: bool):
@@ -237,8 +226,8 @@ def split_digits(
             f"({what}). Pass one of {divisors}."
         )
     seed = _check_int("seed", seed, 0, what)
-    task_labels = _check_task_labels(task_labels, what)
-    validation = _check_validation(validation, what)
+    task_labels = check_bool(task_labels, "task_labels", what)
+    validation = check_bool(validation, "validation", what)
     order = None
     if class_order is not None:
         try:
@@ -310,8 +299,8 @@ def permuted_digits(n_experiences: int = 5, seed: int = 0, *, task_labels: bool 
     what = "permuted_digits"
     n = _check_int("n_experiences", n_experiences, 1, what)
     seed = _check_int("seed", seed, 0, what)
-    task_labels = _check_task_labels(task_labels, what)
-    data = _cached_split(_check_validation(validation, what))
+    task_labels = check_bool(task_labels, "task_labels", what)
+    data = _cached_split(check_bool(validation, "validation", what))
     train_sets, test_sets = [], []
     for perm in _pixel_permutations(n, seed):
         train_sets.append(_DigitsDataset(_permute_pixels(data.x_train, perm), data.y_train))
@@ -373,7 +362,7 @@ def rotated_digits(
     what = "rotated_digits"
     n = _check_int("n_experiences", n_experiences, 1, what)
     _check_int("seed", seed, 0, what)
-    task_labels = _check_task_labels(task_labels, what)
+    task_labels = check_bool(task_labels, "task_labels", what)
     if angles is None:
         chosen = [360.0 * k / n for k in range(n)]
     else:
@@ -388,7 +377,7 @@ def rotated_digits(
             )
         if not all(math.isfinite(a) for a in chosen):
             raise ConfigError(f"`angles` must be finite numbers of degrees, got {angles!r} ({what}).")
-    data = _cached_split(_check_validation(validation, what))
+    data = _cached_split(check_bool(validation, "validation", what))
     train_sets = [_DigitsDataset(_rotate(data.x_train, a), data.y_train) for a in chosen]
     test_sets = [_DigitsDataset(_rotate(data.x_test, a), data.y_test) for a in chosen]
     return _domain_benchmark(train_sets, test_sets, task_labels)
