@@ -362,8 +362,12 @@ class _AdapterCallback(TaskBoundaryCallback):
             if self._training_key() is not None:
                 return None
             key = next(reversed(self._task_modules))
-        state = pl_module.state_dict(keep_vars=True)
-        return {n: t.to(device=state[n].device, dtype=state[n].dtype) for n, t in self._task_modules[key].items()}
+        out = {}
+        for name, stored in self._task_modules[key].items():
+            owner, _, attr = name.rpartition(".")
+            live = getattr(pl_module.get_submodule(owner), attr)  # not state_dict(): this runs for every batch
+            out[name] = stored.to(device=live.device, dtype=live.dtype)
+        return out
 
     # -- Lightning hooks ---------------------------------------------------------------------------
     @override
