@@ -400,14 +400,14 @@ def tune(cache_dir: Path, seeds: int = TUNING_SEEDS, streams=STREAMS) -> tuple[d
     the validation table (markdown).
     """
     scores: dict[str, list[tuple[Method, dict[str, float]]]] = {}
+    weights = {stream: pretrained_weights(cache_dir, stream) for stream in streams}
     for name, candidates in tuning_candidates().items():
         for method in candidates:
             per_stream = {}
             for stream in streams:
-                weights = pretrained_weights(cache_dir, stream)
                 accs = []
                 for seed in range(seeds):
-                    result = run_method(method, stream, seed, weights, validation=True)
+                    result = run_method(method, stream, seed, weights[stream], validation=True)
                     _log(f"{stream} (validation)", f"{name} {describe(method)}", seed, result)
                     accs.append(result["average_accuracy"])
                 per_stream[stream] = statistics.fmean(accs)
