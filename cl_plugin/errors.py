@@ -17,6 +17,7 @@ __all__ = [
     "DtypeMismatchError",
     "NonFiniteError",
     "NoMatchingModulesError",
+    "CheckpointError",
     "did_you_mean",
     "preview",
 ]
@@ -44,6 +45,15 @@ class NonFiniteError(ClPluginError, ValueError):
 
 class NoMatchingModulesError(ClPluginError, ValueError):
     """A name pattern matched no module or tensor."""
+
+
+class CheckpointError(ClPluginError, ValueError):
+    """A saved state cannot be resumed: it is corrupt, of an unknown format
+    version, inconsistent with itself, or does not fit the model it is loaded into.
+
+    A state that is sound but was written with other options than the object
+    loading it raises :class:`ConfigError` instead, naming each difference.
+    """
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
