@@ -15,18 +15,25 @@ otherwise counts the experiences finished so far.
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from cl_plugin._checks import check_same_layout
-from cl_plugin.errors import ConfigError, StateDictMismatchError
-from cl_plugin.task_vectors import select_names
+from cl_plugin.callbacks._checkpoint import (
+    check_count,
+    check_fingerprint,
+    check_format_version,
+    check_options,
+)
+from cl_plugin.errors import CheckpointError, ConfigError, NonFiniteError, StateDictMismatchError, preview
+from cl_plugin.task_vectors import select_names, tied_aliases
 
 
 def experience_of(trainer: Trainer, finished: int) -> int:
@@ -43,14 +50,30 @@ def experience_of(trainer: Trainer, finished: int) -> int:
 
 
 def floating_names(module: LightningModule, exclude: Iterable[str]) -> list[str]:
-    """Names of the module's floating-point state entries, minus ``exclude`` globs."""
+    """Names of the module's floating-point tensors to merge: one name per tensor, minus ``exclude`` globs.
+
+    A tensor that several names share (tied weights, e.g. a language model's
+    output layer and its embedding) is listed once, under its first name, so it
+    is snapshotted, folded and written once; it is left out when ``exclude``
+    matches any of its names.
+    """
     state = module.state_dict()
     names = [n for n, t in state.items() if t.is_floating_point()]
     if not names:
         raise ConfigError(
             f"{type(module).__name__} has no floating-point parameters or buffers: there is nothing to merge."
         )
-    return select_names(names, exclude=tuple(exclude) or None)
+    selected = set(select_names(names, exclude=tuple(exclude) or None))
+    aliases = tied_aliases({n: state[n] for n in names})
+    excluded_tensors = {aliases.get(n, n) for n in names if n not in selected}
+    return [n for n in names if n not in aliases and n not in excluded_tensors]
+
+
+def tied_names(module: LightningModule, names: Iterable[str]) -> dict[str, str]:
+    """alias -> name, for every other state-dict name of a tensor in ``names`` (see :func:`floating_names`)."""
+    state = module.state_dict()
+    kept = set(names)
+    return {a: n for a, n in tied_aliases({k: t for k, t in state.items() if t.is_floating_point()}).items() if n in kept}
 
 
 def snapshot(module: LightningModule, names: Iterable[str], device: torch.device) -> dict[str, Tensor]:
@@ -142,6 +165,17 @@ def broadcast_buffers(trainer: Trainer, module: LightningModule) -> None:
             torch.distributed.broadcast(buffer, src=0)
 
 
+def launches_by_spawning(trainer: Trainer) -> bool:
+    """True when the strategy starts its processes by spawning or forking (``ddp_spawn``, ``ddp_fork``, ...).
+
+    Those processes end with the ``fit``: what a callback holds in them never
+    reaches the process that called ``fit``.
+    """
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    return isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher)
+
+
 def reset_optimizer_state(trainer: Trainer) -> None:
     """Drop every optimizer's per-parameter state (momentum, Adam moments, step counts).
 
@@ -156,13 +190,29 @@ class TaskBoundaryCallback(Callback):
 
     Subclasses implement :meth:`on_experience_start` (the weights the
     experience starts from) and :meth:`on_experience_end` (fold what was
-    learnt), and may extend :meth:`state_dict`.
+    learnt), and declare what a checkpoint must agree on (:meth:`_options`,
+    :attr:`_changeable_options`) and how their own state is checked and
+    applied (:meth:`_prepare_load`).
+
+    Checkpoints. The state key is the class name, never the settings, so a run
+    resumed with other settings finds its state and is told what differs
+    (:meth:`load_state_dict`) instead of silently starting over. One instance
+    of a class per Trainer. A state saved under an older key that held the
+    settings is found and loaded under the new one.
     """
+
+    #: The checkpoint key: the public callback's name, the same for its subclasses.
+    _state_name: str | None = None
+    #: The version of :meth:`state_dict`'s layout this class writes and reads.
+    state_format_version: int = 1
+    #: Options a resumed run may change; a change is reported, not refused.
+    _changeable_options: frozenset[str] = frozenset()
 
     def __init__(self) -> None:
         self._training_experience: int | None = None
         self._experiences_finished = 0
         self._start_fingerprint: list[float] | None = None
+        self._restored_in_fit = False
 
     # -- hooks for subclasses ---------------------------------------------------
     def on_experience_start(self, trainer: Trainer, pl_module: LightningModule, experience: int) -> None:
@@ -178,7 +228,79 @@ class TaskBoundaryCallback(Callback):
         ``fit``.
         """
 
+    def _options(self) -> dict[str, Any]:
+        """The settings a checkpoint records and a resumed run is compared with."""
+        return {}
+
+    def _saved_options(self, state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The options a saved state records (a subclass may fill in options older states lack)."""
+        return state_dict
+
+    def _prepare_load(self, state_dict: Mapping[str, Any]) -> Callable[[], None]:
+        """Check the subclass's part of a saved state; return a function that applies it.
+
+        Must raise (CheckpointError / ConfigError) and change nothing on a
+        state it cannot take; the returned function must not fail.
+        """
+        return lambda: None
+
     # -- Lightning hooks ------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        return self._state_name or type(self).__qualname__
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._restored_in_fit = False
+        if launches_by_spawning(trainer):
+            raise ConfigError(
+                f"{type(self).__name__} does not run under a strategy that spawns or forks its processes "
+                f"({type(trainer.strategy).__name__} with start method "
+                f"{getattr(trainer.strategy, '_start_method', '?')!r}): those processes end with `fit`, and the "
+                "callback's state (θ₀, the merge, the accuracy matrices) would never come back to this process, so "
+                "the next `fit` would silently start the stream over. Use strategy='ddp' (it re-runs your script in "
+                "each process; guard it with `if __name__ == '__main__':`)."
+            )
+        same = [cb for cb in trainer.callbacks if isinstance(cb, TaskBoundaryCallback) and cb.state_key == self.state_key]
+        if len(same) > 1:
+            raise ConfigError(self._second_instance_message(same))
+
+    def _second_instance_message(self, same: list[Callback]) -> str:
+        return (
+            f"{type(self).__name__} appears {len(same)} times in the Trainer's callbacks; use one per Trainer "
+            "(their checkpoint states would share one key, and each would act on the other's results)."
+        )
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("callbacks")
+        if not isinstance(states, dict) or self.state_key in states:
+            return
+        # Earlier versions keyed the state by the settings (e.g. "ModelMerging{'method': 'magmax', ...}"):
+        # take it under the new key, and let load_state_dict compare the settings.
+        prefix = self.state_key + "{"
+        legacy = [k for k in states if isinstance(k, str) and k.startswith(prefix)]
+        if len(legacy) > 1:
+            raise CheckpointError(
+                f"The checkpoint holds {len(legacy)} {self.state_key} states ({preview(legacy, 3)}); this version "
+                f"runs one {self.state_key} per Trainer and cannot tell which one to resume."
+            )
+        if legacy:
+            states[self.state_key] = states.pop(legacy[0])
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.ckpt_path is not None and not self._restored_in_fit and trainer.global_step > 0:
+            self._resumed_without_state(trainer)
+
+    def _resumed_without_state(self, trainer: Trainer) -> None:
+        """A checkpoint of a run that had already trained holds no state of this callback."""
+        raise CheckpointError(
+            f"The checkpoint {trainer.ckpt_path!r} (written at step {trainer.global_step}) holds no {self.state_key} "
+            f"state: it was written by a run without {self.state_key}, or with weights only. Resuming it would "
+            "silently start the stream over from the middle. Resume with the Trainer callbacks that wrote it, or "
+            "start the stream from its beginning without `ckpt_path`."
+        )
+
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         experience = experience_of(trainer, self._experiences_finished)
         if self._training_experience == experience:
@@ -199,12 +321,31 @@ class TaskBoundaryCallback(Callback):
         if self._training_experience is not None and trainer.state.fn == "fit":
             self._end(trainer, pl_module, at_fit_end=True)
 
+    def on_experience_diverged(
+        self, trainer: Trainer, pl_module: LightningModule, experience: int, at_fit_end: bool
+    ) -> None:
+        """Called instead of :meth:`on_experience_end` when the trained weights hold NaN or inf.
+
+        Nothing is folded or counted. The default raises; a subclass that can
+        put the module back as it was before the experience does so, then raises.
+        """
+        raise NonFiniteError(
+            f"{type(self).__name__}: training diverged in experience {experience}: the trainable weights hold NaN or "
+            "infinite values, so nothing was folded or recorded for it. Resume from a checkpoint written before "
+            "this experience (`trainer.fit(..., ckpt_path=...)`) after changing what made it diverge (a lower "
+            "learning rate, gradient clipping, another precision)."
+        )
+
     def _end(self, trainer: Trainer, pl_module: LightningModule, at_fit_end: bool) -> None:
         experience = self._training_experience
-        trained = self._start_fingerprint is None or parameter_fingerprint(pl_module) != self._start_fingerprint
+        fingerprint = parameter_fingerprint(pl_module)
+        trained = self._start_fingerprint is None or fingerprint != self._start_fingerprint
         self._training_experience = None
         self._start_fingerprint = None
         broadcast_buffers(trainer, pl_module)
+        if not all(math.isfinite(v) for v in fingerprint):
+            self.on_experience_diverged(trainer, pl_module, experience, at_fit_end)
+            return
         if not trained:
             rank_zero_warn(
                 f"Experience {experience} ended before any optimizer step changed a weight; "
@@ -212,18 +353,48 @@ class TaskBoundaryCallback(Callback):
                 "`limit_train_batches`, the learning rate, and that the experience has training data."
             )
             return
+        # Counted only once folded: a boundary that raises (e.g. diverged weights) leaves
+        # the count as it was, so a retried `fit` trains the same experience again.
         self.on_experience_end(trainer, pl_module, experience, at_fit_end)
         self._experiences_finished += 1
 
     # -- checkpointing -----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
+            "format_version": self.state_format_version,
+            **self._options(),
             "training_experience": self._training_experience,
             "experiences_finished": self._experiences_finished,
             "start_fingerprint": self._start_fingerprint,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._training_experience = state_dict.get("training_experience")
-        self._experiences_finished = int(state_dict.get("experiences_finished", 0))
-        self._start_fingerprint = state_dict.get("start_fingerprint")
+        """Resume from a state written by :meth:`state_dict`.
+
+        Everything is checked before anything changes: the format version,
+        the settings against this callback's (a difference raises a
+        ConfigError naming it, except for the documented
+        :attr:`_changeable_options`, which are reported), the boundary
+        bookkeeping, and the subclass's tensors against the model.
+
+        Raises:
+            CheckpointError: the state is damaged, of a newer format, or does not fit the model.
+            ConfigError: the state was written with other settings.
+        """
+        owner = type(self).__name__
+        if not isinstance(state_dict, Mapping):
+            raise CheckpointError(f"{owner}.load_state_dict expects a mapping, got {type(state_dict).__name__}.")
+        check_format_version(state_dict, owner, self.state_format_version)
+        changed = check_options(self._saved_options(state_dict), self._options(), owner, self._changeable_options)
+        training = check_count(state_dict.get("training_experience"), "training_experience", owner, optional=True)
+        finished = check_count(state_dict.get("experiences_finished", 0), "experiences_finished", owner)
+        fingerprint = check_fingerprint(state_dict.get("start_fingerprint"), "start_fingerprint", owner)
+        apply = self._prepare_load(state_dict)
+        # Every check has passed.
+        apply()
+        self._training_experience = training
+        self._experiences_finished = finished
+        self._start_fingerprint = fingerprint
+        self._restored_in_fit = True
+        for name, (saved, now) in changed.items():
+            rank_zero_info(f"{owner}: resumed with {name}={now!r} (the checkpoint has {saved!r}).")

@@ -108,7 +108,7 @@ import numbers
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -133,10 +133,11 @@ from cl_plugin.adapters.lora import (
 )
 from cl_plugin.adapters.matching import Patterns, _normalise, match_modules
 from cl_plugin.adapters.share import SharedLinear, SharedSubspace
-from cl_plugin.errors import ConfigError, did_you_mean, preview
+from cl_plugin.errors import CheckpointError, ConfigError, did_you_mean, preview
 from cl_plugin.merging import MERGERS, get_merger
 from cl_plugin.task_vectors import TaskVector
 from cl_plugin.callbacks._boundaries import TaskBoundaryCallback, experience_of, reset_optimizer_state, snapshot, write_into
+from cl_plugin.callbacks._checkpoint import check_bool_field, check_tensor_dict, layout_of, read
 from cl_plugin.callbacks.model_merging import ModelMerging
 
 __all__ = ["LoRAAdapters", "SharedSubspaceAdapters"]
@@ -372,6 +373,7 @@ class _AdapterCallback(TaskBoundaryCallback):
     # -- Lightning hooks ---------------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
         adapter_callbacks = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, _AdapterCallback)]
@@ -485,43 +487,45 @@ class _AdapterCallback(TaskBoundaryCallback):
         )
         return state
 
+    def _saved_options(self, state: Mapping[str, Any]) -> Mapping[str, Any]:
+        # A state written before an option existed was run with that option's old behaviour.
+        return {**_OPTIONS_BEFORE_THEY_EXISTED, **state}
+
     @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Check that the checkpoint fits this run before anything changes, then restore the shared state."""
-        self._check_loaded_options(state_dict, self._options())
-        names = state_dict.get("task_module_names")
+    def _prepare_load(self, state: Mapping[str, Any]) -> Callable[[], None]:
+        """Check the part both callbacks save; the subclass checks its own and applies both."""
+        owner = self._owner
+        names = state.get("task_module_names") or []
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            raise CheckpointError(f"The checkpoint's {owner} state has task_module_names={names!r}; expected a list of names.")
         if names and self._task_module_names and list(names) != self._task_module_names:
             raise ConfigError(
-                f"The checkpoint's {self._owner} kept per-task copies of {preview(names, 3)}, this run's `trainable` "
+                f"The checkpoint's {owner} kept per-task copies of {preview(names, 3)}, this run's `trainable` "
                 f"modules hold {preview(self._task_module_names, 3)}; resume with the same `trainable`."
             )
-        layers = state_dict.get("layers")
+        layers = state.get("layers")
+        if layers is not None and (not isinstance(layers, (list, tuple)) or not all(isinstance(n, str) for n in layers)):
+            raise CheckpointError(f"The checkpoint's {owner} state has layers={layers!r}; expected a list of module names.")
         if layers is not None and self._layer_names is not None and tuple(layers) != tuple(self._layer_names):
             raise ConfigError(
-                f"The checkpoint's {self._owner} wrapped {preview(layers, 3)}, this run wraps "
+                f"The checkpoint's {owner} wrapped {preview(layers, 3)}, this run wraps "
                 f"{preview(self._layer_names, 3)}; resume with the same `target_modules`."
             )
-        super().load_state_dict(state_dict)
-        if layers is not None:
-            self._layer_names = tuple(layers)
-        if names:
-            self._task_module_names = list(names)
-        saved = state_dict.get("task_modules") or {}
-        self._task_modules = {str(k): {n: t.to(_CPU) for n, t in v.items()} for k, v in saved.items()}
+        saved = state.get("task_modules") or {}
+        if not isinstance(saved, Mapping):
+            raise CheckpointError(f"The checkpoint's {owner} state has task_modules of type {type(saved).__name__}; expected a mapping.")
+        task_modules = {
+            str(k): check_tensor_dict(v, f"task_modules[{k!r}]", owner, names=names, device=_CPU) for k, v in saved.items()
+        }
 
-    def _check_loaded_options(self, state_dict: Mapping[str, Any], options: Mapping[str, Any]) -> None:
-        version = state_dict.get("format_version", STATE_FORMAT_VERSION)
-        if version != STATE_FORMAT_VERSION:
-            raise ConfigError(
-                f"Unsupported {self._owner} state format_version={version!r}; this version reads {STATE_FORMAT_VERSION}."
-            )
-        saved = {**_OPTIONS_BEFORE_THEY_EXISTED, **state_dict}
-        diff = [f"{k}: saved {saved[k]!r}, here {v!r}" for k, v in options.items() if k in saved and saved[k] != v]
-        if diff:
-            raise ConfigError(
-                f"The checkpoint's {self._owner} was built with other options ({'; '.join(diff)}). "
-                "Resume with the same arguments."
-            )
+        def apply() -> None:
+            if layers is not None:
+                self._layer_names = tuple(layers)
+            if names:
+                self._task_module_names = list(names)
+            self._task_modules = task_modules
+
+        return apply
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -612,6 +616,9 @@ class LoRAAdapters(_AdapterCallback):
     """
 
     _owner = "LoRAAdapters"
+    _state_name = "LoRAAdapters"
+    #: merge mode: ``scale`` is applied only when weights are written, so a resumed run may change it.
+    _changeable_options = frozenset({"scale"})
 
     def __init__(
         self,
@@ -690,11 +697,6 @@ class LoRAAdapters(_AdapterCallback):
         self._training_adapter: str | None = None
 
     @property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(mode=self.mode, method=self.method, start_from=self.start_from)
-
-    @property
     def tasks(self) -> tuple[str, ...]:
         return tuple(self._tasks)
 
@@ -760,6 +762,7 @@ class LoRAAdapters(_AdapterCallback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         if self.mode == "merge" and self._holds_merged:
             # The module holds θ₀ + scale·merged from the previous fit's end.
             self._install_start_weights(pl_module)
@@ -876,6 +879,10 @@ class LoRAAdapters(_AdapterCallback):
         the ``trainable`` modules; other labels get the latest task's copy (the
         live weights while an experience trains).
         """
+        if self.mode == "merge":
+            # One adapter serves every label: the batch is not split.
+            _labels_to_keys(task_labels, inputs.shape[0])  # still refuse a label count that does not fit
+            return pl_module(inputs)
         return super().forward_by_task(pl_module, inputs, task_labels)
 
     # -- checkpointing ------------------------------------------------------------------------------------
@@ -907,25 +914,67 @@ class LoRAAdapters(_AdapterCallback):
         return state
 
     @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        merger_state = state_dict.get("merger")
-        if merger_state is not None and merger_state.get("num_tasks", 0) > 0:
-            self.merger.load_state_dict(merger_state)
-        else:
-            self.merger.reset()
-        theta0 = state_dict.get("theta0")
-        self._theta0 = None if theta0 is None else {n: t.to(_CPU) for n, t in theta0.items()}
-        kept = state_dict.get("kept")
-        self._kept = None if kept is None else {n: t.to(_CPU) for n, t in kept.items()}
-        self._holds_merged = bool(state_dict.get("holds_merged", False))
-        if self._layer_names is not None:
-            self._weight_names = [f"{n}.weight" for n in self._layer_names]
-        self._trainable_names = list(state_dict.get("trainable_names", self._trainable_names))
-        self._tasks = [str(t) for t in state_dict.get("tasks", [])]
-        self._training_adapter = state_dict.get("training_adapter")
-        if self._module is not None:
-            self._apply_loaded(self._module)
+    def _prepare_load(self, state: Mapping[str, Any]) -> Callable[[], None]:
+        owner = self._owner
+        apply_shared = super()._prepare_load(state)
+        finished = state.get("experiences_finished", 0)
+        trainable_names = state.get("trainable_names", self._trainable_names)
+        if not isinstance(trainable_names, (list, tuple)) or not all(isinstance(n, str) for n in trainable_names):
+            raise CheckpointError(f"The checkpoint's {owner} state has trainable_names={trainable_names!r}; expected a list of names.")
+        layers = state.get("layers")
+        weight_names = [f"{n}.weight" for n in (layers if layers is not None else self._layer_names or ())]
+        merged_names = weight_names + list(trainable_names)
+        layout = None
+        if self._module is not None and self._layer_names is not None:
+            module_state = self._module.state_dict()
+            if all(n in module_state for n in merged_names):
+                layout = layout_of({n: module_state[n] for n in merged_names})
+        theta0 = state.get("theta0")
+        if theta0 is not None:
+            theta0 = check_tensor_dict(theta0, "theta0", owner, layout, names=merged_names, device=_CPU)
+        elif self.mode == "merge" and (finished or state.get("training_experience") is not None):
+            raise CheckpointError(f"The checkpoint's {owner} (mode='merge') has no θ₀ but {finished} finished experience(s); it is damaged.")
+        merger = get_merger(self.method, **self.method_options)
+        merger_state = state.get("merger")
+        if merger_state is not None:
+            merger.load_state_dict(merger_state)  # validates it completely; `merger` is a new object
+        if self.mode == "merge" and merger.num_tasks != finished:
+            raise CheckpointError(
+                f"The checkpoint's {owner} records {finished} finished experience(s) but its merger holds "
+                f"{merger.num_tasks}; it is damaged."
+            )
+        kept = state.get("kept")
+        if kept is not None:
+            kept = check_tensor_dict(kept, "kept", owner, device=_CPU)
+        holds_merged = check_bool_field(state.get("holds_merged", False), "holds_merged", owner)
+        if holds_merged and self.start_from == "finetuned" and kept is None:
+            raise CheckpointError(f"The checkpoint's {owner} holds the merged model but not the adapter to continue from; it is damaged.")
+        tasks = state.get("tasks", [])
+        if not isinstance(tasks, (list, tuple)) or not all(isinstance(t, (str, int)) and not isinstance(t, bool) for t in tasks):
+            raise CheckpointError(f"The checkpoint's {owner} state has tasks={tasks!r}; expected a list of adapter names.")
+        if self.mode == "per_task" and len(tasks) != finished:
+            raise CheckpointError(
+                f"The checkpoint's {owner} records {finished} finished experience(s) but {len(tasks)} stored adapter(s); it is damaged."
+            )
+        training_adapter = state.get("training_adapter")
+        if training_adapter is not None and not isinstance(training_adapter, str):
+            raise CheckpointError(f"The checkpoint's {owner} state has training_adapter={training_adapter!r}; expected None or a name.")
+
+        def apply() -> None:
+            apply_shared()
+            self.merger = merger
+            self._theta0 = theta0
+            self._kept = kept
+            self._holds_merged = holds_merged
+            if self._layer_names is not None:
+                self._weight_names = [f"{n}.weight" for n in self._layer_names]
+            self._trainable_names = list(trainable_names)
+            self._tasks = [str(t) for t in tasks]
+            self._training_adapter = training_adapter
+            if self._module is not None:
+                self._apply_loaded(self._module)
+
+        return apply
 
     def _apply_loaded(self, pl_module: LightningModule) -> None:
         if self.mode != "per_task" or not lora_layers(pl_module):
@@ -1010,6 +1059,7 @@ class SharedSubspaceAdapters(_AdapterCallback):
     """
 
     _owner = "SharedSubspaceAdapters"
+    _state_name = "SharedSubspaceAdapters"
 
     def __init__(
         self,
@@ -1058,11 +1108,6 @@ class SharedSubspaceAdapters(_AdapterCallback):
         self._lora_task: str | None = None
         self._hook = None
         self._pending_share: dict[str, Any] | None = None
-
-    @property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(k=self.k, p=self.p, explained_variance=self.explained_variance)
 
     def _new_share(self) -> SharedSubspace:
         return SharedSubspace(
@@ -1231,20 +1276,36 @@ class SharedSubspaceAdapters(_AdapterCallback):
         return state
 
     @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self._lora_task = state_dict.get("lora_task", self._lora_task)
-        saved_share = state_dict.get("share")
-        if saved_share is None:
-            return
-        if self.share is not None:
-            # Lightning's resume: the pre-hook built Share's layers while the module's state loaded.
-            self.share.load_state_dict(saved_share)
-        else:
-            # Loaded by hand: applied to the module in `setup` (or now, if one is set up).
-            self._pending_share = saved_share
-            if self._module is not None:
-                self._apply_loaded(self._module)
+    def _prepare_load(self, state: Mapping[str, Any]) -> Callable[[], None]:
+        owner = self._owner
+        apply_shared = super()._prepare_load(state)
+        lora_task = state.get("lora_task", self._lora_task)
+        if lora_task is not None and not isinstance(lora_task, str):
+            raise CheckpointError(f"The checkpoint's {owner} state has lora_task={lora_task!r}; expected None or a name.")
+        saved_share = state.get("share")
+        if saved_share is not None and (not isinstance(saved_share, Mapping) or not isinstance(saved_share.get("tasks"), (list, tuple))):
+            raise CheckpointError(f"The checkpoint's {owner} state has a damaged `share` entry.")
+        finished = state.get("experiences_finished", 0)
+        stored = 0 if saved_share is None else len(saved_share["tasks"])
+        if stored != finished:
+            raise CheckpointError(
+                f"The checkpoint's {owner} records {finished} finished experience(s) but Share holds {stored} task(s); it is damaged."
+            )
+
+        def apply() -> None:
+            if saved_share is not None and self.share is not None:
+                # Lightning's resume: the pre-hook built Share's layers while the module's state
+                # loaded. First, since it checks the state and changes nothing when it raises.
+                self.share.load_state_dict(saved_share)
+            apply_shared()
+            self._lora_task = lora_task
+            if saved_share is not None and self.share is None:
+                # Loaded by hand: applied to the module in `setup` (or now, if one is set up).
+                self._pending_share = saved_share
+                if self._module is not None:
+                    self._apply_loaded(self._module)
+
+        return apply
 
     def _apply_loaded(self, pl_module: LightningModule) -> None:
         saved, self._pending_share = self._pending_share, None

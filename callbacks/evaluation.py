@@ -25,12 +25,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
-from cl_plugin._checks import check_scale
-from cl_plugin.errors import ConfigError, did_you_mean
+from cl_plugin._checks import check_bool, check_scale
+from cl_plugin._io import atomic_output
+from cl_plugin.errors import CheckpointError, ConfigError, did_you_mean
 from cl_plugin.merging import MERGERS, get_merger
 from cl_plugin.metrics import AccuracyMatrix
 from cl_plugin.task_vectors import TaskVector
 from cl_plugin.callbacks._boundaries import TaskBoundaryCallback, floating_names, snapshot, write_into
+from cl_plugin.callbacks._checkpoint import check_tensor_dict, layout_of, read
 from cl_plugin.callbacks.model_merging import ModelMerging
 
 __all__ = ["ContinualEvaluation", "training_weights_name"]
@@ -76,13 +78,21 @@ class ContinualEvaluation(TaskBoundaryCallback):
 
     Raises:
         ConfigError: unknown method, scale out of range, options of a method
-            not in ``compare``.
+            not in ``compare``; at ``setup``, a second ``ContinualEvaluation``
+            in the Trainer or a strategy that spawns its processes; when
+            resuming, a checkpoint written with other ``compare``, ``scales``,
+            ``method_options``, ``exclude`` or ``evaluate_training_weights``
+            (the matrices would mix two settings).
+        CheckpointError: a damaged checkpoint state or one that does not fit
+            the model or the stream.
 
     Attributes:
         matrices: name -> :class:`~cl_plugin.metrics.AccuracyMatrix`.
         results: name -> dict with ``average_accuracy``, ``forgetting``,
             ``bwt`` and ``accuracy_matrix`` (the ``results.json`` schema).
     """
+
+    _state_name = "ContinualEvaluation"
 
     def __init__(
         self,
@@ -120,23 +130,40 @@ class ContinualEvaluation(TaskBoundaryCallback):
             raise ConfigError(f"`predict` must be a callable predict(pl_module, batch) -> logits, got {predict!r}.")
         self.predict = predict or default_predict
         self.output_dir = None if output_dir is None else Path(output_dir)
+        if isinstance(exclude, str):
+            exclude = (exclude,)
         self.exclude = None if exclude is None else tuple(exclude)
-        self.evaluate_training_weights = bool(evaluate_training_weights)
+        self.evaluate_training_weights = check_bool(evaluate_training_weights, "evaluate_training_weights", "ContinualEvaluation")
         self.matrices: dict[str, AccuracyMatrix] = {}
         self.results: dict[str, dict[str, Any]] = {}
         self._mergers: dict[str, Any] = {}
         self._merging: ModelMerging | None = None
         self._theta0: dict[str, Tensor] | None = None
         self._names: list[str] | None = None
+        self._layout: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None
         self._training_name = "sequential_finetuning"
+
+    def _options(self) -> dict[str, Any]:
+        return {
+            "compare": list(self.compare),
+            "scales": dict(self.scales),
+            "method_options": {k: dict(v) for k, v in self.method_options.items()},
+            "exclude": None if self.exclude is None else list(self.exclude),
+            "evaluate_training_weights": self.evaluate_training_weights,
+        }
+
+    def _second_instance_message(self, same) -> str:
+        return (
+            f"The Trainer has {len(same)} ContinualEvaluation callbacks; use one. It evaluates the training weights "
+            "and every method in `compare` from the same run, e.g. ContinualEvaluation(compare=['magmax', 'ties'])."
+        )
 
     # -- setup ------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
         merging = [cb for cb in trainer.callbacks if isinstance(cb, ModelMerging)]
-        if len(merging) > 1:
-            raise ConfigError("ContinualEvaluation supports one ModelMerging callback per Trainer; found several.")
         self._merging = merging[0] if merging else None
         if self._merging is not None:
             callbacks = trainer.callbacks
@@ -147,6 +174,8 @@ class ContinualEvaluation(TaskBoundaryCallback):
             self._training_name = training_weights_name(self._merging.start_from)
         exclude = self.exclude if self.exclude is not None else (self._merging.exclude if self._merging else ())
         self._names = floating_names(pl_module, exclude)
+        state = pl_module.state_dict()
+        self._layout = layout_of({n: state[n] for n in self._names})
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "test_dataloader"):
             raise ConfigError(
@@ -176,6 +205,7 @@ class ContinualEvaluation(TaskBoundaryCallback):
         return MERGERS[method].default_scale
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         if self._theta0 is None and (self._merging is None or self._merging.base_weights is None):
             self._theta0 = snapshot(pl_module, self._names, torch.device("cpu"))
 
@@ -216,6 +246,15 @@ class ContinualEvaluation(TaskBoundaryCallback):
                     matrix.update(logits.detach().cpu(), batch[1].detach().cpu(), row, j)
         finally:
             pl_module.train(was_training)
+
+    def on_experience_diverged(
+        self, trainer: Trainer, pl_module: LightningModule, experience: int, at_fit_end: bool
+    ) -> None:
+        # Evaluate nothing for it. A callback after this one that restores the weights
+        # (ModelMerging, the adapter callbacks) raises with what it did; otherwise raise here.
+        later = trainer.callbacks[trainer.callbacks.index(self) + 1 :]
+        if not any(isinstance(cb, TaskBoundaryCallback) for cb in later):
+            super().on_experience_diverged(trainer, pl_module, experience, at_fit_end)
 
     def on_experience_end(
         self, trainer: Trainer, pl_module: LightningModule, experience: int, at_fit_end: bool
@@ -264,9 +303,8 @@ class ContinualEvaluation(TaskBoundaryCallback):
             return
         from cl_plugin.metrics.plots import plot_accuracy_matrix
 
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.output_dir / "results.json", "w") as f:
-            json.dump(self.results, f, indent=2, allow_nan=True)
+        with atomic_output(self.output_dir / "results.json") as tmp:
+            tmp.write_text(json.dumps(self.results, indent=2, allow_nan=True))
         for name, result in self.results.items():
             plot_accuracy_matrix(
                 result["accuracy_matrix"],
@@ -278,24 +316,80 @@ class ContinualEvaluation(TaskBoundaryCallback):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state.update(
-            format_version=1,
             theta0=self._theta0,
             mergers={name: m.state_dict() for name, m in self._mergers.items()},
             matrices={name: m.compute().clone() for name, m in self.matrices.items()},
         )
         return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self._theta0 = state_dict.get("theta0")
-        for name, merger_state in state_dict.get("mergers", {}).items():
-            if name not in MERGERS:
-                continue
-            merger = get_merger(name, **merger_state.get("options", {}))
-            if merger_state.get("num_tasks", 0):
-                merger.load_state_dict(merger_state)
-            self._mergers[name] = merger
-        for name, matrix in state_dict.get("matrices", {}).items():
-            self.matrices[name] = AccuracyMatrix.from_matrix(matrix)
-        if self.matrices:
-            self._update_results()
+    def _prepare_load(self, state: Mapping[str, Any]) -> Callable[[], None]:
+        owner = "ContinualEvaluation"
+        finished = state.get("experiences_finished", 0)
+        theta0 = state.get("theta0")
+        if theta0 is not None:
+            theta0 = check_tensor_dict(theta0, "theta0", owner, self._layout, device=torch.device("cpu"))
+        saved_mergers = read(state, "mergers", owner)
+        if not isinstance(saved_mergers, Mapping):
+            raise CheckpointError(f"The checkpoint's {owner} state has mergers of type {type(saved_mergers).__name__}; expected a mapping.")
+        if self._mergers and set(saved_mergers) != set(self._mergers):
+            raise ConfigError(
+                f"The checkpoint's {owner} evaluated the methods {sorted(saved_mergers)}, this run evaluates "
+                f"{sorted(self._mergers)}: a method added now would be reported from fewer experiences than the "
+                "others. Resume with the same `compare` (and the same ModelMerging method), or start a new stream."
+            )
+        mergers = {}
+        for name, merger_state in saved_mergers.items():
+            if name not in MERGERS or not isinstance(merger_state, Mapping):
+                raise CheckpointError(f"The checkpoint's {owner} state has an unknown method {name!r}; it is damaged.")
+            merger = self._mergers[name] if name in self._mergers else None
+            options = dict(merger.options()) if merger is not None else dict(merger_state.get("options", {}))
+            candidate = get_merger(name, **options)
+            candidate.load_state_dict(merger_state)  # raises on other options, or on a damaged state
+            if candidate.num_tasks != finished:
+                raise CheckpointError(
+                    f"The checkpoint's {owner} {name!r} merger holds {candidate.num_tasks} experience(s), its "
+                    f"bookkeeping {finished}; it is damaged."
+                )
+            mergers[name] = candidate
+        saved_matrices = read(state, "matrices", owner)
+        if not isinstance(saved_matrices, Mapping):
+            raise CheckpointError(f"The checkpoint's {owner} state has matrices of type {type(saved_matrices).__name__}; expected a mapping.")
+        if self.matrices and set(saved_matrices) != set(self.matrices):
+            raise ConfigError(
+                f"The checkpoint's {owner} filled the matrices {sorted(saved_matrices)}, this run fills "
+                f"{sorted(self.matrices)}. Resume with the same `compare`, `evaluate_training_weights` and "
+                "ModelMerging, or start a new stream."
+            )
+        matrices = {}
+        for name, matrix in saved_matrices.items():
+            size = self.matrices[name].n_experiences if name in self.matrices else None
+            matrices[name] = _check_matrix(matrix, name, size, finished)
+
+        def apply() -> None:
+            self._theta0 = theta0
+            self._mergers.update(mergers)
+            self.matrices.update(matrices)
+            if self.matrices:
+                self._update_results()
+
+        return apply
+
+
+def _check_matrix(matrix: object, name: str, size: int | None, rows: int) -> AccuracyMatrix:
+    """An AccuracyMatrix from a saved ``(T, T)`` matrix of accuracies in [0, 1] (NaN: not evaluated)."""
+    owner = "ContinualEvaluation"
+    if not isinstance(matrix, Tensor) or matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1] or not matrix.is_floating_point():
+        raise CheckpointError(f"The checkpoint's {owner} matrix {name!r} is not a square floating-point tensor; it is damaged.")
+    if size is not None and matrix.shape[0] != size:
+        raise CheckpointError(
+            f"The checkpoint's {owner} matrix {name!r} is {tuple(matrix.shape)}, this stream has {size} test "
+            "experiences. Resume with the stream the checkpoint was written with."
+        )
+    values = matrix[~torch.isnan(matrix)]
+    if values.numel() and (bool((values < 0).any()) or bool((values > 1).any())):
+        raise CheckpointError(f"The checkpoint's {owner} matrix {name!r} holds accuracies outside [0, 1]; it is damaged.")
+    if bool(torch.isnan(matrix[rows:]).logical_not().any()):
+        raise CheckpointError(
+            f"The checkpoint's {owner} matrix {name!r} has rows past the {rows} finished experience(s); it is damaged."
+        )
+    return AccuracyMatrix.from_matrix(matrix)
