@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from cl_plugin import TaskVector
-from cl_plugin.errors import ConfigError, DtypeMismatchError, NonFiniteError, StateDictMismatchError
+from cl_plugin.errors import CheckpointError, ConfigError, DtypeMismatchError, NonFiniteError, StateDictMismatchError
 from cl_plugin.merging import MERGERS, Merger, get_merger, merge, register_merger
 from cl_plugin.merging import _kernels
 from cl_plugin.merging.opcm import project_out_merged_directions, split_rank
@@ -681,12 +681,12 @@ def _load_cases():
     return {
         "other_method": (other_method, ConfigError, r"This state belongs to the merger 'magmax', not 'ties'"),
         "other_options": (other_options, ConfigError, r"used options \{'top_k': 0.9\}, this one has \{'top_k': 0.3\}"),
-        "missing_num_tasks": (missing_num_tasks, StateDictMismatchError, r"missing keys .*'num_tasks'"),
-        "missing_tensor": (missing_tensor, StateDictMismatchError, r"'pos_sum.b'"),
-        "missing_tensor_every_role": (missing_tensor_every_role, StateDictMismatchError, r"missing keys .*'neg_count.b'"),
-        "unexpected_tensor": (unexpected_tensor, StateDictMismatchError, r"unexpected keys \['bogus.b'\]"),
-        "newer_format": (newer_format, ConfigError, r"format_version 99, newer than this cl-plugin understands"),
-        "not_a_mapping": (lambda state: [state], ConfigError, r"load_state_dict expects a mapping, got list"),
+        "missing_num_tasks": (missing_num_tasks, CheckpointError, r"missing keys .*'num_tasks'"),
+        "missing_tensor": (missing_tensor, CheckpointError, r"'pos_sum.b'"),
+        "missing_tensor_every_role": (missing_tensor_every_role, CheckpointError, r"missing keys .*'neg_count.b'"),
+        "unexpected_tensor": (unexpected_tensor, CheckpointError, r"unexpected keys \['bogus.b'\]"),
+        "newer_format": (newer_format, CheckpointError, r"format_version 99, newer than this cl-plugin understands"),
+        "not_a_mapping": (lambda state: [state], CheckpointError, r"load_state_dict expects a mapping, got list"),
     }
 
 
@@ -711,7 +711,7 @@ def test_bad_load_state_dict_raises_and_changes_nothing(case):
 def test_load_state_dict_of_opcm_needs_its_scalars():
     state = snapshot(stream("opcm", [_good_pair(), _good_pair()]))
     del state["lambda_t"]
-    with pytest.raises(StateDictMismatchError, match=r"missing keys .*'lambda_t'"):
+    with pytest.raises(CheckpointError, match=r"missing keys .*'lambda_t'"):
         get_merger("opcm").load_state_dict(state)
 
 
@@ -719,7 +719,7 @@ def test_load_state_dict_of_magmax_with_a_tensor_missing_is_rejected():
     # One role only: a dropped tensor must not go unnoticed until the next update.
     state = snapshot(stream("magmax", [_good_pair(), _good_pair()]))
     del state["merged.a"]
-    with pytest.raises(StateDictMismatchError, match=r"'merged.a'"):
+    with pytest.raises(CheckpointError, match=r"'merged.a'"):
         get_merger("magmax").load_state_dict(state)
 
 

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from cl_plugin import TaskVector
 from cl_plugin.errors import (
+    CheckpointError,
     ConfigError,
     DtypeMismatchError,
     NoMatchingModulesError,
@@ -452,3 +453,236 @@ def test_between_of_modules_leaves_both_modules_unchanged(make_tiny_net):
     assert_state_equal(finetuned.state_dict(), before[0])
     assert_state_equal(base.state_dict(), before[1])
     assert math.isfinite(tv.norm())
+
+
+# -- tied tensors ------------------------------------------------------------------------------------------
+class TiedNet(torch.nn.Module):
+    """An embedding whose table is also the output layer's weight (as GPT-2, BERT and T5 tie them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(5, 3)
+        self.mix = torch.nn.Linear(3, 3)
+        self.head = torch.nn.Linear(3, 5, bias=False)
+        self.head.weight = self.embed.weight
+
+
+def tied_net(seed: int) -> TiedNet:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return TiedNet()
+
+
+TIED_NAMES = ["embed.weight", "mix.weight", "mix.bias"]
+TIE = {"head.weight": "embed.weight"}
+
+
+def test_tied_aliases_finds_identical_views_only():
+    from cl_plugin.task_vectors import tied_aliases
+
+    x = torch.arange(12.0).reshape(3, 4)
+    state = {
+        "a": x,
+        "slice": x[:2],  # same storage and offset, other shape
+        "t": x.T,  # same storage, other stride
+        "as_int": x.view(torch.int32),  # same memory, other dtype
+        "b": x,
+        "c": x.detach(),  # another tensor object, the same view
+        "empty1": torch.empty(0),
+        "empty2": torch.empty(0),  # both report address 0: never tied
+        "step": 3,  # not a tensor
+    }
+    assert tied_aliases(state) == {"b": "a", "c": "a"}
+    assert tied_aliases(tied_net(0).state_dict()) == TIE
+    assert tied_aliases({}) == {}
+
+
+def test_between_a_tied_module_holds_the_tensor_once(make_tiny_net):
+    finetuned, base = tied_net(1), tied_net(0)
+    tv = TaskVector.between(finetuned, base)
+    assert list(tv) == TIED_NAMES and len(tv) == 3
+    assert dict(tv.aliases) == TIE
+    with pytest.raises(TypeError):
+        tv.aliases["x"] = "y"  # read-only
+    assert tv.numel() == 5 * 3 + 3 * 3 + 3
+    assert tv["head.weight"] is tv["embed.weight"] and "head.weight" in tv
+    expected = finetuned.embed.weight.detach() - base.embed.weight.detach()
+    assert torch.equal(tv["embed.weight"], expected)
+    assert tv.norm() == pytest.approx(float(torch.cat([t.reshape(-1) for t in tv.values()]).norm()), rel=1e-6)
+    assert "tied 1: 'head.weight'" in repr(tv)
+    # A snapshot that copied each name separately breaks the tie: both names are then listed.
+    copies = {n: t.clone() for n, t in finetuned.state_dict().items()}
+    assert dict(TaskVector.between(copies, base).aliases) == {}
+    # Excluding one of the names leaves the other untied.
+    assert dict(TaskVector.between(finetuned, base, exclude="head.*").aliases) == {}
+
+
+def test_between_refuses_a_base_whose_tied_names_differ():
+    finetuned = tied_net(1)
+    base = {n: t.clone() for n, t in tied_net(0).state_dict().items()}
+    base["head.weight"] += 1.0
+    with pytest.raises(StateDictMismatchError, match=r"'head.weight' is tied to 'embed.weight' in `finetuned`.*`base` holds different values"):
+        TaskVector.between(finetuned, base)
+
+
+def test_apply_to_a_tied_module_moves_the_tensor_once_by_scale_times_tau():
+    tv = TaskVector.between(tied_net(1), tied_net(0))
+    target = tied_net(0)
+    before = target.embed.weight.detach().clone()
+    tv.apply_to(target, scale=0.5)
+    assert target.head.weight is target.embed.weight
+    assert torch.equal(target.embed.weight.detach(), torch.add(before, tv["embed.weight"], alpha=0.5))
+
+
+def test_apply_to_a_state_dict_puts_one_tensor_under_both_names():
+    base = tied_net(0).state_dict()
+    tv = TaskVector.between(tied_net(1), tied_net(0))
+    out = tv.apply_to(base, scale=0.5)
+    assert out["head.weight"] is out["embed.weight"]
+    assert torch.equal(out["embed.weight"], torch.add(base["embed.weight"], tv["embed.weight"], alpha=0.5))
+    # A base that lacks the alias gets no entry for it.
+    partial = {n: t for n, t in base.items() if n != "head.weight"}
+    assert "head.weight" not in tv.apply_to(partial)
+
+
+def test_apply_to_an_untied_module_copies_the_result_into_the_alias():
+    class Untied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(5, 3)
+            self.mix = torch.nn.Linear(3, 3)
+            self.head = torch.nn.Linear(3, 5, bias=False)
+
+    tv = TaskVector.between(tied_net(1), tied_net(0))
+    target = Untied()
+    with torch.no_grad():
+        target.head.weight.copy_(target.embed.weight)
+    expected = torch.add(target.embed.weight.detach(), tv["embed.weight"], alpha=2.0)
+    tv.apply_to(target, scale=2.0)
+    assert torch.equal(target.embed.weight.detach(), expected)
+    assert torch.equal(target.head.weight.detach(), expected)
+
+
+def test_apply_to_a_module_that_ties_two_names_of_an_untied_vector():
+    base, finetuned = tied_net(0), tied_net(1)
+    deltas = {n: t.clone() for n, t in TaskVector.between(finetuned, base).items()}
+    # Both names with the same values: the module's one tensor moves once.
+    same = TaskVector({**deltas, "head.weight": deltas["embed.weight"].clone()})
+    assert dict(same.aliases) == {} and len(same) == 4
+    target = tied_net(0)
+    before = target.embed.weight.detach().clone()
+    same.apply_to(target)
+    assert torch.equal(target.embed.weight.detach(), before + deltas["embed.weight"])
+    # Different values for one tensor: refused, nothing written.
+    other = TaskVector({**deltas, "head.weight": deltas["embed.weight"] + 1.0})
+    target = tied_net(0)
+    state_before = clone_state(target.state_dict())
+    with pytest.raises(StateDictMismatchError, match=r"the module ties 'head.weight' to 'embed.weight'.*different values"):
+        other.apply_to(target)
+    assert_state_equal(target.state_dict(), state_before)
+
+
+def test_tied_save_load_round_trip(tmp_path):
+    tv = TaskVector.between(tied_net(1), tied_net(0))
+    path = tmp_path / "tied.safetensors"
+    tv.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        assert sorted(f.keys()) == sorted(TIED_NAMES)  # the tied tensor is stored once
+        assert json.loads(f.metadata()["aliases"]) == TIE
+    loaded = TaskVector.load(path)
+    assert list(loaded) == TIED_NAMES and dict(loaded.aliases) == TIE
+    for n in TIED_NAMES:
+        assert torch.equal(loaded[n], tv[n])
+    out = loaded.apply_to(tied_net(0).state_dict())
+    assert out["head.weight"] is out["embed.weight"]
+
+
+def test_arithmetic_keeps_the_ties_and_refuses_other_ties():
+    a = TaskVector.between(tied_net(1), tied_net(0))
+    b = TaskVector.between(tied_net(2), tied_net(0))
+    for result in (a + b, a - b, a * 2, 2 * a, a / 2, -a, sum([a, b]), a.to(dtype=torch.float64)):
+        assert dict(result.aliases) == TIE and list(result) == TIED_NAMES
+    # A plain mapping is read in the vector's terms; the alias may be left out.
+    assert dict((a + {n: torch.ones_like(t) for n, t in b.items()}).aliases) == TIE
+    untied = TaskVector({**dict(b), "head.weight": b["embed.weight"] + 1.0})
+    with pytest.raises(StateDictMismatchError, match=r"tensor names do not match \(unexpected 1: 'head.weight'\)"):
+        a + untied
+    no_ties = TaskVector.between({n: t.clone() for n, t in tied_net(2).state_dict().items() if n != "head.weight"}, tied_net(0), exclude="head.*")
+    with pytest.raises(StateDictMismatchError, match=r"TaskVector - TaskVector: the task vectors tie different names \('head.weight': tied to 'embed.weight' vs not tied\)"):
+        a - no_ties
+
+
+def test_the_constructor_detects_ties_and_checks_given_aliases():
+    x = torch.ones(2, 3)
+    tv = TaskVector({"a": x, "b": torch.zeros(3), "a2": x})
+    assert list(tv) == ["a", "b"] and dict(tv.aliases) == {"a2": "a"}
+    # Given aliases: the alias may be listed with the same values, and is dropped.
+    tv = TaskVector({"a": x, "a2": x.clone()}, aliases={"a2": "a"})
+    assert list(tv) == ["a"] and dict(tv.aliases) == {"a2": "a"}
+    assert dict(TaskVector(tv).aliases) == {"a2": "a"}  # wrapping keeps them
+    with pytest.raises(StateDictMismatchError, match=r"`aliases` ties 'a2' to 'a', but the tensors under the two names differ"):
+        TaskVector({"a": x, "a2": x + 1}, aliases={"a2": "a"})
+    with pytest.raises(StateDictMismatchError, match=r"`aliases` ties 'a2' to 'z', which is not a floating-point tensor"):
+        TaskVector({"a": x}, aliases={"a2": "z"})
+    with pytest.raises(ConfigError, match=r"`aliases` ties 'c' to 'a2', which is itself an alias of 'a'; tie it to 'a'"):
+        TaskVector({"a": x}, aliases={"a2": "a", "c": "a2"})
+    with pytest.raises(ConfigError, match=r"`aliases` must be a mapping of alias name to canonical name, got list"):
+        TaskVector({"a": x}, aliases=["a"])
+    with pytest.raises(ConfigError, match=r"`aliases` must map names \(strings\) to names, got 'a2': 3"):
+        TaskVector({"a": x}, aliases={"a2": 3})
+    with pytest.raises(ConfigError, match=r"`aliases` ties 'a' to itself"):
+        TaskVector({"a": x}, aliases={"a": "a"})
+
+
+# -- file format and writing ---------------------------------------------------------------------------
+def _rewrite_metadata(path, **changes):
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata())
+    save_file(load_file(str(path)), str(path), metadata={**metadata, **changes})
+
+
+@pytest.mark.parametrize(
+    ("changes", "pattern"),
+    [
+        ({"format_version": "99"}, r"format_version 99, newer than this cl-plugin understands \(1\); upgrade cl-plugin"),
+        ({"format_version": "x"}, r"metadata `format_version` must be a positive integer, got 'x'"),
+        ({"format_version": "0"}, r"metadata `format_version` must be a positive integer, got '0'"),
+        ({"aliases": "{not json"}, r"metadata `aliases` is not valid JSON"),
+        ({"aliases": '["w"]'}, r"metadata `aliases` must map names to names"),
+        ({"aliases": '{"v": "nope"}'}, r"`aliases` ties 'v' to 'nope', but the file has no float tensor 'nope'"),
+        ({"aliases": '{"w": "b"}'}, r"`aliases` ties 'w' to 'b', but the file holds a tensor named 'w'"),
+        ({"skipped": '"step"'}, r"metadata `skipped` must be a list of names"),
+        ({"names": "[oops"}, r"metadata `names` is not valid JSON"),
+    ],
+    ids=["newer", "not_int", "zero", "aliases_json", "aliases_type", "alias_target", "alias_is_tensor", "skipped", "names"],
+)
+def test_load_refuses_a_newer_or_corrupt_file(tmp_path, changes, pattern):
+    path = tmp_path / "tv.safetensors"
+    TaskVector({"w": torch.ones(2), "b": torch.zeros(3)}).save(path)
+    _rewrite_metadata(path, **changes)
+    with pytest.raises(CheckpointError, match=pattern):
+        TaskVector.load(path)
+
+
+def test_load_ignores_format_version_of_other_formats(tmp_path):
+    save_file({"w": torch.ones(2)}, str(tmp_path / "hf.safetensors"), metadata={"format": "pt", "format_version": "7"})
+    assert list(TaskVector.load(tmp_path / "hf.safetensors")) == ["w"]
+
+
+def test_save_is_atomic_and_logs_an_overwrite(tmp_path, caplog):
+    path = tmp_path / "tv.safetensors"
+    TaskVector({"w": torch.ones(2)}).save(path)
+    with caplog.at_level("WARNING", logger="cl_plugin"):
+        TaskVector({"w": torch.zeros(2)}).save(path)
+    assert "overwriting existing file" in caplog.text
+    assert [p.name for p in tmp_path.iterdir()] == ["tv.safetensors"]  # no temporary file left
+    assert torch.equal(TaskVector.load(path)["w"], torch.zeros(2))
+
+
+def test_norm_is_finite_when_it_exceeds_the_dtype():
+    # Four float32 entries of 3e38: the norm, 6e38, is beyond float32 but finite as a Python float.
+    tv = TaskVector({"w": torch.full((4,), 3.0e38), "v": torch.full((2,), 1.0e300, dtype=torch.float64)})
+    expected = math.hypot(2 * float(torch.tensor(3.0e38)), math.sqrt(2) * 1.0e300)
+    assert tv.norm() == pytest.approx(expected, rel=1e-6)

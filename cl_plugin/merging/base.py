@@ -5,6 +5,10 @@ return the merged task vector at any point. Its state is declared once per
 class (:attr:`Merger.tensor_states`, :attr:`Merger.scalar_states`); ``reset``,
 ``state_dict`` and ``load_state_dict`` are derived from that declaration, so a
 method cannot forget to checkpoint a field.
+
+Every change of state is all or nothing. :meth:`Merger.update` checks its
+input, and that the fold cannot overflow, before it writes; :meth:`Merger.load_state_dict`
+checks the whole saved state before it assigns any of it.
 """
 
 from __future__ import annotations
@@ -12,18 +16,29 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
 
-from cl_plugin._checks import check_finite, check_same_layout, check_scale
-from cl_plugin.errors import ConfigError, StateDictMismatchError, preview
+from cl_plugin._checks import (
+    check_same_aliases,
+    check_same_layout,
+    check_scale,
+    finite_max_abs,
+    is_finite,
+    max_abs,
+)
+from cl_plugin.errors import CheckpointError, ConfigError, NonFiniteError, preview
 from cl_plugin.task_vectors import StateDictLike, TaskVector
 
 __all__ = ["Merger", "accumulate_dtype"]
 
+#: The version of :meth:`Merger.state_dict`'s layout; a state without
+#: ``format_version`` is read as version 1.
 STATE_FORMAT_VERSION = 1
+#: The keys of a state that are not tensors (besides each method's scalar states).
+_META_KEYS = ("format_version", "method", "options", "scale", "num_tasks", "input_dtypes", "aliases")
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -35,30 +50,56 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+class _LoadedState(NamedTuple):
+    """A saved state that passed every check, not yet assigned."""
+
+    num_tasks: int
+    scale: float | None
+    scalars: dict[str, Any]
+    layout: dict[str, tuple[tuple[int, ...], torch.dtype]]
+    tensors: dict[str, dict[str, Tensor]]
+    aliases: dict[str, str]
+    largest: dict[str, dict[str, float]]
+
+
 class Merger:
     """Base class of the streaming mergers.
 
-    Subclasses set :attr:`name`, :attr:`default_scale`, :attr:`tensor_states`
-    and :attr:`scalar_states`, and implement :meth:`_fold` and :meth:`_finalize`.
+    Subclasses set :attr:`name`, :attr:`default_scale`, :attr:`tensor_states`,
+    :attr:`scalar_states` and :attr:`summed_roles`, and implement :meth:`_fold`
+    and :meth:`_finalize`; they may add checks of a loaded state in
+    :meth:`_check_loaded_state`.
 
     Args:
         scale: the factor λ that :meth:`apply_to` uses; ``None`` means the
             method's :attr:`default_scale`. Must be in (0, 10].
 
+    Raises:
+        ConfigError: ``scale`` is not a real number in (0, 10].
+
     The state is allocated on the device of the first task vector and every
-    later task vector is moved there.
+    later task vector is moved there. Tied tensors (see
+    :func:`~cl_plugin.task_vectors.tied_aliases`) are folded once: the merger
+    keeps the :attr:`~cl_plugin.TaskVector.aliases` of the first task vector,
+    requires the same of every later one, and returns them with :meth:`merged`.
     """
 
     name: ClassVar[str] = ""
     default_scale: ClassVar[float] = 1.0
     #: Per-parameter tensor states: role -> "accumulate" (float32 for 16-bit
-    #: inputs), "same" (the input dtype) or "count" (an integer counter).
+    #: inputs), "same" (the input dtype) or "count" (an int32 counter).
     tensor_states: ClassVar[dict[str, str]] = {}
     #: Scalar states: name -> default value (plain Python numbers).
     scalar_states: ClassVar[dict[str, Any]] = {}
     #: The tensor-state role that already is the merged vector (no finalisation
     #: needed), or None.
     merged_role: ClassVar[str | None] = None
+    #: Roles to which a fold adds (part of) the incoming entries, so that a sum
+    #: of finite values can overflow. For each, the merger keeps an upper bound
+    #: of the magnitudes in the state (recomputed on load, never saved) and, only
+    #: when the bound plus the incoming tensor's largest magnitude could reach
+    #: the dtype's maximum, asks :meth:`_fold_max_abs` for the exact result.
+    summed_roles: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, *, scale: float | None = None) -> None:
         self._scale = None if scale is None else check_scale(scale, f"{type(self).__name__}")
@@ -85,15 +126,22 @@ class Merger:
         self._layout: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self._state: dict[str, dict[str, Tensor]] = {role: {} for role in self.tensor_states}
         self._scalars: dict[str, Any] = dict(self.scalar_states)
+        self._aliases: dict[str, str] = {}
+        # Upper bounds of the magnitudes in the summed roles: role -> name -> float.
+        self._bounds: dict[str, dict[str, float]] = {role: {} for role in self.summed_roles}
 
-    def _allocate(self, tv: TaskVector) -> None:
+    def _allocated(self, tv: TaskVector) -> dict[str, dict[str, Tensor]]:
+        """A new zero state shaped as ``tv``."""
+        state: dict[str, dict[str, Tensor]] = {}
         for role, kind in self.tensor_states.items():
+            state[role] = {}
             for n, t in tv.items():
                 if kind == "count":
-                    self._state[role][n] = torch.zeros(t.shape, dtype=torch.int32, device=t.device)
+                    dtype = torch.int32
                 else:
                     dtype = accumulate_dtype(t.dtype) if kind == "accumulate" else t.dtype
-                    self._state[role][n] = torch.zeros(t.shape, dtype=dtype, device=t.device)
+                state[role][n] = torch.zeros(t.shape, dtype=dtype, device=t.device)
+        return state
 
     @property
     def device(self) -> torch.device | None:
@@ -105,7 +153,9 @@ class Merger:
 
     def state_dict(self) -> dict[str, Any]:
         """A flat dict: ``format_version``, ``method``, ``options``, ``scale``,
-        ``num_tasks``, the scalar states, and one tensor per ``"<role>.<name>"``.
+        ``num_tasks``, ``input_dtypes``, ``aliases`` (tied names, alias ->
+        canonical), the scalar states, and one tensor per ``"<role>.<name>"``
+        (a tied tensor once, under its canonical name).
 
         The tensors are the live state, not copies; clone them if the merger
         will keep updating after you store the dict in memory.
@@ -117,6 +167,7 @@ class Merger:
             "scale": self._scale,
             "num_tasks": self.num_tasks,
             "input_dtypes": {n: str(dtype).removeprefix("torch.") for n, (_, dtype) in self._layout.items()},
+            "aliases": dict(self._aliases),
         }
         out.update(self._scalars)
         for role, tensors in self._state.items():
@@ -127,69 +178,266 @@ class Merger:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a state written by :meth:`state_dict`, continuing the stream exactly.
 
+        The whole state is checked first and assigned only when every check
+        passes, so a failed load leaves the merger as it was. The tensors are
+        copied (made contiguous where they were not) onto the device they are on.
+
         Raises:
-            ConfigError: the state is of another method, format or options.
-            StateDictMismatchError: required keys are missing or unknown keys present.
+            ConfigError: the state is sound but belongs to another method, or
+                was written with other options (each differing option is named).
+            CheckpointError: the state is corrupt: not a mapping, a
+                ``format_version`` that is not an integer or is newer than this
+                cl-plugin reads, missing or unexpected keys, a ``num_tasks``,
+                ``scale`` or scalar state of the wrong type or out of range,
+                ``input_dtypes`` that do not name a floating-point dtype for
+                exactly the saved tensors, a tensor of the wrong dtype for its
+                role, of another shape in another role, on another device or
+                holding NaN or infinity, tensors without tasks or tasks without
+                tensors, ``aliases`` that do not fit the tensors, or a method's
+                own consistency check (:meth:`_check_loaded_state`).
         """
+        loaded = self._validated(state)
+        with torch.no_grad():
+            tensors = {
+                role: {n: t.detach().clone(memory_format=torch.contiguous_format) for n, t in by_name.items()}
+                for role, by_name in loaded.tensors.items()
+            }
+        # Every check has passed and every copy is made: nothing below can fail.
+        self._state = tensors
+        self._layout = loaded.layout
+        self._scalars = loaded.scalars
+        self._scale = loaded.scale
+        self._aliases = loaded.aliases
+        self._bounds = {role: dict(loaded.largest[role]) for role in self.summed_roles}
+        self.num_tasks = loaded.num_tasks
+
+    def _validated(self, state: object) -> _LoadedState:
+        """Check a saved state completely; return what :meth:`load_state_dict` assigns."""
+        owner = f"{type(self).__name__}.load_state_dict"
         if not isinstance(state, Mapping):
-            raise ConfigError(f"load_state_dict expects a mapping, got {type(state).__name__}.")
-        method = state.get("method")
+            raise CheckpointError(
+                f"{owner} expects a mapping, got {type(state).__name__}. Pass what Merger.state_dict() returned."
+            )
+        version = state.get("format_version", 1)
+        if isinstance(version, bool) or not isinstance(version, numbers.Integral) or version < 1:
+            raise CheckpointError(
+                f"{owner}: `format_version` must be a positive integer, got {version!r}; the state is corrupt."
+            )
+        if version > STATE_FORMAT_VERSION:
+            raise CheckpointError(
+                f"{owner}: the state has format_version {version}, newer than this cl-plugin understands "
+                f"({STATE_FORMAT_VERSION}); upgrade cl-plugin to resume it."
+            )
+        if "method" not in state or not isinstance(state["method"], str):
+            raise CheckpointError(
+                f"{owner}: `method` must name a merging method, got {state.get('method', '<missing>')!r}; "
+                "the state is corrupt."
+            )
+        method = state["method"]
         if method != self.name:
             raise ConfigError(
                 f"This state belongs to the merger {method!r}, not {self.name!r}. "
                 f"Create it with get_merger({method!r}, ...) instead."
             )
-        version = state.get("format_version", STATE_FORMAT_VERSION)
-        if version > STATE_FORMAT_VERSION:
-            raise ConfigError(
-                f"The state has format_version {version}, newer than this cl-plugin understands "
-                f"({STATE_FORMAT_VERSION}); upgrade cl-plugin."
+        if "options" not in state or not isinstance(state["options"], Mapping):
+            raise CheckpointError(
+                f"{owner}: `options` must be a mapping of the method's options, got "
+                f"{state.get('options', '<missing>')!r}; the state is corrupt."
             )
-        options = dict(state.get("options", {}))
-        if options != self.options():
+        options, mine = dict(state["options"]), self.options()
+        if options != mine:
+            differ = [
+                f"`{k}`: saved {options.get(k, '<not set>')!r}, here {mine.get(k, '<not set>')!r}"
+                for k in dict.fromkeys([*mine, *options])
+                if options.get(k, _MISSING) != mine.get(k, _MISSING)
+            ]
             raise ConfigError(
-                f"The saved {self.name!r} merger used options {options}, this one has {self.options()}. "
-                f"Create the merger with get_merger({self.name!r}, **{options}) to resume it."
+                f"The saved {self.name!r} merger used options {options}, this one has {mine} "
+                f"({'; '.join(differ)}). Create the merger with get_merger({self.name!r}, **{options}) to resume it."
             )
-        required = {"num_tasks", *self.scalar_states}
-        missing = sorted(k for k in required if k not in state)
-        meta = {"format_version", "method", "options", "scale", "num_tasks", "input_dtypes", *self.scalar_states}
-        tensor_keys = [k for k in state if k not in meta]
-        unexpected = [k for k in tensor_keys if k.split(".", 1)[0] not in self.tensor_states or "." not in k]
-        # ``input_dtypes`` names every tensor the saved merger held: each role needs them all.
-        input_dtypes = state.get("input_dtypes", {})
-        present = set(tensor_keys)
-        missing += [f"{role}.{n}" for role in self.tensor_states for n in input_dtypes if f"{role}.{n}" not in present]
+
+        # -- keys -----------------------------------------------------------------
+        meta = {*_META_KEYS, *self.scalar_states}
+        required = ["num_tasks", "input_dtypes", *self.scalar_states]
+        missing = [k for k in required if k not in state]
+        unexpected: list[str] = []
+        by_role: dict[str, dict[str, Any]] = {role: {} for role in self.tensor_states}
+        for key, value in state.items():
+            if key in meta:
+                continue
+            role, dot, name = key.partition(".") if isinstance(key, str) else ("", "", "")
+            if dot and name and role in by_role:
+                by_role[role][name] = value
+            else:
+                unexpected.append(key)
+        input_dtypes = state.get("input_dtypes")
+        names = list(input_dtypes) if isinstance(input_dtypes, Mapping) else []
+        seen = set(names)
+        for by_name in by_role.values():
+            for n in by_name:
+                if n not in seen:
+                    names.append(n)
+                    seen.add(n)
+        missing += [f"{role}.{n}" for role, by_name in by_role.items() for n in names if n not in by_name]
         if missing or unexpected:
-            raise StateDictMismatchError(
+            raise CheckpointError(
                 f"Cannot load the {self.name!r} merger state: missing keys [{preview(missing)}], "
-                f"unexpected keys [{preview(unexpected)}]."
+                f"unexpected keys [{preview(unexpected)}]. It is corrupt, or was not written by "
+                f"{type(self).__name__}.state_dict()."
             )
-        new_state: dict[str, dict[str, Tensor]] = {role: {} for role in self.tensor_states}
-        for k in tensor_keys:
-            role, n = k.split(".", 1)
-            if not isinstance(state[k], Tensor):
-                raise ConfigError(f"State entry {k!r} must be a tensor, got {type(state[k]).__name__}.")
-            new_state[role][n] = state[k]
-        names = [list(t) for t in new_state.values()]
-        if any(set(n) != set(names[0]) for n in names):
-            raise StateDictMismatchError(f"The {self.name!r} merger state has different names per role; it is corrupt.")
-        num_tasks = int(state["num_tasks"])
-        if num_tasks > 0 and not names[0]:
-            raise StateDictMismatchError(f"The state says {num_tasks} task(s) were folded but holds no tensors.")
-        first_role = next(iter(self.tensor_states))
-        layout = {}
-        for n, t in new_state[first_role].items():
-            dtype = getattr(torch, input_dtypes[n], None) if n in input_dtypes else t.dtype
-            if not isinstance(dtype, torch.dtype):
-                raise StateDictMismatchError(f"State entry 'input_dtypes' names an unknown dtype {input_dtypes[n]!r} for {n!r}.")
-            layout[n] = (tuple(t.shape), dtype)
-        # Nothing is assigned before every check has passed.
-        self._state = {role: {n: t.clone() for n, t in tensors.items()} for role, tensors in new_state.items()}
-        self._layout = layout
-        self._scalars = {k: state[k] for k in self.scalar_states}
-        self._scale = state.get("scale", self._scale)
-        self.num_tasks = num_tasks
+
+        # -- plain values -------------------------------------------------------------
+        scale = state.get("scale", self._scale)
+        if scale is not None:
+            try:
+                scale = check_scale(scale, owner)
+            except ConfigError:
+                raise CheckpointError(
+                    f"State entry 'scale' must be None or a real number in (0, 10], got {scale!r}; the state is corrupt."
+                ) from None
+        num_tasks = state["num_tasks"]
+        if isinstance(num_tasks, bool) or not isinstance(num_tasks, numbers.Integral) or num_tasks < 0:
+            raise CheckpointError(
+                f"State entry 'num_tasks' must be an integer >= 0, got {num_tasks!r}; the {self.name!r} merger "
+                "state is corrupt."
+            )
+        num_tasks = int(num_tasks)
+        scalars = {k: self._checked_scalar(k, state[k], default) for k, default in self.scalar_states.items()}
+        if not isinstance(input_dtypes, Mapping):
+            raise CheckpointError(
+                f"State entry 'input_dtypes' must map tensor names to dtype names, got {type(input_dtypes).__name__}."
+            )
+        uncovered = [n for n in names if n not in input_dtypes]
+        if uncovered:
+            raise CheckpointError(
+                f"State entry 'input_dtypes' lacks {preview(uncovered)}: it must name the input dtype of every "
+                "saved tensor."
+            )
+        layout_dtypes = {n: _float_dtype(n, input_dtypes[n]) for n in names}
+
+        # -- tensors ------------------------------------------------------------------
+        if (num_tasks == 0) != (not names):
+            raise CheckpointError(
+                f"State entry 'num_tasks' is {num_tasks} but the state holds {len(names)} tensor name(s): "
+                "a merger holds tensors exactly when it has folded a task. The state is corrupt."
+            )
+        layout, largest = self._checked_tensors(names, by_role, layout_dtypes)
+        aliases = self._checked_aliases(state.get("aliases", {}), names)
+        tensors = {role: {n: by_role[role][n] for n in names} for role in self.tensor_states}
+        self._check_loaded_state(num_tasks=num_tasks, scalars=scalars, tensors=tensors, largest=largest)
+        return _LoadedState(num_tasks, scale, scalars, layout, tensors, aliases, largest)
+
+    def _checked_tensors(
+        self, names: list[str], by_role: Mapping[str, Mapping[str, Any]], input_dtypes: Mapping[str, torch.dtype]
+    ) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]], dict[str, dict[str, float]]]:
+        """Check every saved tensor; return the layout and each float tensor's largest magnitude.
+
+        One ``aminmax`` pass per float tensor checks finiteness and gives the
+        bound of the summed roles.
+        """
+        device: torch.device | None = None
+        layout: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        largest: dict[str, dict[str, float]] = {r: {} for r, kind in self.tensor_states.items() if kind != "count"}
+        first_role = next(iter(self.tensor_states), "")
+        for n in names:
+            input_dtype = input_dtypes[n]
+            for role, kind in self.tensor_states.items():
+                key, t = f"{role}.{n}", by_role[role][n]
+                if not isinstance(t, Tensor) or t.layout != torch.strided:
+                    got = t.layout if isinstance(t, Tensor) else type(t).__name__
+                    raise CheckpointError(f"State entry {key!r} must be a dense tensor, got {got}.")
+                if t.device.type == "meta":
+                    raise CheckpointError(f"State entry {key!r} is on the meta device: it holds no values.")
+                device = t.device if device is None else device
+                if t.device != device:
+                    raise CheckpointError(
+                        f"State entry {key!r} is on {t.device}, the other entries on {device}; a merger state "
+                        "lives on one device."
+                    )
+                if kind == "count":
+                    expected = torch.int32
+                else:
+                    expected = accumulate_dtype(input_dtype) if kind == "accumulate" else input_dtype
+                if t.dtype != expected:
+                    raise CheckpointError(
+                        f"State entry {key!r} must be {expected} (role {role!r} is {kind!r} and the input was "
+                        f"{input_dtype}), got {t.dtype}."
+                    )
+                shape = layout.setdefault(n, (tuple(t.shape), input_dtype))[0]
+                if tuple(t.shape) != shape:
+                    raise CheckpointError(
+                        f"State entry {key!r} has shape {tuple(t.shape)}, but {first_role}.{n} has {shape}; "
+                        "every role holds one tensor of the same shape per name."
+                    )
+                if kind != "count":
+                    value = max_abs(t)
+                    if not math.isfinite(value):
+                        n_bad = int((~torch.isfinite(t)).sum())
+                        raise CheckpointError(
+                            f"State entry {key!r} holds {n_bad} NaN or infinite value(s); a merger state is "
+                            "always finite, so this one is corrupt."
+                        )
+                    largest[role][n] = value
+        return layout, largest
+
+    def _checked_scalar(self, key: str, value: object, default: object) -> Any:
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, numbers.Integral):
+            ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        elif isinstance(default, numbers.Real):
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+        else:
+            ok = True
+        if not ok:
+            kind = type(default).__name__ if not isinstance(default, float) else "finite real number"
+            raise CheckpointError(
+                f"State entry {key!r} must be a {kind}, got {value!r}; the {self.name!r} merger state is corrupt."
+            )
+        if isinstance(default, bool):
+            return value
+        if isinstance(default, numbers.Integral):
+            return int(value)
+        if isinstance(default, numbers.Real):
+            return float(value)
+        return value
+
+    def _checked_aliases(self, aliases: object, names: list[str]) -> dict[str, str]:
+        if not isinstance(aliases, Mapping):
+            raise CheckpointError(
+                f"State entry 'aliases' must map tied names to canonical names, got {type(aliases).__name__}."
+            )
+        out = {}
+        present = set(names)
+        for alias, canonical in aliases.items():
+            if not isinstance(alias, str) or not isinstance(canonical, str):
+                raise CheckpointError(f"State entry 'aliases' must map names to names, got {alias!r}: {canonical!r}.")
+            if alias in present or canonical not in present:
+                raise CheckpointError(
+                    f"State entry 'aliases' ties {alias!r} to {canonical!r}, but the state "
+                    f"{'holds tensors for ' + repr(alias) if alias in present else 'has no tensor ' + repr(canonical)}: "
+                    "a tied tensor is saved once, under its canonical name."
+                )
+            out[alias] = canonical
+        return out
+
+    def _check_loaded_state(
+        self,
+        *,
+        num_tasks: int,
+        scalars: Mapping[str, Any],
+        tensors: Mapping[str, Mapping[str, Tensor]],
+        largest: Mapping[str, Mapping[str, float]],
+    ) -> None:
+        """Method-specific checks of a loaded state; raise :class:`CheckpointError` to refuse it.
+
+        Called by :meth:`load_state_dict` after the generic checks passed
+        (keys, types, dtypes, shapes, one device, finite values) and before
+        anything is assigned. ``scalars`` are already of their default's type
+        and finite; ``tensors`` maps role -> name -> the saved tensor (do not
+        modify it); ``largest`` maps each floating-point role -> name -> the
+        largest magnitude in that tensor. The default checks nothing more.
+        """
 
     # -- streaming ----------------------------------------------------------------
     def update(self, task_vector: TaskVector | Mapping[str, Tensor]) -> None:
@@ -198,52 +446,139 @@ class Merger:
         Args:
             task_vector: a :class:`TaskVector` or any mapping of name to tensor
                 (non-float entries are ignored). Every call must carry the same
-                names, shapes and dtypes as the first.
+                names, shapes, dtypes and tied names as the first.
 
         Raises:
-            StateDictMismatchError / DtypeMismatchError: the layout differs from the first task's.
-            NonFiniteError: a tensor holds NaN or infinity.
+            StateDictMismatchError / DtypeMismatchError: the layout or the tied
+                names differ from the first task's.
+            NonFiniteError: a tensor holds NaN or infinity, or the fold would
+                overflow the state's dtype (finite entries too large to sum).
             ConfigError: the task vector is empty.
 
         Nothing is modified when an error is raised.
         """
-        tv = task_vector if isinstance(task_vector, TaskVector) else TaskVector(task_vector, check_finite=False)
+        what = f"{self.name!r} merger, task {self.num_tasks + 1}"
+        if isinstance(task_vector, TaskVector):
+            tv = task_vector
+        elif self.num_tasks and isinstance(task_vector, Mapping):
+            # A plain mapping says nothing about tied names: read it in the first task's terms.
+            ties = {a: c for a, c in self._aliases.items() if c in task_vector}
+            tv = TaskVector(task_vector, aliases=ties, check_finite=False)
+        else:
+            tv = TaskVector(task_vector, check_finite=False)
         if len(tv) == 0:
             raise ConfigError(f"{self.name!r} merger: the task vector holds no floating-point tensor.")
         if self.num_tasks:
-            check_same_layout(self._layout, tv, f"{self.name!r} merger, task {self.num_tasks + 1}")
+            check_same_aliases(self._aliases, tv.aliases, what)
+            check_same_layout(self._layout, tv, what)
             # Folded in the first task's name order: random draws and sums over
             # tensors must not depend on the order in which a mapping lists its names.
             if list(tv) != list(self._layout):
-                tv = TaskVector({n: tv[n] for n in self._layout}, check_finite=False)
+                tv = TaskVector({n: tv[n] for n in self._layout}, aliases=tv.aliases, check_finite=False)
             device = self.device
             if any(t.device != device for t in tv.values()):
                 tv = tv.to(device=device)
         # Checked here even for a TaskVector: one built with check_finite=False,
-        # or by arithmetic that overflowed, can hold inf.
-        check_finite(tv, f"{self.name!r} merger, task {self.num_tasks + 1}")
+        # or by arithmetic that overflowed, can hold inf. The same reduction
+        # gives each tensor's largest magnitude for the overflow bound.
+        largest = finite_max_abs(tv, what)
         with torch.no_grad():
             if not self.num_tasks:
-                self._layout = {n: (tuple(t.shape), t.dtype) for n, t in tv.items()}
-                self._allocate(tv)
-            self._fold(tv)
+                self._fold_first(tv, largest)
+            else:
+                bounds = self._bounds_after_fold(tv, largest, what)
+                self._fold(tv)
+                for (role, n), bound in bounds.items():
+                    self._bounds[role][n] = bound
         self.num_tasks += 1
 
+    def _fold_first(self, tv: TaskVector, largest: Mapping[str, float]) -> None:
+        """Allocate the state for ``tv`` and fold it; on failure restore the empty merger exactly."""
+        saved = (self._layout, self._state, dict(self._scalars), self._aliases, self._bounds)
+        try:
+            self._layout = {n: (tuple(t.shape), t.dtype) for n, t in tv.items()}
+            self._aliases = dict(tv.aliases)
+            self._state = self._allocated(tv)
+            self._fold(tv)
+        except BaseException:
+            self._layout, self._state, self._scalars, self._aliases, self._bounds = saved
+            raise
+        # Folding into zeros: every summed role holds at most the task's own magnitudes.
+        self._bounds = {role: {n: largest[n] for n in tv} for role in self.summed_roles}
+
+    def _bounds_after_fold(self, tv: TaskVector, largest: Mapping[str, float], what: str) -> dict[tuple[str, str], float]:
+        """The summed roles' bounds after folding ``tv``; raise NonFiniteError if the fold would overflow.
+
+        |s + x| <= |s| + |x| bounds a sum before rounding; the factor
+        (1 + 4·eps) covers the rounding of the state's dtype and of the bound
+        itself (a double). Only where that bound passes the dtype's maximum is
+        the fold computed exactly, out of place (:meth:`_fold_max_abs`).
+        """
+        bounds: dict[tuple[str, str], float] = {}
+        unsure: list[tuple[str, str]] = []
+        for role in self.summed_roles:
+            for n, value in largest.items():
+                info = torch.finfo(self._state[role][n].dtype)
+                bound = (self._bounds[role][n] + value) * (1.0 + 4.0 * info.eps)
+                if bound <= info.max:
+                    bounds[(role, n)] = bound
+                else:
+                    unsure.append((role, n))
+        if unsure:
+            for (role, n), value in self._fold_max_abs(tv, unsure).items():
+                if not math.isfinite(value):
+                    dtype = str(self._state[role][n].dtype).removeprefix("torch.")
+                    raise NonFiniteError(
+                        f"{what}: folding tensor {n!r} would overflow {dtype} in the {role!r} state: the task vector "
+                        f"is finite, but its entries are too large to add to the {self.num_tasks} task(s) folded so "
+                        "far. Nothing was changed. Scale the task vectors down, or merge in float64 from the first "
+                        "task (task_vector.to(dtype=torch.float64))."
+                    )
+                bounds[(role, n)] = value
+        return bounds
+
+    def _fold_max_abs(self, tv: TaskVector, keys: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
+        """The largest magnitude each ``(role, name)`` in ``keys`` would hold after folding ``tv``.
+
+        Computed out of place, exactly as :meth:`_fold` would (NaN or inf where
+        the fold would overflow); the state is not modified. The default is for
+        a summed role that adds the whole incoming tensor; a method whose fold
+        adds only part of it overrides this.
+        """
+        return {(role, n): max_abs(torch.add(self._state[role][n], tv[n])) for role, n in keys}
+
     def merged(self) -> TaskVector:
-        """The merged task vector so far, unscaled, in the inputs' dtypes.
+        """The merged task vector so far, unscaled, in the inputs' dtypes, with the tied names of the inputs.
 
         Raises:
             ConfigError: no task has been folded yet.
+            NonFiniteError: a merged value kept in float32 for 16-bit inputs
+                overflows the input dtype (e.g. a float16 sum beyond 65504);
+                the state is unchanged.
         """
         if not self.num_tasks:
             raise ConfigError(f"The {self.name!r} merger has no task yet; call update(task_vector) first.")
         with torch.no_grad():
             out = self._finalize()
-        out = {n: t if t.dtype == self._layout[n][1] else t.to(self._layout[n][1]) for n, t in out.items()}
-        return TaskVector(out, check_finite=False)
+            for n, t in out.items():
+                dtype = self._layout[n][1]
+                if t.dtype == dtype:
+                    continue
+                cast = t.to(dtype)
+                if not is_finite(cast):
+                    short = str(dtype).removeprefix("torch.")
+                    raise NonFiniteError(
+                        f"The {self.name!r} merger, tensor {n!r}: the merged value overflows {short}; its largest "
+                        f"magnitude is {max_abs(t):.6g} and {short} holds at most {torch.finfo(dtype).max:g}. The "
+                        f"merger's state (kept in {str(t.dtype).removeprefix('torch.')}) is unchanged. Fold "
+                        "task vectors in float32 from the first task (task_vector.to(dtype=torch.float32)), or use a "
+                        "method whose result stays in the inputs' range (e.g. 'average')."
+                    )
+                out[n] = cast
+        return TaskVector(out, aliases=self._aliases, check_finite=False)
 
     def merged_norm(self) -> float:
-        """‖merged()‖ over all tensors, without copying the state where the method allows it."""
+        """‖merged()‖ over all tensors (a tied tensor once), without copying the state where the method allows it."""
         if not self.num_tasks:
             raise ConfigError(f"The {self.name!r} merger has no task yet; call update(task_vector) first.")
         with torch.no_grad():
@@ -251,7 +586,13 @@ class Merger:
             return TaskVector(tensors, check_finite=False).norm()
 
     def apply_to(self, base: StateDictLike, scale: float | None = None):
-        """``base + scale · merged()``; ``scale=None`` uses :attr:`scale`. See :meth:`TaskVector.apply_to`."""
+        """``base + scale · merged()``; ``scale=None`` uses :attr:`scale`. See :meth:`TaskVector.apply_to`.
+
+        Raises:
+            ConfigError: ``scale`` is out of (0, 10], or no task has been folded.
+            NonFiniteError: see :meth:`merged`.
+            StateDictMismatchError: see :meth:`TaskVector.apply_to`.
+        """
         value = self.scale if scale is None else check_scale(scale, f"{type(self).__name__}.apply_to")
         return self.merged().apply_to(base, value)
 
@@ -261,6 +602,20 @@ class Merger:
 
     def _finalize(self) -> dict[str, Tensor]:
         raise NotImplementedError
+
+
+_MISSING = object()
+
+
+def _float_dtype(name: str, value: object) -> torch.dtype:
+    """The floating-point dtype that ``input_dtypes[name]`` names, or CheckpointError."""
+    dtype = getattr(torch, value, None) if isinstance(value, str) else None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise CheckpointError(
+            f"State entry 'input_dtypes' names {value!r} for {name!r}; expected a floating-point dtype "
+            "such as 'float32', 'float16', 'bfloat16' or 'float64'."
+        )
+    return dtype
 
 
 def check_fraction(value: object, name: str, owner: str, *, low: float = 0.0, high: float = 1.0, low_open=True) -> float:

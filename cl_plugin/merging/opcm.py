@@ -29,7 +29,11 @@ Differences from the reference:
 * λ and the norm statistics are part of :meth:`state_dict`, so a stream can
   be resumed;
 * a wide weight (m < n) is projected through its transpose, which gives the
-  same result (the mask is symmetric) from a faster SVD.
+  same result (the mask is symmetric) from a faster SVD;
+* an update whose result is not finite (finite task vectors with entries near
+  the dtype's maximum) raises :class:`~cl_plugin.errors.NonFiniteError` and
+  leaves the state as it was: it is built in new buffers and checked before
+  the swap.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ import math
 import torch
 from torch import Tensor
 
-from cl_plugin.errors import ConfigError
+from cl_plugin._checks import is_finite, tensor_norm
+from cl_plugin.errors import CheckpointError, ConfigError, NonFiniteError
 from cl_plugin.merging.base import Merger, check_fraction
 from cl_plugin.merging.registry import register_merger
 from cl_plugin.task_vectors import TaskVector
@@ -155,7 +160,7 @@ class OPCMMerger(Merger):
         # and unmapped as a whole, where many layer-sized blocks were measured to stay in
         # glibc's heap after the swap and grow the peak by one model copy over 10 tasks.
         new_merged = _views_of_flat_buffers(merged)
-        squared = 0.0
+        norms = []
         for n, t in tv.items():
             m = merged[n]
             task = t.to(m.dtype)
@@ -166,14 +171,52 @@ class OPCMMerger(Merger):
             new = new_merged[n]
             torch.add(added, m, alpha=previous_lambda, out=new)
             del added
-            squared += float(torch.linalg.vector_norm(new)) ** 2
-        merged_norm = math.sqrt(squared)
+            # Finite task vectors can still overflow here (entries near the
+            # dtype's maximum, a large λ): refuse before the swap.
+            norms.append(tensor_norm(new))
+            if not math.isfinite(norms[-1]):
+                raise self._overflow(n, new.dtype)
+        squared = 0.0
+        for value in norms:
+            squared += value * value
+        merged_norm = math.sqrt(squared) if math.isfinite(squared) else math.hypot(*norms)
         if merged_norm > 0.0:
             factor = mean_norm / merged_norm
             for t in new_merged.values():
                 t.mul_(factor)
+            # Rescaled, no entry exceeds the mean norm (up to rounding): only a
+            # mean norm near the dtype's maximum can overflow.
+            for n, t in new_merged.items():
+                if mean_norm * 1.001 >= torch.finfo(t.dtype).max and not is_finite(t):
+                    raise self._overflow(n, t.dtype)
         self._state["merged"] = new_merged
         self._scalars.update(lambda_t=merged_norm / mean_norm if mean_norm > 0 else 0.0, norm_sum=norm_sum)
+
+    def _overflow(self, name: str, dtype: torch.dtype) -> NonFiniteError:
+        return NonFiniteError(
+            f"'opcm' merger, task {self.num_tasks + 1}: the update of tensor {name!r} overflows "
+            f"{str(dtype).removeprefix('torch.')}: the task vector is finite, but λ·merged + τ is not. Nothing was "
+            "changed. Scale the task vectors down, or merge in float64 from the first task "
+            "(task_vector.to(dtype=torch.float64))."
+        )
+
+    def _check_loaded_state(self, *, num_tasks, scalars, tensors, largest):
+        for key in ("lambda_t", "norm_sum"):
+            if scalars[key] < 0:
+                raise CheckpointError(
+                    f"State entry {key!r} must be >= 0, got {scalars[key]!r}; the 'opcm' merger state is corrupt."
+                )
+        norm_sum = scalars["norm_sum"]
+        if num_tasks == 0 and norm_sum != 0:
+            raise CheckpointError(
+                f"State entry 'norm_sum' is {norm_sum!r} with num_tasks=0: it sums the folded task vectors' "
+                "norms, so it must be 0. The 'opcm' merger state is corrupt."
+            )
+        if num_tasks > 0 and norm_sum == 0 and any(v > 0 for v in largest["merged"].values()):
+            raise CheckpointError(
+                "State entry 'norm_sum' is 0, so every folded task vector was zero, but the merged tensors are "
+                "not. The 'opcm' merger state is corrupt."
+            )
 
     def _finalize(self):
         return {n: t.clone() for n, t in self._state["merged"].items()}

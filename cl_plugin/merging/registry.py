@@ -85,6 +85,10 @@ def merge(name: str, task_vectors: Iterable[Mapping], **options):
 
     Raises:
         ConfigError: unknown method or option, ``scale`` passed, or no task vector.
+        StateDictMismatchError / NonFiniteError: a task vector does not fit the
+            first one, holds NaN/inf, or would overflow the merge (see
+            :meth:`~cl_plugin.merging.base.Merger.update` and
+            :meth:`~cl_plugin.merging.base.Merger.merged`).
     """
     if "scale" in options:
         cls = _merger_class(name)

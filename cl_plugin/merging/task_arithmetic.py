@@ -4,7 +4,9 @@ Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023
 (https://arxiv.org/abs/2212.04089). Default scale 0.3, the value the paper's
 multi-task experiments select most often on held-out data.
 
-Streaming: a running sum (float32 for 16-bit inputs).
+Streaming: a running sum (float32 for 16-bit inputs). A task vector whose
+finite entries would overflow the sum is refused before anything is added
+(see :attr:`~cl_plugin.merging.base.Merger.summed_roles`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class TaskArithmeticMerger(Merger):
     name = "task_arithmetic"
     default_scale = 0.3
     tensor_states = {"sum": "accumulate"}
+    summed_roles = ("sum",)
 
     def _fold(self, tv: TaskVector) -> None:
         for n, t in tv.items():

@@ -18,13 +18,17 @@ validation data).
 Streaming and exact: the trim of τ_t depends on τ_t alone, and steps 2 and 3
 need only the sums and counts of the kept positive and negative entries
 (Σ trimmed = positive sum + negative sum). The merger keeps those four
-tensors, so it returns exactly the batch result for any number of tasks.
+tensors, so it returns exactly the batch result for any number of tasks. A
+task vector whose kept entries would overflow a sum is refused before
+anything is added.
 """
 
 from __future__ import annotations
 
 import torch
 
+from cl_plugin._checks import max_abs
+from cl_plugin.errors import CheckpointError
 from cl_plugin.merging._kernels import ties_fold_
 from cl_plugin.merging.base import Merger, check_fraction
 from cl_plugin.merging.registry import register_merger
@@ -72,6 +76,7 @@ class TiesMerger(Merger):
     name = "ties"
     default_scale = 0.55
     tensor_states = {"pos_sum": "accumulate", "neg_sum": "accumulate", "pos_count": "count", "neg_count": "count"}
+    summed_roles = ("pos_sum", "neg_sum")
 
     def __init__(self, *, top_k: float = 0.2, scale: float | None = None) -> None:
         self.top_k = check_fraction(top_k, "top_k", "TiesMerger")
@@ -85,6 +90,44 @@ class TiesMerger(Merger):
         s = self._state
         for n, t in tv.items():
             ties_fold_(s["pos_sum"][n], s["neg_sum"][n], s["pos_count"][n], s["neg_count"][n], t, threshold)
+
+    def _fold_max_abs(self, tv, keys):
+        # The kept entries only, selected as ties_fold_ selects them: in the
+        # sum's dtype, |x| >= threshold, positive ones into pos_sum.
+        threshold = trim_threshold(tv, self.top_k)
+        out = {}
+        for role, n in keys:
+            s = self._state[role][n]
+            x = tv[n].to(s.dtype)
+            keep = (x.abs() >= threshold) & ((x > 0) if role == "pos_sum" else (x < 0))
+            out[(role, n)] = max_abs(s + torch.where(keep, x, 0.0))
+        return out
+
+    def _check_loaded_state(self, *, num_tasks, scalars, tensors, largest):
+        # Each task adds at most one to one of the two counts of an entry, and
+        # only positive (negative) values to the positive (negative) sum.
+        for n in tensors["pos_count"]:
+            pos, neg = tensors["pos_count"][n], tensors["neg_count"][n]
+            for role, counts in (("pos_count", pos), ("neg_count", neg)):
+                if counts.numel():
+                    low, high = (int(v) for v in torch.aminmax(counts))
+                    if low < 0 or high > num_tasks:
+                        raise CheckpointError(
+                            f"State entry '{role}.{n}' holds counts in [{low}, {high}]; they must lie in "
+                            f"[0, num_tasks={num_tasks}]. The 'ties' merger state is corrupt."
+                        )
+            if pos.numel() and num_tasks < 2**30 and int((pos + neg).max()) > num_tasks:
+                raise CheckpointError(
+                    f"State entries 'pos_count.{n}' + 'neg_count.{n}' exceed num_tasks={num_tasks}: a task counts "
+                    "an entry at most once. The 'ties' merger state is corrupt."
+                )
+            for role, sign in (("pos_sum", 1), ("neg_sum", -1)):
+                t = tensors[role][n]
+                if t.numel() and min(sign * float(v) for v in torch.aminmax(t)) < 0:
+                    raise CheckpointError(
+                        f"State entry '{role}.{n}' holds values of the wrong sign: it sums only "
+                        f"{'positive' if role == 'pos_sum' else 'negative'} entries. The 'ties' merger state is corrupt."
+                    )
 
     def _finalize(self):
         s = self._state
