@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cl_plugin._io import atomic_output
+
 __all__ = ["ImageClassifier", "StreamRecipe", "RECIPES", "run_demo", "format_table"]
 
 
@@ -350,9 +352,8 @@ def run_demo(
                 for method, result in run_stream(spec, methods[:1], None, progress).items():
                     runs.setdefault(f"{method}_from_scratch", []).append(result)
             results[name] = {method: _aggregate(r) for method, r in runs.items()}
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "results.json", "w") as f:
-        json.dump(results, f, indent=2)
+    with atomic_output(out / "results.json") as tmp:
+        tmp.write_text(json.dumps(results, indent=2))
     elapsed = time.perf_counter() - started
     print()
     print(format_table(results))

@@ -17,13 +17,16 @@ from cl_plugin.benchmarks import (
     BENCHMARK_NAMES,
     ContinualDataModule,
     MissingDatasetError,
+    ResumableDataLoader,
+    ResumableSampler,
     benchmark_by_name,
     load_digits_tensors,
     permuted_digits,
+    resumes_mid_epoch,
     rotated_digits,
     split_digits,
 )
-from cl_plugin.errors import ConfigError
+from cl_plugin.errors import CheckpointError, ConfigError
 
 from stream_helpers import trainer_kwargs
 
@@ -371,6 +374,118 @@ def test_each_rank_gets_its_own_shard():
     assert len(set(shards[0]) & set(shards[1])) == n % 2  # DistributedSampler pads an odd split with one repeat
 
 
+def epoch_batches(loader, epoch):
+    loader.sampler.set_epoch(epoch)
+    return [y.tolist() for _, y, _ in loader]
+
+
+def test_loader_state_resumes_the_epoch_after_its_finished_batches():
+    bm = split_digits(2, seed=0)
+    full = epoch_batches(ContinualDataModule(bm, batch_size=64, seed=5).train_dataloader(), 3)
+    loader = ContinualDataModule(bm, batch_size=64, seed=5).train_dataloader()
+    assert isinstance(loader, ResumableDataLoader) and resumes_mid_epoch(loader)
+    loader.sampler.set_epoch(3)
+    batches = iter(loader)
+    drawn = [next(batches)[1].tolist() for _ in range(4)]
+    state = loader.state_dict()
+    assert drawn == full[:4]
+    assert state == {
+        "format_version": 1, "epoch": 3, "batches_done": 4, "batch_size": 64,
+        "dataset_size": len(bm.train_stream[0].dataset), "num_replicas": 1, "seed": 5, "drop_last": False,
+        "experience": 0,
+    }  # fmt: skip
+    resumed = ContinualDataModule(bm, batch_size=64, seed=5).train_dataloader()
+    resumed.load_state_dict(state)
+    assert len(resumed) == len(full)  # Lightning counts the finished batches itself
+    resumed.sampler.set_epoch(3)  # Lightning sets the epoch after loading: the position survives it
+    assert [y.tolist() for _, y, _ in resumed] == full[4:]
+    assert [y.tolist() for _, y, _ in resumed] == full  # the skip is used once
+    assert epoch_batches(resumed, 4) != full
+    finished = ContinualDataModule(bm, batch_size=64, seed=5).train_dataloader()
+    finished.load_state_dict({**state, "batches_done": len(full)})  # a finished epoch: the next one follows
+    assert finished.sampler.epoch == 4 and [y.tolist() for _, y, _ in finished] == epoch_batches(finished, 4)
+
+
+def test_each_rank_resumes_its_own_shard_from_rank_zeros_state():
+    bm = split_digits(2, seed=0)
+
+    def loader(rank):
+        dm = ContinualDataModule(bm, batch_size=16, seed=1)
+        dm.trainer = types.SimpleNamespace(world_size=2, global_rank=rank)  # what the loader reads
+        dm.set_experience(0)
+        return dm.train_dataloader()
+
+    rank0 = loader(0)
+    rank0.sampler.set_epoch(2)
+    batches = iter(rank0)
+    for _ in range(5):
+        next(batches)
+    state = rank0.state_dict()  # only rank 0's state is written to the checkpoint
+    assert (state["num_replicas"], state["batches_done"]) == (2, 5)
+    for rank in (0, 1):
+        resumed = loader(rank)
+        resumed.load_state_dict(state)
+        assert [y.tolist() for _, y, _ in resumed] == epoch_batches(loader(rank), 2)[5:]
+
+
+def test_the_loader_starts_at_the_epoch_lightning_will_train():
+    """Lightning calls set_epoch only after it made a resumed fit's first iterator (drawn at once with workers)."""
+    dm = ContinualDataModule(split_digits(2, seed=0), epochs_per_experience=3)
+    progress = types.SimpleNamespace(current=types.SimpleNamespace(processed=4))
+    dm.trainer = types.SimpleNamespace(
+        world_size=1, global_rank=0, reload_dataloaders_every_n_epochs=1, max_epochs=6, max_steps=-1,
+        global_step=0, current_epoch=3, fit_loop=types.SimpleNamespace(epoch_progress=progress),
+    )  # fmt: skip
+    loader = dm.train_dataloader()
+    assert (loader.sampler.epoch, loader.experience) == (4, 1)
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(format_version=2), CheckpointError, r"Unknown training-loader state format_version=2"),
+        (dict(epoch=-1), CheckpointError, r"epoch=-1; expected an int >= 0"),
+        (dict(batches_done=True), CheckpointError, r"batches_done=True"),
+        (dict(batches_done=99), CheckpointError, r"batches_done=99, but an epoch has \d+ batches"),
+        (dict(batch_size=32, seed=4), ConfigError, r"batch_size=32 \(this loader: 64\), seed=4 \(this loader: 5\)"),
+        (dict(experience=1), ConfigError, r"experience=1 \(this loader: 0\).*end of an epoch"),
+        (dict(num_replicas=2), ConfigError, r"num_replicas=2 \(this loader: 1\)"),
+    ],
+)
+def test_loader_state_is_checked_before_it_is_used(change, error, match):
+    dm = ContinualDataModule(split_digits(2, seed=0), batch_size=64, seed=5)
+    state = dm.train_dataloader().state_dict()
+    loader = dm.train_dataloader()
+    with pytest.raises(error, match=match):
+        loader.load_state_dict({**state, **change})
+    with pytest.raises(CheckpointError, match=r"lacks \['seed'\]"):
+        loader.load_state_dict({k: v for k, v in state.items() if k != "seed"})
+    assert loader.sampler._start is None and loader.sampler.epoch == 0  # nothing was changed
+
+
+def test_resumes_mid_epoch_on_loaders_and_collections():
+    from lightning.pytorch.utilities import CombinedLoader
+
+    ours = ContinualDataModule(split_digits(2, seed=0)).train_dataloader()
+    plain = DataLoader(list(range(8)), batch_size=2, shuffle=True)
+    sampled = DataLoader(list(range(8)), sampler=DistributedSampler(list(range(8)), num_replicas=1, rank=0))
+
+    class Stateful(DataLoader):  # e.g. torchdata's StatefulDataLoader: taken at its word
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    assert resumes_mid_epoch(ours) and resumes_mid_epoch(Stateful(list(range(4))))
+    assert not resumes_mid_epoch(plain) and not resumes_mid_epoch(sampled)
+    assert resumes_mid_epoch(CombinedLoader([ours, ours])) and not resumes_mid_epoch(CombinedLoader([ours, plain]))
+    assert resumes_mid_epoch({"a": ours, "b": [ours]}) and not resumes_mid_epoch({"a": ours, "b": [plain]})
+    assert not resumes_mid_epoch(None) and not resumes_mid_epoch([])
+    with pytest.raises(ConfigError, match=r"`sampler` must be a ResumableSampler, got DistributedSampler"):
+        ResumableDataLoader(list(range(8)), sampler=DistributedSampler(list(range(8)), num_replicas=1, rank=0))
+
+
 class ShardChecker(LinearDigits):
     """Checks, on every rank, that the datamodule's sampler is the one training and that shards are disjoint."""
 
@@ -380,7 +495,7 @@ class ShardChecker(LinearDigits):
         dm = self.trainer.datamodule
         sampler = self.trainer.train_dataloader.sampler
         # Lightning would build its own sampler with its own seed (0) if it replaced ours.
-        assert type(sampler) is DistributedSampler and sampler.seed == dm.seed == 3
+        assert type(sampler) is ResumableSampler and sampler.seed == dm.seed == 3
         assert (sampler.num_replicas, sampler.rank, sampler.epoch) == (2, self.global_rank, self.current_epoch)
         mine = (self.current_epoch, dm.current_experience, list(sampler))
         everyone = [None, None]
@@ -525,3 +640,77 @@ def test_benchmark_by_name_reads_local_mnist_files(tmp_path):
     assert sorted(p.name for p in raw.iterdir()) == sorted(
         f"{p}-{k}" for p in ("train", "t10k") for k in ("images-idx3-ubyte", "labels-idx1-ubyte")
     )  # nothing downloaded next to them
+
+
+# ---------------------------------------------------------------- writers: one rule (cl_plugin._io.atomic_output)
+
+
+def _write_heatmap(path):
+    from cl_plugin.metrics.plots import plot_accuracy_matrix
+
+    plot_accuracy_matrix([[0.9, float("nan")], [0.5, 0.8]], path)
+
+
+def _lora_net():
+    from cl_plugin.adapters import inject_lora
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    inject_lora(net, ["0", "2"], r=2)
+    return net
+
+
+def _write_lora(path):
+    from cl_plugin.adapters.lora import save_lora
+
+    save_lora(_lora_net(), path)
+
+
+def _write_share(path):
+    from cl_plugin.adapters import SharedSubspace
+
+    share = SharedSubspace(k=2, p=2)
+    share.inject(_lora_net(), lora_task="lora")
+    share.save(path)
+
+
+def _byte_writer(name):
+    """The object and attribute that put the bytes on disk for writer ``name`` (made to fail half-way)."""
+    if name.endswith(".png"):
+        from matplotlib.figure import Figure
+
+        return Figure, "savefig"  # fig.savefig(fname, ...)
+    import safetensors.torch
+
+    return safetensors.torch, "save_file"  # save_file(tensors, filename, ...)
+
+
+WRITERS = {"heatmap.png": _write_heatmap, "adapter.safetensors": _write_lora, "share.safetensors": _write_share}
+
+
+@pytest.mark.parametrize("name", list(WRITERS))
+def test_writers_log_an_overwrite_and_keep_the_old_file_when_a_write_fails(tmp_path, caplog, monkeypatch, name):
+    import logging
+
+    write = WRITERS[name]
+    path = tmp_path / "out" / name
+    with caplog.at_level(logging.WARNING, logger="cl_plugin"):
+        write(path)  # creates the folder
+        assert caplog.records == []
+        first = path.read_bytes()
+        write(path)
+    assert [r.getMessage() for r in caplog.records] == [f"cl-plugin: overwriting existing file {path}"]
+    if name.endswith(".png"):
+        assert first.startswith(b"\x89PNG")  # the format follows the target's suffix, not the temporary name's
+
+    def fail_half_way(first_argument, target, *args, **kwargs):
+        with open(target, "wb") as fh:
+            fh.write(b"half a file")
+        raise OSError("No space left on device")
+
+    path.write_bytes(b"the old file")
+    monkeypatch.setattr(*_byte_writer(name), fail_half_way)
+    with pytest.raises(OSError, match="No space left"):
+        write(path)
+    assert path.read_bytes() == b"the old file"
+    assert sorted(p.name for p in path.parent.iterdir()) == [name]  # no temporary file left behind

@@ -876,8 +876,12 @@ def save_lora(model: nn.Module, path: str | os.PathLike, adapter: str | None = N
     """Write adapter ``adapter`` (default: active) to a safetensors file in PEFT's key format.
 
     ``r`` and ``lora_alpha`` go into the file's metadata (read back by :func:`load_lora`).
+    The file is written atomically; an existing one is replaced, with a log line
+    (:func:`cl_plugin._io.atomic_output`).
     """
     from safetensors.torch import save_file
+
+    from cl_plugin._io import atomic_output
 
     layers = _require_layers(model)
     tensors = lora_state_dict(model, adapter)
@@ -896,7 +900,8 @@ def save_lora(model: nn.Module, path: str | os.PathLike, adapter: str | None = N
     else:
         metadata["rank_pattern"] = json.dumps({n: layer.r for n, layer in layers.items()})
         metadata["alpha_pattern"] = json.dumps({n: layer.alpha for n, layer in layers.items()})
-    save_file(tensors, os.fspath(path), metadata=metadata)
+    with atomic_output(path) as tmp:
+        save_file(tensors, os.fspath(tmp), metadata=metadata)
 
 
 _KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")

@@ -1063,13 +1063,20 @@ class SharedSubspace:
             self.disable()
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write :meth:`state_dict` to a safetensors file (plain values in its metadata)."""
+        """Write :meth:`state_dict` to a safetensors file (plain values in its metadata).
+
+        The file is written atomically; an existing one is replaced, with a log
+        line (:func:`cl_plugin._io.atomic_output`).
+        """
         from safetensors.torch import save_file
+
+        from cl_plugin._io import atomic_output
 
         state = self.state_dict()
         tensors = {k: v.contiguous() for k, v in state.items() if isinstance(v, Tensor)}
         plain = {k: v for k, v in state.items() if not isinstance(v, Tensor)}
-        save_file(tensors, os.fspath(path), metadata={"format": _FORMAT, "state": json.dumps(plain)})
+        with atomic_output(path) as tmp:
+            save_file(tensors, os.fspath(tmp), metadata={"format": _FORMAT, "state": json.dumps(plain)})
 
     def load(self, path: str | os.PathLike) -> None:
         """Read a file written by :meth:`save` into the injected layers (see :meth:`load_state_dict`)."""

@@ -5,10 +5,12 @@
 - :func:`benchmark_by_name`: those, or Avalanche's SplitMNIST, SplitFMNIST,
   SplitCIFAR100, SplitCUB200 and CORe50 from local files;
 - :class:`ContinualDataModule`: any Avalanche benchmark as a
-  LightningDataModule, one experience at a time.
+  LightningDataModule, one experience at a time; its training loader
+  (:class:`ResumableDataLoader`) resumes a checkpoint written mid-epoch
+  exactly, and :func:`resumes_mid_epoch` tells whether a loader does.
 
 Only :mod:`cl_plugin.benchmarks.datamodule` imports Lightning, and it is
-imported on first use of :class:`ContinualDataModule`.
+imported on first use of one of its names.
 """
 
 from __future__ import annotations
@@ -33,7 +35,15 @@ from cl_plugin.benchmarks.registry import (
 )
 
 if TYPE_CHECKING:
-    from cl_plugin.benchmarks.datamodule import ContinualDataModule
+    from cl_plugin.benchmarks.datamodule import (
+        ContinualDataModule,
+        ResumableDataLoader,
+        ResumableSampler,
+        resumes_mid_epoch,
+    )
+
+# Names served lazily from cl_plugin.benchmarks.datamodule (it imports Lightning).
+_DATAMODULE_NAMES = ("ContinualDataModule", "ResumableDataLoader", "ResumableSampler", "resumes_mid_epoch")
 
 __all__ = [
     "BENCHMARK_NAMES",
@@ -44,17 +54,20 @@ __all__ = [
     "ContinualDataModule",
     "DigitsSplit",
     "MissingDatasetError",
+    "ResumableDataLoader",
+    "ResumableSampler",
     "benchmark_by_name",
     "load_digits_tensors",
     "permuted_digits",
+    "resumes_mid_epoch",
     "rotated_digits",
     "split_digits",
 ]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "ContinualDataModule":
-        from cl_plugin.benchmarks.datamodule import ContinualDataModule
+    if name in _DATAMODULE_NAMES:
+        from cl_plugin.benchmarks import datamodule
 
-        return ContinualDataModule
+        return getattr(datamodule, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

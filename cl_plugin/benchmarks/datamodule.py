@@ -16,14 +16,25 @@ Two ways to run a stream (``ARCHITECTURE.md``, "Task boundaries"):
    :meth:`ContinualDataModule.set_experience` before each ``fit``; the epoch
    then no longer chooses the experience.
 
-Order and resume. The training loader samples with
-``torch.utils.data.DistributedSampler(shuffle=True, seed=seed)``, whose order
-is a pure function of ``(seed, epoch)``; Lightning calls ``set_epoch`` before
-every epoch, so a run resumed from a checkpoint sees exactly the batches an
-uninterrupted run would (a DataLoader with a seeded ``generator`` does not:
-each new iterator draws from it). Under DDP the sampler takes
-``num_replicas``/``rank`` from the Trainer, so each rank trains on its own
-shard; Lightning leaves a ``DistributedSampler`` in place whatever
+Order and resume. The training loader is a :class:`ResumableDataLoader`
+over a :class:`ResumableSampler`, a ``DistributedSampler(shuffle=True,
+seed=seed)`` whose order is a pure function of ``(seed, epoch)``; Lightning
+calls ``set_epoch`` before every epoch, so a run resumed from a checkpoint
+written at an epoch end sees exactly the batches an uninterrupted run would
+(a DataLoader with a seeded ``generator`` does not: each new iterator draws
+from it). A checkpoint written in the middle of an epoch
+(``ModelCheckpoint(every_n_train_steps=...)``, ``save_on_exception=True``)
+resumes exactly too: Lightning stores the ``state_dict()`` of every training
+loader that has one in the checkpoint (``loops.fit_loop.state_dict.
+combined_loader``) and, on a mid-epoch restart, calls its ``load_state_dict``
+before the first batch is drawn; the loader records the epoch and the number of
+batches Lightning finished in it, and the sampler then starts that epoch after
+them. :func:`resumes_mid_epoch` tells whether a training loader can do this.
+
+Under DDP the sampler takes ``num_replicas``/``rank`` from the Trainer, so
+each rank trains on its own shard (and, after a mid-epoch resume, continues
+its own shard from the same batch: every rank has done the same number of
+batches); Lightning leaves a ``DistributedSampler`` in place whatever
 ``use_distributed_sampler`` says. The evaluation loaders are plain,
 unshuffled loaders; under DDP Lightning gives them its own distributed
 sampler (``use_distributed_sampler=True``, the default), which pads the last
@@ -32,8 +43,9 @@ shard with a few repeated examples.
 
 from __future__ import annotations
 
+import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from lightning.pytorch import LightningDataModule
@@ -41,9 +53,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from typing_extensions import override
 
-from cl_plugin.errors import ConfigError
+from cl_plugin.errors import CheckpointError, ConfigError
 
-__all__ = ["ContinualDataModule"]
+__all__ = ["ContinualDataModule", "ResumableDataLoader", "ResumableSampler", "resumes_mid_epoch"]
 
 _EVAL_ON = ("seen", "all")
 
@@ -75,6 +87,217 @@ def _classes_of(experience: Any) -> list[int]:
         targets = getattr(experience.dataset, "targets", None)
         classes = [] if targets is None else {int(t) for t in targets}
     return sorted(int(c) for c in classes)
+
+
+# ---------------------------------------------------------------------- exact mid-epoch resume
+
+#: Version of :meth:`ResumableDataLoader.state_dict`'s format.
+LOADER_STATE_VERSION = 1
+# Settings a saved position is only valid for: the loader's own value must match the saved one.
+_POSITION_SETTINGS = ("batch_size", "dataset_size", "num_replicas", "seed", "drop_last", "experience")
+
+
+class ResumableSampler(DistributedSampler):
+    """A ``DistributedSampler`` that can begin an epoch part-way through its shard.
+
+    The order of epoch ``e`` is ``DistributedSampler``'s: a pure function of
+    ``(seed, e)``, this rank's shard of it. :meth:`start_epoch_at` makes the
+    next pass over epoch ``e`` skip the first ``position`` indices of the
+    shard (once); :attr:`position` counts the indices handed out in the
+    current pass. ``len()`` is always the whole shard, as Lightning expects of
+    a resumed loader (it counts the batches already done itself).
+
+    Args: those of :class:`torch.utils.data.DistributedSampler`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._start: tuple[int, int] | None = None  # (epoch, first shard position), used once
+        #: Shard indices handed out so far in the current pass (after any skipped ones).
+        self.position = 0
+
+    def start_epoch_at(self, epoch: int, position: int) -> None:
+        """Set the epoch to ``epoch`` and make its next pass begin at shard position ``position``."""
+        self.set_epoch(int(epoch))
+        self._start = (int(epoch), int(position))
+
+    @override
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        start, self._start = self._start, None
+        first = start[1] if start is not None and start[0] == self.epoch else 0
+        return self._count(indices, first)
+
+    def _count(self, indices: list[int], first: int) -> Iterator[int]:
+        self.position = first
+        for index in indices[first:]:
+            self.position += 1
+            yield index
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position in an epoch is saved in Lightning checkpoints and restored exactly.
+
+    Lightning saves ``state_dict()`` of each training loader that has one and,
+    when ``fit(ckpt_path=...)`` restarts in the middle of an epoch, calls
+    ``load_state_dict`` before the first batch is drawn. The state is the
+    sampler's epoch and the number of batches finished in it; on load the
+    sampler skips exactly those, so the resumed epoch goes on with the batches
+    the uninterrupted run would have seen. Under DDP every rank loads rank 0's
+    state (the batch count is the same on every rank) and goes on in its own
+    shard.
+
+    Args:
+        dataset: the dataset.
+        batch_size: batch size (default 1, as DataLoader's).
+        sampler: a :class:`ResumableSampler` over ``dataset``.
+        batches_done: optional ``f(loader) -> int | None``: how many batches of
+            the current epoch the owner counts as finished (ContinualDataModule
+            asks its Trainer, which does not count a batch whose step raised).
+            None, or when it returns None: the batches the sampler has handed
+            out, which is exact when batches are drawn one at a time
+            (``num_workers=0``).
+        experience: the experience served, saved so that a position is never
+            applied to another experience's loader (None: not checked).
+        **kwargs: passed to :class:`~torch.utils.data.DataLoader` (``num_workers``,
+            ``collate_fn``, ...); ``shuffle`` and ``batch_sampler`` are not accepted.
+
+    Raises:
+        ConfigError: ``sampler`` is not a :class:`ResumableSampler`; in
+            :meth:`load_state_dict`, a position saved with other settings (each
+            difference is named).
+        CheckpointError: in :meth:`load_state_dict`, a state that is not one.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int = 1,
+        *,
+        sampler: ResumableSampler,
+        batches_done: Callable[[ResumableDataLoader], int | None] | None = None,
+        experience: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(sampler, ResumableSampler):
+            raise ConfigError(
+                f"`sampler` must be a ResumableSampler, got {type(sampler).__name__} (ResumableDataLoader). Build "
+                "one with ResumableSampler(dataset, num_replicas=..., rank=..., shuffle=True, seed=...)."
+            )
+        super().__init__(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
+        self._batches_done = batches_done
+        self.experience = experience
+
+    def _settings(self) -> dict[str, Any]:
+        sampler = self.sampler
+        return {
+            "batch_size": self.batch_size,
+            "dataset_size": len(self.dataset),  # type: ignore[arg-type]
+            "num_replicas": sampler.num_replicas,
+            "seed": sampler.seed,
+            "drop_last": bool(self.drop_last),
+            "experience": self.experience,
+        }
+
+    def _finished_batches(self) -> int:
+        done = self._batches_done(self) if self._batches_done is not None else None
+        if done is None:
+            done = math.ceil(self.sampler.position / self.batch_size)
+        return int(done)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The epoch, the batches finished in it, and the settings that position is valid for (plain values)."""
+        return {
+            "format_version": LOADER_STATE_VERSION,
+            "epoch": int(self.sampler.epoch),
+            "batches_done": self._finished_batches(),
+            **self._settings(),
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Make the next pass over the saved epoch begin after its finished batches.
+
+        Everything is checked before the sampler is touched.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise CheckpointError(f"The saved training-loader state must be a dict, got {type(state_dict).__name__}.")
+        version = state_dict.get("format_version")
+        if version != LOADER_STATE_VERSION:
+            raise CheckpointError(
+                f"Unknown training-loader state format_version={version!r}; this version of cl-plugin reads "
+                f"{LOADER_STATE_VERSION}."
+            )
+        required = ("epoch", "batches_done", *_POSITION_SETTINGS)
+        missing = [k for k in required if k not in state_dict]
+        if missing:
+            raise CheckpointError(f"The saved training-loader state lacks {missing} (it has {sorted(state_dict)}).")
+        epoch, done = state_dict["epoch"], state_dict["batches_done"]
+        for name, value in (("epoch", epoch), ("batches_done", done)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise CheckpointError(f"The saved training-loader state has {name}={value!r}; expected an int >= 0.")
+        ours = self._settings()
+        different = [
+            f"{k}={state_dict[k]!r} (this loader: {ours[k]!r})" for k in _POSITION_SETTINGS if state_dict[k] != ours[k]
+        ]
+        if different:
+            raise ConfigError(
+                f"The checkpoint's training-loader position (epoch {epoch}, {done} batches done) was saved with "
+                f"other settings: {', '.join(different)}. Resume with the settings of the interrupted run, or from "
+                "a checkpoint written at the end of an epoch (it needs no position)."
+            )
+        n_batches = len(self)
+        if done > n_batches:
+            raise CheckpointError(
+                f"The saved training-loader state has batches_done={done}, but an epoch has {n_batches} batches."
+            )
+        if done == n_batches:  # the epoch was finished: Lightning goes on with the next one
+            self.sampler.set_epoch(int(epoch) + 1)
+        else:
+            self.sampler.start_epoch_at(int(epoch), int(done) * self.batch_size)
+
+
+def _flatten_loaders(loader: object) -> list[object]:
+    flattened = getattr(loader, "flattened", None)  # Lightning's CombinedLoader
+    if isinstance(flattened, list):
+        return flattened
+    if isinstance(loader, Mapping):
+        return [leaf for value in loader.values() for leaf in _flatten_loaders(value)]
+    if isinstance(loader, (list, tuple)):
+        return [leaf for value in loader for leaf in _flatten_loaders(value)]
+    return [loader]
+
+
+def resumes_mid_epoch(loader: object) -> bool:
+    """Whether a training loader continues an interrupted epoch exactly when Lightning resumes mid-epoch.
+
+    True for a :class:`ResumableDataLoader` (what :class:`ContinualDataModule`
+    trains with), and for any loader that implements Lightning's
+    ``state_dict``/``load_state_dict`` protocol for loaders (e.g. torchdata's
+    ``StatefulDataLoader``), which is taken at its word. False for a plain
+    ``DataLoader``, whatever its sampler: Lightning then starts the epoch's
+    order again and only skips as many batches as were done, so a resumed run
+    trains on other batches than the uninterrupted one. ``loader`` may be a
+    Lightning ``CombinedLoader`` or a list/tuple/dict of loaders (all must
+    qualify); None is False.
+
+    Example:
+        >>> from torch.utils.data import DataLoader
+        >>> from cl_plugin.benchmarks import ContinualDataModule, split_digits
+        >>> resumes_mid_epoch(ContinualDataModule(split_digits(2)).train_dataloader())
+        True
+        >>> resumes_mid_epoch(DataLoader(list(range(8)), shuffle=True))
+        False
+    """
+    if loader is None:
+        return False
+    leaves = _flatten_loaders(loader)
+    if not leaves:
+        return False
+    return all(
+        isinstance(leaf, ResumableDataLoader)
+        or (callable(getattr(leaf, "state_dict", None)) and callable(getattr(leaf, "load_state_dict", None)))
+        for leaf in leaves
+    )
 
 
 class ContinualDataModule(LightningDataModule):
@@ -332,26 +555,50 @@ class ContinualDataModule(LightningDataModule):
             collate_fn=getattr(dataset, "collate_fn", None),
         )
 
-    def train_sampler(self, experience: int) -> DistributedSampler:
+    def train_sampler(self, experience: int) -> ResumableSampler:
         """The sampler of ``experience``'s training loader: this rank's shard, shuffled by ``(seed, epoch)``."""
         world_size, rank = self._world()
-        return DistributedSampler(
+        return ResumableSampler(
             self._train_sets[experience], num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed
         )
 
+    def _batches_done(self, loader: ResumableDataLoader) -> int | None:
+        """Batches of the current epoch the Trainer has finished with ``loader``, or None when it is not training it.
+
+        Lightning's ``processed`` count, not the batches drawn: a checkpoint
+        written because a step raised (``save_on_exception``) must not count
+        that step's batch, which Lightning runs again on resume.
+        """
+        trainer = self.trainer
+        if trainer is None or getattr(trainer, "train_dataloader", None) is not loader:
+            return None
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+
     @override
-    def train_dataloader(self) -> DataLoader:
-        """The loader of the experience to train now (see :attr:`current_experience`)."""
+    def train_dataloader(self) -> ResumableDataLoader:
+        """The loader of the experience to train now (see :attr:`current_experience`).
+
+        A :class:`ResumableDataLoader`: a checkpoint written in the middle of
+        an epoch resumes with exactly the batches the uninterrupted run saw.
+        """
         experience = self._experience_to_train()
         self._current = experience
         dataset = self._train_sets[experience]
-        return DataLoader(
+        loader = ResumableDataLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=self.train_sampler(experience),
+            batches_done=self._batches_done,
+            experience=experience,
             num_workers=self.num_workers,
             collate_fn=getattr(dataset, "collate_fn", None),
         )
+        trainer = self.trainer
+        if trainer is not None and getattr(trainer, "fit_loop", None) is not None:
+            # On resume Lightning creates the first iterator before it calls `set_epoch`; with workers,
+            # that iterator draws its order at once, so the epoch must be right from the start.
+            loader.sampler.set_epoch(self._epoch_to_train(trainer))
+        return loader
 
     @override
     def val_dataloader(self) -> list[DataLoader]:

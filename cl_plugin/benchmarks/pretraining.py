@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from cl_plugin._io import atomic_output
 from cl_plugin.errors import ConfigError, did_you_mean
 
 __all__ = ["mnist5k_as_digits", "pretrain_digits_backbone", "PRETRAINING_VARIANTS", "SOURCE_ANGLES"]
@@ -146,8 +147,6 @@ def pretrain_digits_backbone(
             correct += int((logits.argmax(1) == labels[idx]).sum())
         if verbose and (epoch + 1) % 10 == 0:
             print(f"pretraining {variant}: epoch {epoch + 1}/{epochs}, train accuracy {correct / len(images):.3f}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)  # atomic: a killed run leaves no half-written cache
+    with atomic_output(path) as tmp:  # a killed run leaves no half-written cache
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     return path

@@ -29,11 +29,28 @@ loading code of Avalanche 0.6 and torchvision):
 When ``dataset_root`` is None, Avalanche's default location for the dataset
 is used (``~/.avalanche/data/<dataset>`` unless its configuration says
 otherwise), and that is the folder the message names.
+
+CORe50 is checked further, because Avalanche reads it with ``pickle.load``
+(any pickle can run code) and downloads it again whenever loading fails:
+
+1. each of the four ``.pkl`` files must have the MD5 sum Avalanche itself
+   checks after downloading it (``avalanche/benchmarks/datasets/core50/
+   core50_data.py::data``); any other file is refused before anything
+   unpickles it, with a :class:`~cl_plugin.errors.ConfigError` naming it;
+2. the scenario's file lists for the chosen ``run`` must be there;
+3. Avalanche's own loader is then run once with ``download=False``, so
+   whatever else would make it fall back to a download (for example a file
+   list it cannot parse when it derives the category-level lists) fails here,
+   as a ``ConfigError``, instead. After that the benchmark is built from the
+   same files, which now load, so Avalanche never reaches its download.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import inspect
+import io
 import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -63,6 +80,16 @@ _CIFAR100_MD5 = {
 }
 _CUB_FILES = ("images.txt", "train_test_split.txt", "image_class_labels.txt", "bounding_boxes.txt")
 _CORE50_PICKLES = ("paths.pkl", "LUP.pkl", "labels.pkl", "labels2names.pkl")
+# The MD5 sums Avalanche checks after downloading these files itself
+# (avalanche/benchmarks/datasets/core50/core50_data.py::data, Avalanche 0.6).
+# Avalanche unpickles them, so a file with any other content is never handed to it.
+_CORE50_MD5 = {
+    "paths.pkl": "b568f86998849184df3ec3465290f1b0",
+    "LUP.pkl": "33afc26faa460aca98739137fdfa606e",
+    "labels.pkl": "281c95774306a2196f4505f22fd60ab1",
+    "labels2names.pkl": "557d0b9f0ec32765ccea65624aa51b3b",
+}
+_CORE50_PICKLE_URL = "https://vlomonaco.github.io/core50/data/{name}"
 # Avalanche's CORe50 scenarios: number of training experiences, and the folder of their file lists.
 _CORE50_SCENARIOS = {
     "ni": (8, "batches_filelists/NI_inc"),
@@ -106,11 +133,74 @@ def _missing_cub200(root: Path, options: Mapping[str, Any]) -> list[str]:
 
 def _missing_core50(root: Path, options: Mapping[str, Any]) -> list[str]:
     images = "core50_32x32" if options.get("mini", False) else "core50_128x128"
-    _, lists = _CORE50_SCENARIOS[options.get("scenario", "nicv2_391")]
+    count, lists = _CORE50_SCENARIOS[options.get("scenario", "nicv2_391")]
     folders = [images, "batches_filelists", lists]
     missing = [f"{d}/" for d in dict.fromkeys(folders) if not (root / d).is_dir()]
     missing += [f for f in _CORE50_PICKLES if not (root / f).is_file()]
+    run = f"{lists}/run{options.get('run', 0)}"
+    if (root / lists).is_dir():  # the lists Avalanche's CORe50 reads for this scenario and run
+        needed = [f"train_batch_{b:02d}_filelist.txt" for b in range(count)] + ["test_filelist.txt"]
+        absent = [f for f in needed if not (root / run / f).is_file()]
+        if len(absent) == len(needed):
+            missing.append(f"{run}/")
+        else:
+            missing += [f"{run}/{f}" for f in absent]
     return missing
+
+
+def _md5(path: Path) -> str:
+    # MD5 is the only sum published for these files. It still identifies them: the genuine files are
+    # fixed, so a hostile file would need a second preimage, which no known attack on MD5 provides.
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _untrusted_core50_pickles(root: Path) -> list[str]:
+    """The CORe50 ``.pkl`` files present under ``root`` whose content is not the genuine file's."""
+    bad = []
+    for name, expected in _CORE50_MD5.items():
+        path = root / name
+        if path.is_file() and _md5(path) != expected:
+            bad.append(name)
+    return bad
+
+
+def _refuse_untrusted_core50(root: Path, bad: list[str]) -> None:
+    urls = ", ".join(_CORE50_PICKLE_URL.format(name=n) for n in bad)
+    raise ConfigError(
+        f"Refusing to load CORe50 from {str(root)!r}: {', '.join(bad)} "
+        f"{'is not the genuine file' if len(bad) == 1 else 'are not the genuine files'} (MD5 sum differs from "
+        "the one Avalanche checks after its own download). Avalanche reads these files with `pickle.load`, "
+        "which can run any code a file contains, so only the genuine copies are accepted. Delete "
+        f"{'it' if len(bad) == 1 else 'them'} and download the genuine {'copy' if len(bad) == 1 else 'copies'} "
+        f"from {urls} into {str(root)!r}, "
+        "then call again."
+    )
+
+
+def _probe_core50(root: Path, options: Mapping[str, Any]) -> None:
+    """Load CORe50's metadata once with Avalanche's loader and ``download=False``.
+
+    Whatever would make Avalanche's loader fail (and so fall back to a
+    download in the benchmark, which always passes ``download=True``) fails
+    here instead. Run only after the pickles have passed their MD5 check.
+    """
+    from avalanche.benchmarks.datasets.core50 import CORe50Dataset
+
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            CORe50Dataset(root=root, mini=bool(options.get("mini", False)), download=False)
+    except Exception as err:
+        raise ConfigError(
+            f"Avalanche cannot load CORe50's metadata from {str(root)!r} ({type(err).__name__}: {err}). Nothing "
+            "was downloaded. The folders look complete, so a file in them is damaged, e.g. a file list under "
+            "batches_filelists/ or NIC_v2_*/: unzip batches_filelists.zip and batches_filelists_NICv2.zip "
+            "(https://vlomonaco.github.io/core50/) into it again, then call again."
+        ) from err
 
 
 @dataclass(frozen=True)
@@ -282,6 +372,9 @@ def benchmark_by_name(
         MissingDatasetError: a real benchmark's files are not under
             ``dataset_root``; nothing is downloaded. Subclasses
             :class:`ConfigError` and ``FileNotFoundError``.
+        ConfigError: CORe50 only: a ``.pkl`` file that is not the genuine
+            one (refused before anything unpickles it), or metadata that
+            Avalanche's loader cannot read (refused instead of downloading).
 
     Example:
         >>> bm = benchmark_by_name("split_digits", n_experiences=2)
@@ -316,6 +409,10 @@ def benchmark_by_name(
     _check_real_arguments(name, n, options)
 
     root = _dataset_root(entry, dataset_root)
+    if name == "core50":
+        bad = _untrusted_core50_pickles(root)
+        if bad:
+            _refuse_untrusted_core50(root, bad)
     missing = entry.missing(root, options)
     if missing:
         raise MissingDatasetError(
@@ -325,5 +422,6 @@ def benchmark_by_name(
             + f" Then call again with dataset_root={str(root)!r}."
         )
     if name == "core50":
+        _probe_core50(root, options)
         return builder(dataset_root=str(root), **options)
     return builder(n_experiences=n, seed=int(seed), dataset_root=str(root), **options)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from pathlib import Path
+
+from cl_plugin._io import atomic_output
 
 __all__ = ["plot_accuracy_matrix"]
 
@@ -15,7 +18,9 @@ def plot_accuracy_matrix(
     """Write ``matrix`` (R[i][j]: accuracy on experience j after training i) as an annotated heatmap PNG.
 
     NaN cells (not evaluated) are left blank. Uses matplotlib's Agg backend,
-    so it works without a display.
+    so it works without a display. The image format follows the suffix of
+    ``path`` (PNG when it has none). The file is written atomically; an
+    existing one is replaced, with a log line (:func:`cl_plugin._io.atomic_output`).
     """
     import matplotlib
 
@@ -40,5 +45,9 @@ def plot_accuracy_matrix(
         ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="accuracy")
     fig.tight_layout()
-    fig.savefig(os.fspath(path), dpi=dpi)
-    plt.close(fig)
+    target = Path(path)
+    try:
+        with atomic_output(target) as tmp:  # tmp has no image suffix: name the format
+            fig.savefig(os.fspath(tmp), dpi=dpi, format=target.suffix[1:].lower() or "png")
+    finally:
+        plt.close(fig)
