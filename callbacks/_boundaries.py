@@ -173,7 +173,7 @@ def launches_by_spawning(trainer: Trainer) -> bool:
     """
     from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 
-    return isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher)
+    return isinstance(getattr(getattr(trainer, "strategy", None), "launcher", None), _MultiProcessingLauncher)
 
 
 def reset_optimizer_state(trainer: Trainer) -> None:

@@ -263,22 +263,23 @@ class ModelMerging(TaskBoundaryCallback):
         self._names = names
         self._aliases = tied_names(pl_module, names)
         self._float_names = [n for n, t in state.items() if t.is_floating_point()]
-        self._layout = layout_of({n: state[n] for n in names})
+        merged = {n: state[n] for n in names}
+        self._layout = layout_of(merged)
         if self._theta0 is not None:
             # A reshaped or re-typed parameter would only surface at the next boundary,
             # after a whole experience of training: catch it before the first step.
-            self._check_theta0(self._theta0, "θ₀ (from the earlier experiences)")
+            self._check_theta0(self._theta0, "θ₀ (from the earlier experiences)", merged)
         if self._theta0 is None and self._base_weights_source is not None:
             base = load_base_weights(self._base_weights_source)
             check_base_weights(base, pl_module, names)
             theta0 = {n: base[n].detach().to(self.snapshot_device, copy=True) for n in names}
-            self._check_theta0(theta0, "θ₀ (`base_weights`)")
+            self._check_theta0(theta0, "θ₀ (`base_weights`)", merged)
             self._theta0 = theta0
 
-    def _check_theta0(self, theta0: Mapping[str, Tensor], what: str) -> None:
-        """Raise unless θ₀ has the model's names, shapes and dtypes and holds finite values."""
+    def _check_theta0(self, theta0: Mapping[str, Tensor], what: str, model: Mapping[str, Tensor]) -> None:
+        """Raise unless θ₀ has the ``model``'s names, shapes and dtypes and holds finite values."""
         try:
-            check_same_layout(self._layout, theta0, f"ModelMerging: {what} against the model")
+            check_same_layout(theta0, model, f"ModelMerging: the model against {what}")
         except DtypeMismatchError as exc:
             raise DtypeMismatchError(
                 f"{exc} θ₀ must be in the model's dtypes: pass `base_weights` in them, or keep the model's dtype "
@@ -297,7 +298,12 @@ class ModelMerging(TaskBoundaryCallback):
             # θ₀ may already have come back from a checkpoint (load_state_dict
             # runs before this hook); only a fresh run captures it.
             theta0 = snapshot(pl_module, self._names, self.snapshot_device)
-            self._check_theta0(theta0, "θ₀ (the weights when training starts)")
+            for n, t in theta0.items():
+                if not is_finite(t):
+                    raise NonFiniteError(
+                        f"ModelMerging: θ₀ (the weights when training starts) tensor {n!r} holds NaN or infinite "
+                        "values; every task vector would be NaN. Check the weights the stream starts from."
+                    )
             self._theta0 = theta0
         if self._holds_merged:
             # The module holds θ₀ + scale·merged from the previous fit's end.

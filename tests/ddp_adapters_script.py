@@ -1,4 +1,4 @@
-"""Run by test_adapter_callbacks.py: 2-process DDP (gloo), one fit per experience, per-task LoRA and Share.
+"""Run by test_adapter_callbacks.py: 2-process DDP (gloo), one fit per experience, merged LoRA, per-task LoRA and Share.
 
 New adapters and Share coefficients are created in ``setup`` of each fit, before
 DDP wraps the model; check_ranks all-gathers a checksum after every boundary,
@@ -29,7 +29,10 @@ def run(name, callback, root):
     gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, flat)
     identical = all(torch.equal(g, gathered[0]) for g in gathered)
-    tasks = callback.tasks if isinstance(callback, LoRAAdapters) else callback.share.tasks
+    if isinstance(callback, LoRAAdapters):
+        tasks = callback.tasks if callback.mode == "per_task" else callback.merger.num_tasks
+    else:
+        tasks = callback.share.tasks
     if trainer.global_rank == 0:
         print(f"{name} RANKS IDENTICAL: {identical} tasks={tasks} world={dist.get_world_size()}", flush=True)
 
@@ -38,6 +41,7 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     root = sys.argv[1]
     lora = LoRAAdapters(["net.0"], r=2, trainable=["net.3"], trainable_per_task=True, mode="per_task", check_ranks=True)
+    run("merge", LoRAAdapters(["net.0"], r=2, trainable=["net.3"], check_ranks=True), root)
     run("per_task", lora, root)
     assert sorted(lora.task_module_states) == ["0", "1"], lora.task_module_states
     share = SharedSubspaceAdapters(

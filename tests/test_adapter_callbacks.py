@@ -646,7 +646,7 @@ def test_a_state_without_per_task_copies_does_not_load_into_trainable_per_task(t
     for key in ("trainable_per_task", "task_module_names", "task_modules"):  # as written before the option existed
         state.pop(key)
     fresh = LoRAAdapters(**lora_kwargs(mode="per_task", trainable_per_task=True))
-    with pytest.raises(ConfigError, match=r"trainable_per_task: saved False, here True"):
+    with pytest.raises(ConfigError, match=r"trainable_per_task: checkpoint False, now True"):
         fresh.load_state_dict(state)
     LoRAAdapters(**lora_kwargs(mode="per_task")).load_state_dict(state)  # the run it came from loads it
 
@@ -672,7 +672,7 @@ def test_a_state_with_other_per_task_modules_raises_before_changing_anything():
 def crash_and_resume(tmp_path, make_callback, crash_at_step):
     L.seed_everything(0, verbose=False)
     model = TinyClassifier(crash_at_step=crash_at_step)
-    kwargs = trainer_kwargs(enable_checkpointing=True)
+    kwargs = trainer_kwargs(enable_checkpointing=True, default_root_dir=tmp_path)
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_epochs=1)
     trainer = L.Trainer(max_epochs=N_EXP * EPE, reload_dataloaders_every_n_epochs=1, callbacks=[make_callback(), ckpt], **kwargs)
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -762,15 +762,17 @@ def test_state_dict_round_trip_and_option_mismatch(tmp_path):
     assert fresh.merger.num_tasks == N_EXP
     for n, t in cb.merger.merged().items():
         assert torch.equal(fresh.merger.merged()[n], t)
-    with pytest.raises(ConfigError, match=r"other options \(method: saved 'ties', here 'magmax'"):
+    with pytest.raises(ConfigError, match=r"other options, .*method: checkpoint 'ties', now 'magmax'"):
         LoRAAdapters(**lora_kwargs()).load_state_dict(torch.load(path, weights_only=True))
-    with pytest.raises(ConfigError, match=r"r: saved 2, here 3"):
+    with pytest.raises(ConfigError, match=r"r: checkpoint 2, now 3"):
         LoRAAdapters(**lora_kwargs(method="ties", r=3)).load_state_dict(torch.load(path, weights_only=True))
 
 
-def test_two_callbacks_have_distinct_state_keys():
-    assert LoRAAdapters(**lora_kwargs()).state_key != LoRAAdapters(**lora_kwargs(mode="per_task")).state_key
-    assert SharedSubspaceAdapters(**share_kwargs()).state_key != SharedSubspaceAdapters(**share_kwargs(k=4)).state_key
+def test_the_state_key_names_the_callback_not_its_settings():
+    assert {LoRAAdapters(**lora_kwargs()).state_key, LoRAAdapters(**lora_kwargs(mode="per_task")).state_key} == {"LoRAAdapters"}
+    assert {SharedSubspaceAdapters(**share_kwargs()).state_key, SharedSubspaceAdapters(**share_kwargs(k=4)).state_key} == {
+        "SharedSubspaceAdapters"
+    }
 
 
 # -- bad input -------------------------------------------------------------------------------------------
@@ -896,22 +898,6 @@ class RankCheckingLoRA(LoRAAdapters):
 
 
 @pytest.mark.ddp
-def test_ddp_spawn_merge_mode_keeps_ranks_identical():
-    if not _ddp_available():
-        pytest.fail("torch.distributed with gloo is required for the DDP tests and is not available")
-    L.seed_everything(0, verbose=False)
-    model = TinyClassifier()
-    cb = RankCheckingLoRA(**lora_kwargs(check_ranks=True))
-    trainer = L.Trainer(
-        max_epochs=4, reload_dataloaders_every_n_epochs=1, callbacks=[cb], **trainer_kwargs(devices=2, strategy="ddp_spawn")
-    )
-    trainer.fit(model, datamodule=ToyStream(2, 2))
-    # rank 0's weights come back non-strictly into the main process's un-adapted module: the merge
-    assert not lora_layers(model)
-    assert all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())
-
-
-@pytest.mark.ddp
 def test_ddp_script_per_task_and_share_one_fit_per_experience(tmp_path):
     """strategy="ddp", one fit per experience: new adapters and coefficients are made before DDP wraps the model."""
     if not _ddp_available():
@@ -920,5 +906,6 @@ def test_ddp_script_per_task_and_share_one_fit_per_experience(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "merge RANKS IDENTICAL: True tasks=2" in result.stdout, result.stdout[-3000:]
     assert "per_task RANKS IDENTICAL: True tasks=('0', '1')" in result.stdout, result.stdout[-3000:]
     assert "share RANKS IDENTICAL: True tasks=('0', '1')" in result.stdout, result.stdout[-3000:]
