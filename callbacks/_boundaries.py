@@ -176,6 +176,28 @@ def launches_by_spawning(trainer: Trainer) -> bool:
     return isinstance(getattr(getattr(trainer, "strategy", None), "launcher", None), _MultiProcessingLauncher)
 
 
+def warn_if_mid_epoch_resume_is_inexact(trainer: Trainer) -> None:
+    """Warn when a checkpoint written inside an epoch is resumed with a loader that cannot continue that epoch.
+
+    Lightning then replays the epoch's order from its start and only skips as
+    many batches as were done, so the resumed run trains on other batches than
+    the uninterrupted one (the merge is still valid, but not bit-identical).
+    """
+    from cl_plugin.benchmarks.datamodule import resumes_mid_epoch
+
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    if progress.current.processed == 0 or progress.is_last_batch:
+        return
+    if not resumes_mid_epoch(trainer.train_dataloader):
+        rank_zero_warn(
+            f"The checkpoint {trainer.ckpt_path!r} was written in the middle of an epoch "
+            f"({progress.current.processed} batches done), and the training loader cannot continue an epoch "
+            "where it stopped: Lightning restarts the epoch's order and skips that many batches, so this run "
+            "will not end bit-identical to an uninterrupted one. Resume from a checkpoint written at an epoch end, "
+            "or train with cl_plugin.benchmarks.ContinualDataModule (or a loader with state_dict/load_state_dict)."
+        )
+
+
 def reset_optimizer_state(trainer: Trainer) -> None:
     """Drop every optimizer's per-parameter state (momentum, Adam moments, step counts).
 
@@ -289,8 +311,11 @@ class TaskBoundaryCallback(Callback):
             states[self.state_key] = states.pop(legacy[0])
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.ckpt_path is not None and not self._restored_in_fit and trainer.global_step > 0:
+        if trainer.ckpt_path is None:
+            return
+        if not self._restored_in_fit and trainer.global_step > 0:
             self._resumed_without_state(trainer)
+        warn_if_mid_epoch_resume_is_inexact(trainer)
 
     def _resumed_without_state(self, trainer: Trainer) -> None:
         """A checkpoint of a run that had already trained holds no state of this callback."""

@@ -283,7 +283,7 @@ class ContinualEvaluation(TaskBoundaryCallback):
                 "average_accuracy": float(matrix.average_accuracy()),
                 "forgetting": float(matrix.forgetting()),
                 "bwt": float(matrix.bwt()),
-                "accuracy_matrix": matrix.compute().tolist(),
+                "accuracy_matrix": matrix.matrix().tolist(),
             }
 
     def _summarise(self, trainer: Trainer, row: int) -> None:
@@ -318,7 +318,7 @@ class ContinualEvaluation(TaskBoundaryCallback):
         state.update(
             theta0=self._theta0,
             mergers={name: m.state_dict() for name, m in self._mergers.items()},
-            matrices={name: m.compute().clone() for name, m in self.matrices.items()},
+            matrices={name: m.matrix().clone() for name, m in self.matrices.items()},
         )
         return state
 

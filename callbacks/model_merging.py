@@ -112,6 +112,11 @@ class ModelMerging(TaskBoundaryCallback):
 
     Attributes:
         merger: the streaming merger; ``merger.num_tasks`` experiences are folded.
+
+    .. note:: One ``ModelMerging`` per Trainer: its checkpoint state is kept
+       under the key ``"ModelMerging"`` whatever its settings, so Lightning
+       refuses a second instance when the Trainer is built. To compare methods
+       on one run, use ``ContinualEvaluation(compare=[...])``.
     """
 
     _state_name = "ModelMerging"

@@ -199,31 +199,35 @@ class AccuracyMatrix(Metric):
         """The accuracy matrix ``R``: float64, ``(T, T)``, NaN where nothing was evaluated."""
         return F._ratio_matrix(self.correct, self.total)
 
+    def matrix(self) -> Tensor:
+        """:meth:`compute`, always ``(T, T)``: torchmetrics squeezes a 1x1 result to a 0-d tensor."""
+        return self.compute().reshape(self.n_experiences, self.n_experiences)
+
     def average_accuracy(self, i: int = -1) -> Tensor:
         """Mean accuracy on experiences ``0..i`` after training ``i``; ``-1``: the last evaluated row.
 
         See :func:`cl_plugin.metrics.functional.average_accuracy`.
         """
-        return F.average_accuracy(self.compute(), i)
+        return F.average_accuracy(self.matrix(), i)
 
     def forgetting(self) -> Tensor:
         """Avalanche's stream forgetting. See :func:`cl_plugin.metrics.functional.forgetting`."""
-        return F.forgetting(self.compute())
+        return F.forgetting(self.matrix())
 
     def max_forgetting(self) -> Tensor:
         """Chaudhry et al.'s forgetting. See :func:`cl_plugin.metrics.functional.max_forgetting`."""
-        return F.max_forgetting(self.compute())
+        return F.max_forgetting(self.matrix())
 
     def bwt(self) -> Tensor:
         """GEM's backward transfer. See :func:`cl_plugin.metrics.functional.bwt`."""
-        return F.bwt(self.compute())
+        return F.bwt(self.matrix())
 
     def fwt(self, baseline: VectorLike) -> Tensor:
         """GEM's forward transfer over ``baseline``, shape ``(T,)``.
 
         See :func:`cl_plugin.metrics.functional.fwt`.
         """
-        return F.fwt(self.compute(), baseline)
+        return F.fwt(self.matrix(), baseline)
 
     # --------------------------------------------------------------- plumbing
 
