@@ -407,6 +407,29 @@ def test_save_and_load_safetensors(tmp_path):
         torch.testing.assert_close(lora_delta(other)[k], v, rtol=1e-6, atol=1e-7)
 
 
+def test_a_lora_file_of_a_newer_format_is_refused(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from cl_plugin.errors import CheckpointError
+
+    net = make_mlp()
+    inject_lora(net, ["0", "2", "4"], r=2, alpha=4)
+    save_lora(net, tmp_path / "adapter.safetensors")
+    with safe_open(tmp_path / "adapter.safetensors", framework="pt") as f:
+        metadata = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, tmp_path / "newer.safetensors", metadata={**metadata, "format_version": "9"})
+    with pytest.raises(CheckpointError, match=r"format_version='9'; this version reads up to 1"):
+        load_lora(make_mlp_with_lora(), tmp_path / "newer.safetensors")
+
+
+def make_mlp_with_lora():
+    net = make_mlp()
+    inject_lora(net, ["0", "2", "4"], r=2, alpha=4)
+    return net
+
+
 def peft_state(model, r, seed, adapter_segment=""):
     """A hand-made adapter in PEFT's saved key format."""
     g = torch.Generator().manual_seed(seed)

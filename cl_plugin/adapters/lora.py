@@ -69,7 +69,7 @@ from torch import Tensor, nn
 
 from cl_plugin._checks import check_finite
 from cl_plugin.adapters.matching import Patterns, match_modules
-from cl_plugin.errors import ConfigError, NoMatchingModulesError, StateDictMismatchError, preview
+from cl_plugin.errors import CheckpointError, ConfigError, NoMatchingModulesError, StateDictMismatchError, preview
 from cl_plugin.task_vectors import TaskVector
 
 __all__ = [
@@ -938,6 +938,13 @@ def _read_source(source, config):
         raise ConfigError(f"{path!r} is not a .safetensors file; cl-plugin loads adapters only from safetensors.")
     with safe_open(path, framework="pt") as fh:
         metadata = fh.metadata() or {}
+    if metadata.get("format") == _FORMAT:
+        version = metadata.get("format_version", _FORMAT_VERSION)
+        if not version.isdigit() or int(version) > int(_FORMAT_VERSION):
+            raise CheckpointError(
+                f"{path!r} was written by cl-plugin with format_version={version!r}; this version reads up to "
+                f"{_FORMAT_VERSION}. Upgrade cl-plugin to load it."
+            )
     if config is None and metadata.get("format") == _FORMAT:
         config = {}
         if "r" in metadata:
