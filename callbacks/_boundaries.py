@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from cl_plugin._checks import check_same_layout
-from cl_plugin.callbacks._checkpoint import (
+from cl_plugin._checkpoint import (
     check_count,
     check_fingerprint,
     check_format_version,
@@ -293,6 +293,19 @@ class TaskBoundaryCallback(Callback):
             f"{type(self).__name__} appears {len(same)} times in the Trainer's callbacks; use one per Trainer "
             "(their checkpoint states would share one key, and each would act on the other's results)."
         )
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # A Trainer reused in the user's loop has reached its limits after the first `fit`:
+        # Lightning would return at once, and the experience would silently not be trained.
+        if trainer.ckpt_path is None and trainer.fit_loop.done:
+            epoch, max_epochs, max_steps = trainer.current_epoch, trainer.max_epochs, trainer.max_steps
+            raise ConfigError(
+                f"This Trainer has already reached its limits (current_epoch={epoch}, max_epochs={max_epochs}, "
+                f"global_step={trainer.global_step}, max_steps={max_steps}), so this `fit` would train nothing and "
+                f"{type(self).__name__} would see no experience. Reusing one Trainer for one `fit` per experience "
+                f"needs a higher limit before each `fit`, e.g. `trainer.fit_loop.max_epochs = {epoch} + "
+                "<epochs per experience>`; or create a new Trainer per experience."
+            )
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get("callbacks")

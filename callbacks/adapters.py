@@ -137,7 +137,7 @@ from cl_plugin.errors import CheckpointError, ConfigError, did_you_mean, preview
 from cl_plugin.merging import MERGERS, get_merger
 from cl_plugin.task_vectors import TaskVector
 from cl_plugin.callbacks._boundaries import TaskBoundaryCallback, experience_of, reset_optimizer_state, snapshot, write_into
-from cl_plugin.callbacks._checkpoint import check_bool_field, check_tensor_dict, layout_of, read
+from cl_plugin._checkpoint import check_bool_field, check_tensor_dict, layout_of, read
 from cl_plugin.callbacks.model_merging import ModelMerging
 
 __all__ = ["LoRAAdapters", "SharedSubspaceAdapters"]
@@ -222,6 +222,17 @@ def _grouped_forward(inputs: Tensor, keys: list[Any], run: Callable[[Tensor, Any
     return out
 
 
+def frozen_normalisation_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """BatchNorm / InstanceNorm layers with running statistics whose parameters do not train."""
+    return [
+        m
+        for m in module.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._NormBase)
+        and m.track_running_stats
+        and not any(p.requires_grad for p in m.parameters(recurse=False))
+    ]
+
+
 def _one_fit_spans_experiences(trainer: Trainer) -> bool:
     """True when this ``fit`` will visibly train several experiences (a ContinualDataModule-like datamodule)."""
     datamodule = getattr(trainer, "datamodule", None)
@@ -277,6 +288,7 @@ class _AdapterCallback(TaskBoundaryCallback):
         # trainable_per_task: state names of the trainable modules, and one CPU copy of them per stored task
         self._task_module_names: list[str] = []
         self._task_modules: dict[str, dict[str, Tensor]] = {}
+        self._frozen_norms: list[torch.nn.Module] | None = None
 
     # -- subclass hooks ----------------------------------------------------------------------------
     def _inject(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -407,6 +419,24 @@ class _AdapterCallback(TaskBoundaryCallback):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             self._module = None
+            self._frozen_norms = None
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self._frozen_norms = None  # an experience start may have changed what trains
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        # A frozen normalisation layer would still update its running statistics in train
+        # mode, and every stored adapter (or Share task) would then see other statistics
+        # than it was trained with. Kept in eval mode, they stay θ₀'s. Set before every
+        # batch: validation, or a user's `on_validation_model_train`, may switch modes back.
+        if self._frozen_norms is None:
+            self._frozen_norms = frozen_normalisation_layers(pl_module)
+        for layer in self._frozen_norms:
+            if layer.training:
+                layer.eval()
 
     @override
     def on_experience_start(self, trainer: Trainer, pl_module: LightningModule, experience: int) -> None:

@@ -32,7 +32,7 @@ from cl_plugin.merging import MERGERS, get_merger
 from cl_plugin.metrics import AccuracyMatrix
 from cl_plugin.task_vectors import TaskVector
 from cl_plugin.callbacks._boundaries import TaskBoundaryCallback, floating_names, snapshot, write_into
-from cl_plugin.callbacks._checkpoint import check_tensor_dict, layout_of, read
+from cl_plugin._checkpoint import check_tensor_dict, layout_of, read
 from cl_plugin.callbacks.model_merging import ModelMerging
 
 __all__ = ["ContinualEvaluation", "training_weights_name"]

@@ -17,30 +17,22 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from cl_plugin._checks import check_bool, check_same_layout, check_scale, is_finite
 from cl_plugin.errors import CheckpointError, ConfigError, DtypeMismatchError, NonFiniteError, did_you_mean
-from cl_plugin.merging import MERGERS, get_merger
+from cl_plugin.merging.continual import ContinualMerge
 from cl_plugin.task_vectors import TaskVector
 from cl_plugin.callbacks._boundaries import (
     TaskBoundaryCallback,
     check_base_weights,
-    floating_names,
     load_base_weights,
     reset_optimizer_state,
     snapshot,
-    tied_names,
     write_into,
 )
-from cl_plugin.callbacks._checkpoint import (
-    Layout,
-    check_bool_field,
-    check_tensor_dict,
-    layout_of,
-    read,
-)
+from cl_plugin._checkpoint import check_bool_field, check_tensor_dict, layout_of
 
 __all__ = ["ModelMerging"]
 
@@ -94,6 +86,14 @@ class ModelMerging(TaskBoundaryCallback):
             aid; costs one all-gather per boundary). Default: on when the
             environment variable ``CL_PLUGIN_DEBUG=1``.
         verbose: print a line per boundary on rank 0 (default False).
+        statistics: how normalisation statistics (BatchNorm running mean and
+            variance) are merged: ``"average"`` (default: the mean of the
+            statistics each experience ended with; always valid) or
+            ``"merge"`` (with the method, like any tensor; a merged negative
+            variance is reported with a warning).
+        method_options: the merger's options as one mapping, e.g.
+            ``{"alpha": 0.5}`` for OPCM (the form a LightningCLI YAML file
+            uses); the same as passing them as keywords.
         **method_options: passed to the merger, e.g. ``alpha=0.5`` for OPCM,
             ``top_k=0.2`` for TIES, ``seed=0`` for random.
 
@@ -112,6 +112,13 @@ class ModelMerging(TaskBoundaryCallback):
 
     Attributes:
         merger: the streaming merger; ``merger.num_tasks`` experiences are folded.
+
+    After ``fit`` the module holds θ₀ + scale·merged, and so does every
+    checkpoint file Lightning wrote at the end of that ``fit`` that
+    ``ckpt_path="last"`` (or ``"best"`` without a ``monitor``) would load: the
+    callback writes them again with the merged weights. A ``ModelCheckpoint``
+    with a ``monitor`` keeps the epochs with the best score: those hold one
+    epoch's training weights, not a merge (a warning says so).
 
     .. note:: One ``ModelMerging`` per Trainer: its checkpoint state is kept
        under the key ``"ModelMerging"`` whatever its settings, so Lightning
@@ -136,38 +143,40 @@ class ModelMerging(TaskBoundaryCallback):
         reset_optimizer: bool = True,
         check_ranks: bool | None = None,
         verbose: bool = False,
-        **method_options: Any,
+        statistics: str = "average",
+        method_options: Mapping[str, Any] | None = None,
+        **more_method_options: Any,
     ) -> None:
         super().__init__()
-        if not isinstance(method, str) or method not in MERGERS:
+        options = merge_method_options(method_options, more_method_options, "ModelMerging")
+        if isinstance(exclude, str):
+            exclude = (exclude,)
+        exclude = tuple(exclude)
+        if not all(isinstance(p, str) for p in exclude):
+            raise ConfigError(f"`exclude` must be glob patterns (strings), got {exclude!r} (ModelMerging).")
+        try:
+            device = torch.device(snapshot_device)
+        except (RuntimeError, TypeError) as exc:
+            raise ConfigError(f"`snapshot_device` {snapshot_device!r} is not a torch device: {exc}.") from None
+        if device.type == "meta":
             raise ConfigError(
-                f"Unknown merging method {method!r} (ModelMerging). Choose one of {sorted(MERGERS)}."
-                + did_you_mean(str(method), MERGERS)
+                "`snapshot_device='meta'` holds no values, so θ₀ and the merge could not be kept (ModelMerging). "
+                "Use 'cpu' (the default) or an accelerator device."
             )
-        self.merger = get_merger(method, **method_options)
-        self.method = method
-        self.method_options = dict(method_options)
-        self.scale = self.merger.default_scale if scale is None else check_scale(scale, f"ModelMerging(method={method!r})")
         if start_from not in START_FROM:
             raise ConfigError(
                 f"`start_from` must be one of {list(START_FROM)}, got {start_from!r} (ModelMerging)."
                 + did_you_mean(str(start_from), START_FROM)
             )
+        self.core = ContinualMerge(
+            method, scale=scale, exclude=exclude, statistics=statistics, device=device, method_options=options
+        )
+        self.method = method
+        self.method_options = options
         self.start_from = start_from
-        if isinstance(exclude, str):
-            exclude = (exclude,)
-        self.exclude = tuple(exclude)
-        if not all(isinstance(p, str) for p in self.exclude):
-            raise ConfigError(f"`exclude` must be glob patterns (strings), got {exclude!r} (ModelMerging).")
-        try:
-            self.snapshot_device = torch.device(snapshot_device)
-        except (RuntimeError, TypeError) as exc:
-            raise ConfigError(f"`snapshot_device` {snapshot_device!r} is not a torch device: {exc}.") from None
-        if self.snapshot_device.type == "meta":
-            raise ConfigError(
-                "`snapshot_device='meta'` holds no values, so θ₀ and the merge could not be kept (ModelMerging). "
-                "Use 'cpu' (the default) or an accelerator device."
-            )
+        self.exclude = exclude
+        self.statistics = statistics
+        self.snapshot_device = device
         if base_weights is not None and not isinstance(base_weights, (Mapping, str, os.PathLike)):
             raise ConfigError(
                 f"`base_weights` must be a state dict or a .safetensors path, got {type(base_weights).__name__}."
@@ -180,12 +189,6 @@ class ModelMerging(TaskBoundaryCallback):
             check_ranks = os.environ.get("CL_PLUGIN_DEBUG", "0") == "1"
         self.check_ranks = bool(check_ranks)
         self.verbose = bool(verbose)
-
-        self._names: list[str] | None = None
-        self._aliases: dict[str, str] = {}
-        self._float_names: list[str] | None = None
-        self._layout: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None
-        self._theta0: dict[str, Tensor] | None = None
         # The fine-tuned weights the next experience continues from (start_from="finetuned",
         # one fit per experience). Kept until that experience is folded, so a fit that
         # diverges can be retried from exactly where it started.
@@ -193,12 +196,27 @@ class ModelMerging(TaskBoundaryCallback):
         self._holds_merged = False
         self.boundary_log: list[dict[str, float]] = []
 
+    @property
+    def merger(self):
+        """The streaming merger; ``merger.num_tasks`` experiences are folded."""
+        return self.core.merger
+
+    @property
+    def scale(self) -> float:
+        """λ in θ₀ + λ·merged."""
+        return self.core.scale
+
+    @property
+    def _names(self) -> list[str] | None:
+        return self.core.names
+
     def _options(self) -> dict[str, Any]:
         return {
             "method": self.method,
             "method_options": self.method_options,
             "start_from": self.start_from,
             "exclude": list(self.exclude),
+            "statistics": self.statistics,
             "scale": self.scale,
         }
 
@@ -213,23 +231,23 @@ class ModelMerging(TaskBoundaryCallback):
     # -- public helpers ----------------------------------------------------------------
     @property
     def base_weights(self) -> dict[str, Tensor] | None:
-        """θ₀ over the merged names (on ``snapshot_device``), once known."""
-        return self._theta0
+        """θ₀ over the merged tensors (on ``snapshot_device``), once known."""
+        return self.core.theta0
 
     def merged_state_dict(self, pl_module: LightningModule) -> dict[str, Tensor]:
         """The module's state dict with every merged entry set to θ₀ + scale·merged.
 
         Entries that are not merged (integer buffers, ``exclude``) are the
-        module's current ones; the names of a tied tensor all hold the merged value.
+        module's current ones; the names of a tied tensor all hold the merged
+        value; normalisation statistics are merged as ``statistics`` says.
 
         Raises:
             ConfigError: no experience has been folded yet.
         """
-        self._require_merged()
         out = dict(pl_module.state_dict())
-        for n, t in self._merged_tensors().items():
+        for n, t in self.core.merged_tensors().items():
             out[n] = t.to(device=out[n].device, dtype=out[n].dtype)
-        for alias, n in self._aliases.items():
+        for alias, n in self.core.aliases.items():
             out[alias] = out[n]
         return out
 
@@ -242,9 +260,9 @@ class ModelMerging(TaskBoundaryCallback):
             with merging.merged_weights(model):
                 trainer.test(model, datamodule=dm)
         """
-        self._require_merged()
-        saved = snapshot(pl_module, self._names, self.snapshot_device)
-        write_into(pl_module, self._merged_tensors())
+        merged = self.core.merged_tensors()
+        saved = snapshot(pl_module, self.core.all_names, self.snapshot_device)
+        write_into(pl_module, merged)
         try:
             yield pl_module
         finally:
@@ -256,30 +274,20 @@ class ModelMerging(TaskBoundaryCallback):
         if stage != "fit":
             return
         check_snapshot_device(self.snapshot_device, "ModelMerging")
-        names = floating_names(pl_module, self.exclude)
-        if self._names is not None and names != self._names:
-            added = [n for n in names if n not in self._names]
-            removed = [n for n in self._names if n not in names]
-            raise ConfigError(
-                f"The model's floating-point tensors changed since the first experience (added {added[:5]}, "
-                f"removed {removed[:5]}). Task vectors need one architecture for the whole stream."
-            )
+        self.core.bind(pl_module)
         state = pl_module.state_dict()
-        self._names = names
-        self._aliases = tied_names(pl_module, names)
-        self._float_names = [n for n, t in state.items() if t.is_floating_point()]
-        merged = {n: state[n] for n in names}
-        self._layout = layout_of(merged)
-        if self._theta0 is not None:
+        model = {n: state[n] for n in self.core.all_names}
+        self._layout = layout_of(model)
+        if self.core.theta0 is not None:
             # A reshaped or re-typed parameter would only surface at the next boundary,
             # after a whole experience of training: catch it before the first step.
-            self._check_theta0(self._theta0, "θ₀ (from the earlier experiences)", merged)
-        if self._theta0 is None and self._base_weights_source is not None:
+            self._check_theta0(self.core.theta0, "θ₀ (from the earlier experiences)", model)
+        if self.core.theta0 is None and self._base_weights_source is not None:
             base = load_base_weights(self._base_weights_source)
-            check_base_weights(base, pl_module, names)
-            theta0 = {n: base[n].detach().to(self.snapshot_device, copy=True) for n in names}
-            self._check_theta0(theta0, "θ₀ (`base_weights`)", merged)
-            self._theta0 = theta0
+            check_base_weights(base, pl_module, self.core.all_names)
+            theta0 = {n: base[n].detach().to(self.snapshot_device, copy=True) for n in self.core.all_names}
+            self._check_theta0(theta0, "θ₀ (`base_weights`)", model)
+            self.core.theta0 = theta0
 
     def _check_theta0(self, theta0: Mapping[str, Tensor], what: str, model: Mapping[str, Tensor]) -> None:
         """Raise unless θ₀ has the ``model``'s names, shapes and dtypes and holds finite values."""
@@ -299,17 +307,10 @@ class ModelMerging(TaskBoundaryCallback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        if self._theta0 is None:
+        if self.core.theta0 is None:
             # θ₀ may already have come back from a checkpoint (load_state_dict
             # runs before this hook); only a fresh run captures it.
-            theta0 = snapshot(pl_module, self._names, self.snapshot_device)
-            for n, t in theta0.items():
-                if not is_finite(t):
-                    raise NonFiniteError(
-                        f"ModelMerging: θ₀ (the weights when training starts) tensor {n!r} holds NaN or infinite "
-                        "values; every task vector would be NaN. Check the weights the stream starts from."
-                    )
-            self._theta0 = theta0
+            self.core.capture_theta0(pl_module, "ModelMerging: θ₀ (the weights when training starts)")
         if self._holds_merged:
             # The module holds θ₀ + scale·merged from the previous fit's end.
             self._install_start_weights(pl_module)
@@ -337,16 +338,14 @@ class ModelMerging(TaskBoundaryCallback):
         self, trainer: Trainer, pl_module: LightningModule, experience: int, at_fit_end: bool
     ) -> None:
         start = time.perf_counter()
-        self._check_tensors_unchanged(pl_module, experience)
-        current = snapshot(pl_module, self._names, self.snapshot_device)
+        self.core.check_unchanged(pl_module, f"during experience {experience}")
         try:
-            task_vector = TaskVector.between(current, self._theta0)
+            task_vector = self.core.task_vector(pl_module)
         except NonFiniteError:
-            self._diverged(pl_module, experience, current, at_fit_end)
+            self.on_experience_diverged(trainer, pl_module, experience, at_fit_end)
         keep_current = at_fit_end and self.start_from == "finetuned"
-        if not keep_current:
-            del current  # the snapshot is not needed past τ: free it before the fold
-        self.merger.update(task_vector)
+        kept = snapshot(pl_module, self.core.all_names, self.snapshot_device) if keep_current else None
+        self.core.fold(task_vector)
         elapsed = time.perf_counter() - start
         norm = self.merger.merged_norm()
         task_norm = task_vector.norm()
@@ -368,77 +367,76 @@ class ModelMerging(TaskBoundaryCallback):
                 f"|merged| = {norm:.4f} ({self.merger.num_tasks} experiences)"
             )
         # The experience is folded: the weights kept for a retry of it are no longer needed.
-        self._kept_weights = current if keep_current else None
-        try:
-            merged = self._merged_tensors() if at_fit_end or self.start_from == "merged" else None
-        except NonFiniteError:
-            # The fold is done and stays counted, so a retry does not fold it twice.
-            self._experiences_finished += 1
-            self._holds_merged = False
-            raise
+        self._kept_weights = kept
         if at_fit_end:
-            # Hand the merged model back; keep the training weights if the next fit continues from them.
-            write_into(pl_module, merged)
-            self._holds_merged = True
-        else:
-            self._install_start_weights(pl_module, merged)
+            self._hand_back_merged(pl_module, kept_is_set=True)
+        elif self.start_from != "finetuned":
+            try:
+                self._install_start_weights(pl_module)
+            except NonFiniteError:
+                self._experiences_finished += 1  # the fold is done and stays counted: a retry must not fold it twice
+                raise
         if self.check_ranks:
             self._check_ranks_agree(trainer, pl_module)
 
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)  # the last boundary
+        self._finish_fit(trainer, pl_module)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        pending = self._training_experience is not None and trainer.state.fn == "fit"
+        super().on_fit_end(trainer, pl_module)
+        if pending:
+            self._finish_fit(trainer, pl_module)
+
+    def _finish_fit(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """At the end of ``fit``: the module and the last checkpoints hold the merge of what was folded."""
+        if not self.merger.num_tasks:
+            return
+        if not self._holds_merged:
+            # The last experience was skipped (nothing trained): the module still holds
+            # training weights. Hand back the merge of what was folded all the same.
+            self._hand_back_merged(pl_module, kept_is_set=False)
+        refresh_last_checkpoints(trainer, "ModelMerging")
+
     # -- internals -------------------------------------------------------------------------------
-    def _require_merged(self) -> None:
-        if self._theta0 is None or self.merger.num_tasks == 0:
-            raise ConfigError("No experience has been merged yet: train at least one experience first.")
+    def _hand_back_merged(self, pl_module: LightningModule, *, kept_is_set: bool) -> None:
+        """Write θ₀ + scale·merged into the module; keep what the next fit starts from."""
+        if not kept_is_set:
+            self._kept_weights = (
+                snapshot(pl_module, self.core.all_names, self.snapshot_device) if self.start_from == "finetuned" else None
+            )
+        try:
+            merged = self.core.merged_tensors()
+        except NonFiniteError:
+            if kept_is_set:
+                self._experiences_finished += 1  # the fold is done and stays counted: a retry must not fold it twice
+            raise
+        write_into(pl_module, merged)
+        self._holds_merged = True
 
-    def _merged_tensors(self) -> dict[str, Tensor]:
-        """θ₀ + scale·merged over the merged names (on ``snapshot_device``), checked finite before anyone writes them."""
-        merged = self.merger.merged().apply_to(self._theta0, self.scale)
-        for n, t in merged.items():
-            if not is_finite(t):
-                raise NonFiniteError(
-                    f"ModelMerging: θ₀ + {self.scale}·merged overflows {t.dtype} in tensor {n!r}; the module keeps "
-                    "the weights it has. Resume with a smaller `scale`, or train in a wider dtype."
-                )
-        return merged
-
-    def _install_start_weights(self, pl_module: LightningModule, merged: Mapping[str, Tensor] | None = None) -> None:
+    def _install_start_weights(self, pl_module: LightningModule) -> None:
         """Set the weights the next experience trains from, as ``start_from`` says."""
         if self.start_from == "finetuned":
             if self._holds_merged:
                 write_into(pl_module, self._kept_weights)
             # otherwise the module already holds the fine-tuned weights
         elif self.start_from == "pretrained":
-            write_into(pl_module, self._theta0)
+            write_into(pl_module, self.core.theta0)
         else:
-            write_into(pl_module, self._merged_tensors() if merged is None else merged)
-
-    def _check_tensors_unchanged(self, pl_module: LightningModule, experience: int) -> None:
-        """Raise before folding if a floating-point tensor was added or removed during the experience."""
-        now = [n for n, t in pl_module.state_dict().items() if t.is_floating_point()]
-        if now != self._float_names:
-            added = [n for n in now if n not in self._float_names]
-            removed = [n for n in self._float_names if n not in now]
-            raise ConfigError(
-                f"ModelMerging: the model's floating-point tensors changed during experience {experience} "
-                f"(added {added[:5]}, removed {removed[:5]}); nothing was folded. A task vector needs the tensors "
-                "θ₀ was taken from: create every parameter and buffer before `fit` (e.g. in `__init__` or "
-                "`configure_model`), and keep them for the whole stream."
-            )
+            write_into(pl_module, self.core.merged_tensors())
 
     def on_experience_diverged(self, trainer: Trainer, pl_module: LightningModule, experience: int, at_fit_end: bool) -> None:
+        """The weights after ``experience`` are not finite: put the module back as it was, then raise."""
         state = pl_module.state_dict()
-        self._diverged(pl_module, experience, {n: state[n] for n in self._names}, at_fit_end)
-
-    def _diverged(self, pl_module: LightningModule, experience: int, weights: Mapping[str, Tensor], at_fit_end: bool):
-        """The ``weights`` after ``experience`` are not finite: put the module back as it was, then raise."""
-        bad = [n for n, t in weights.items() if not is_finite(t)]
+        bad = [n for n in self.core.all_names if not is_finite(state[n])]
         if self.merger.num_tasks:
-            write_into(pl_module, self._merged_tensors())
+            write_into(pl_module, self.core.merged_tensors())
             restored = f"θ₀ + {self.scale}·merged of the {self.merger.num_tasks} experience(s) folded so far"
             self._holds_merged = True
             retry_ready = self.start_from != "finetuned" or self._kept_weights is not None
         else:
-            write_into(pl_module, self._theta0)
+            write_into(pl_module, self.core.theta0)
             restored = "θ₀"
             retry_ready = True
         if at_fit_end and retry_ready:
@@ -463,8 +461,9 @@ class ModelMerging(TaskBoundaryCallback):
         if trainer.world_size <= 1:
             return
         state = pl_module.state_dict()
+        names = self.core.all_names
         checksum = torch.stack(
-            [state[n].detach().double().sum() for n in self._names] + [state[n].detach().double().abs().sum() for n in self._names]
+            [state[n].detach().double().sum() for n in names] + [state[n].detach().double().abs().sum() for n in names]
         ).sum()
         gathered = trainer.strategy.all_gather(checksum.to(pl_module.device))
         if not torch.all(gathered == gathered.reshape(-1)[0]):
@@ -476,10 +475,8 @@ class ModelMerging(TaskBoundaryCallback):
     # -- checkpointing ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
+        state.update(self.core.state_dict())
         state.update(
-            names=list(self._names) if self._names is not None else None,
-            theta0=self._theta0,
-            merger=self.merger.state_dict(),
             # Only what the next fit needs: the weights kept for a retry while an
             # experience trains stay out of the checkpoint (resume it instead).
             kept_weights=self._kept_weights if self._holds_merged else None,
@@ -491,66 +488,83 @@ class ModelMerging(TaskBoundaryCallback):
         owner = "ModelMerging"
         finished = state.get("experiences_finished", 0)
         training = state.get("training_experience")
-        names = read(state, "names", owner)
-        if names is not None and (not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names)):
-            raise CheckpointError(f"The checkpoint's {owner} state has names={names!r}; expected a list of tensor names.")
-        if names is not None and self._names is not None and list(names) != self._names:
-            added = [n for n in self._names if n not in names]
-            removed = [n for n in names if n not in self._names]
+        layout = getattr(self, "_layout", None)
+        base = None if self._base_weights_source is None else load_base_weights(self._base_weights_source)
+        apply_core = self.core.prepare_load(state, owner, layout=layout, base_weights=base)
+        if state["theta0"] is None and (finished or training is not None):
             raise CheckpointError(
-                f"The checkpoint's ModelMerging merged other tensors than this model has (the model adds "
-                f"{added[:5]}, lacks {removed[:5]}). Resume with the model and `exclude` the checkpoint was written with."
+                f"The checkpoint's ModelMerging state has no θ₀ but records {finished} finished experience(s); "
+                "it is damaged. Resume from another checkpoint."
             )
-        names = None if names is None else list(names)
-        layout: Layout | None = self._layout if self._layout is not None else None
-        theta0 = read(state, "theta0", owner)
-        if theta0 is None:
-            if finished or training is not None:
-                raise CheckpointError(
-                    f"The checkpoint's ModelMerging state has no θ₀ but records {finished} finished experience(s); "
-                    "it is damaged. Resume from another checkpoint."
-                )
-        else:
-            theta0 = check_tensor_dict(theta0, "theta0", owner, layout, names=names, device=self.snapshot_device)
-            layout = layout_of(theta0)
-        merger = get_merger(self.method, **self.method_options)
-        merger_state = read(state, "merger", owner)
-        if merger_state is not None:
-            merger.load_state_dict(merger_state)  # validates it completely; `merger` is a new object
-        if merger.num_tasks != finished:
+        merger_state = state["merger"] or {}
+        if merger_state.get("num_tasks", 0) != finished:
             raise CheckpointError(
                 f"The checkpoint's ModelMerging state records {finished} finished experience(s) but its merger holds "
-                f"{merger.num_tasks}; it is damaged. Resume from another checkpoint."
+                f"{merger_state.get('num_tasks', 0)}; it is damaged. Resume from another checkpoint."
             )
-        if merger.num_tasks and (layout is None or sorted(merger.state_dict()["input_dtypes"]) != sorted(layout)):
-            raise CheckpointError("The checkpoint's ModelMerging merger holds other tensors than its θ₀; it is damaged.")
         holds_merged = check_bool_field(state.get("holds_merged", False), "holds_merged", owner)
-        if holds_merged and not merger.num_tasks:
+        if holds_merged and not finished:
             raise CheckpointError("The checkpoint's ModelMerging state says the module holds a merge of no experience; it is damaged.")
         kept = state.get("kept_weights")
         if kept is not None:
-            kept = check_tensor_dict(kept, "kept_weights", owner, layout, device=self.snapshot_device)
+            names = (state["names"] or []) + list(state.get("statistic_names", []))
+            kept = check_tensor_dict(kept, "kept_weights", owner, layout, names=names, device=self.snapshot_device)
         if holds_merged and self.start_from == "finetuned" and kept is None:
             raise CheckpointError(
                 "The checkpoint's ModelMerging (start_from='finetuned') holds the merged model but not the "
                 "fine-tuned weights the next experience continues from; it is damaged."
             )
-        if theta0 is not None and self._base_weights_source is not None:
-            base = load_base_weights(self._base_weights_source)
-            differ = [n for n in theta0 if n not in base or not torch.equal(base[n].to(theta0[n]), theta0[n])]
-            if differ:
-                raise ConfigError(
-                    f"`base_weights` differs from the checkpoint's θ₀ in {len(differ)} tensor(s) "
-                    f"({', '.join(repr(n) for n in differ[:3])}). Resume without `base_weights` (the checkpoint "
-                    "holds θ₀), or start a new stream."
-                )
 
         def apply() -> None:
-            self.merger = merger
-            self._theta0 = theta0
+            apply_core()
             self._kept_weights = kept
             self._holds_merged = holds_merged
-            if names is not None:
-                self._names = names
 
         return apply
+
+
+def merge_method_options(mapping: Mapping[str, Any] | None, keywords: Mapping[str, Any], owner: str) -> dict[str, Any]:
+    """One dict of merger options from ``method_options={...}`` and ``**keywords`` (LightningCLI uses the mapping)."""
+    if mapping is not None and not isinstance(mapping, Mapping):
+        raise ConfigError(f"`method_options` must be a mapping of option name to value, got {mapping!r} ({owner}).")
+    mapping = dict(mapping or {})
+    both = sorted(set(mapping) & set(keywords))
+    if both:
+        raise ConfigError(f"{both} given both in `method_options` and as keywords ({owner}); give each option once.")
+    return {**mapping, **keywords}
+
+
+def refresh_last_checkpoints(trainer: Trainer, owner: str) -> None:
+    """Write the module's merged weights over the checkpoints saved at this step that ``ckpt_path="last"`` loads.
+
+    Those are each ``ModelCheckpoint``'s ``last_model_path`` and, for one
+    without a ``monitor`` (whose "best" is simply the latest), its
+    ``best_model_path``. A monitored best checkpoint holds one epoch's
+    training weights; it is left as it is, with a warning.
+    """
+    paths, monitored = set(), []
+    for cb in trainer.checkpoint_callbacks:
+        if getattr(cb, "last_model_path", ""):
+            paths.add(cb.last_model_path)
+        if getattr(cb, "monitor", None) is None and getattr(cb, "best_model_path", ""):
+            paths.add(cb.best_model_path)
+        elif getattr(cb, "best_model_path", ""):
+            monitored.append(cb.monitor)
+    # Rank 0 decides (the files may be visible to it only); every rank takes part in the save.
+    stale = [p for p in sorted(paths) if os.path.exists(p) and _checkpoint_step(p) == trainer.global_step]
+    for path in trainer.strategy.broadcast(stale, src=0):
+        trainer.save_checkpoint(path)
+    if monitored:
+        rank_zero_warn(
+            f"{owner}: ModelCheckpoint(monitor={monitored[0]!r}) keeps the epochs with the best {monitored[0]!r}: "
+            "those checkpoints hold one epoch's training weights, not the merged model. The merged model is in the "
+            "module and in the `last` checkpoint (ModelCheckpoint(save_last=True)); load that one "
+            "(`trainer.test(ckpt_path='last')`)."
+        )
+
+
+def _checkpoint_step(path: str) -> int | None:
+    try:
+        return int(torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("global_step", -1))
+    except Exception:  # noqa: BLE001 - an unreadable file is simply not refreshed
+        return None

@@ -80,6 +80,23 @@ def run_fit_per_experience(method="magmax", reuse_trainer=False, seed=0, **cb_kw
 
 
 # -- boundaries and the merged result -------------------------------------------------------
+STATISTICS = ("net.1.running_mean", "net.1.running_var")  # TinyClassifier's BatchNorm
+
+
+def expected_merge(method, ends, theta0, scale, statistics="average", **options):
+    """θ₀ + scale·merge(τ₁..τ_k) from the recorded fine-tuned weights; BatchNorm statistics averaged (the default)."""
+    names = [n for n, t in theta0.items() if t.is_floating_point() and (statistics == "merge" or n not in STATISTICS)]
+    reference = get_merger(method, **options)
+    averaged = get_merger("average")
+    for weights in ends:
+        reference.update(TaskVector.between({n: weights[n] for n in names}, {n: theta0[n] for n in names}))
+        if statistics == "average":
+            averaged.update(TaskVector.between({n: weights[n] for n in STATISTICS}, {n: theta0[n] for n in STATISTICS}))
+    expected = reference.merged().apply_to({n: theta0[n] for n in names}, scale)
+    if statistics == "average":
+        expected.update(averaged.merged().apply_to({n: theta0[n] for n in STATISTICS}, 1.0))
+    return expected
+
 
 
 @pytest.mark.parametrize("method", ["magmax", "average", "opcm"])
@@ -89,13 +106,9 @@ def test_one_fit_merges_every_experience_and_ends_with_merged_weights(method):
     assert [e for e, _ in cb.ends] == [0, 1, 2]
     assert cb.merger.num_tasks == N_EXP
     # Independently: fold the recorded task vectors and apply to θ₀.
-    names = [n for n, t in theta0.items() if t.is_floating_point()]
-    reference = get_merger(method)
-    for _, weights in cb.ends:
-        reference.update(TaskVector.between({n: weights[n] for n in names}, {n: theta0[n] for n in names}))
-    expected = reference.merged().apply_to({n: theta0[n] for n in names}, cb.scale)
+    expected = expected_merge(method, [w for _, w in cb.ends], theta0, cb.scale)
     final = model.state_dict()
-    for n in names:
+    for n in expected:
         assert torch.equal(final[n], expected[n]), n
     # integer buffers pass through with their trained values
     assert int(final["net.1.num_batches_tracked"]) == N_EXP * EPE * 4
@@ -135,13 +148,21 @@ def test_start_from_finetuned_continues_from_the_last_weights(runner):
 @pytest.mark.parametrize("runner", [run_one_fit, run_fit_per_experience])
 def test_start_from_merged_starts_from_theta0_plus_scaled_merge(runner):
     _, cb, theta0 = runner(start_from="merged", method="average")
-    names = [n for n, t in theta0.items() if t.is_floating_point()]
-    reference = get_merger("average")
-    for (_, end), (_, start) in zip(cb.ends[:-1], cb.starts[1:]):
-        reference.update(TaskVector.between({n: end[n] for n in names}, {n: theta0[n] for n in names}))
-        expected = reference.merged().apply_to({n: theta0[n] for n in names}, cb.scale)
-        for n in names:
+    ends = [end for _, end in cb.ends]
+    for k, (_, start) in enumerate(cb.starts[1:], start=1):
+        expected = expected_merge("average", ends[:k], theta0, cb.scale)
+        for n in expected:
             assert torch.allclose(start[n], expected[n], atol=1e-7), n
+
+
+@pytest.mark.parametrize("statistics", ["average", "merge"])
+def test_batchnorm_statistics_are_averaged_by_default_or_merged_like_weights(statistics):
+    model, cb, theta0 = run_one_fit("task_arithmetic", statistics=statistics)
+    expected = expected_merge("task_arithmetic", [w for _, w in cb.ends], theta0, cb.scale, statistics=statistics)
+    final = model.state_dict()
+    for n in STATISTICS:
+        assert torch.equal(final[n], expected[n]), n
+    assert set(cb.core.statistic_names) == (set(STATISTICS) if statistics == "average" else set())
 
 
 def test_optimizer_state_is_reset_at_each_boundary_unless_kept():

@@ -31,7 +31,7 @@ EXPECTED = {
     "mm_finished_wrong": {"error": "CheckpointError", "message": r"2 finished experience\(s\) but its merger holds 1"},
     "mm_missing_merger": {"error": "CheckpointError", "message": r"has no 'merger' entry"},
     "mm_missing_theta0": {"error": "CheckpointError", "message": r"has no 'theta0' entry"},
-    "mm_theta0_none": {"error": "CheckpointError", "message": r"has no θ₀ but records 1 finished"},
+    "mm_theta0_none": {"error": "CheckpointError", "message": r"has a merge but no θ₀; it is damaged"},
     "mm_num_tasks_negative": {"error": "CheckpointError", "message": r"num_tasks"},
     "mm_merger_nan": {"error": "CheckpointError", "message": r"NaN|non-finite|infinite"},
     "mm_theta0_nan": {"error": "CheckpointError", "message": r"theta0\['net.0.weight'\] holds NaN"},

@@ -1,9 +1,9 @@
-"""Checks that every cl-plugin callback runs on a state before loading it.
+"""Checks that every saved cl-plugin state goes through before it is loaded.
 
-A callback's ``load_state_dict`` first reads the whole saved state through
-these functions, which raise and never assign, and only then changes the
-callback (see :meth:`TaskBoundaryCallback.load_state_dict`). Two kinds of
-error come out:
+A ``load_state_dict`` (the callbacks', the boundary core's) first reads the
+whole saved state through these functions, which raise and never assign, and
+only then changes anything (see ``TaskBoundaryCallback.load_state_dict``).
+No Lightning import. Two kinds of error come out:
 
 * :class:`~cl_plugin.errors.CheckpointError`: the state is corrupt, of an
   unknown format version, inconsistent with itself, or does not fit the model;

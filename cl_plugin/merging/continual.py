@@ -1,0 +1,340 @@
+"""The boundary core: θ₀, the streaming merge of a model's weights, and its normalisation statistics.
+
+Every caller that folds a model's weights at task boundaries (the
+``ModelMerging`` callback, ``ContinualEvaluation``'s comparison methods, the
+Avalanche plugin) goes through :class:`ContinualMerge`, so the rules below
+hold for all of them:
+
+* **Which tensors.** The module's floating-point parameters and buffers,
+  minus ``exclude`` globs, one name per tensor: a tensor that several names
+  share (tied weights) is taken once, under its first name, and left out when
+  ``exclude`` matches any of its names. Integer buffers pass through.
+* **Normalisation statistics** (the ``running_mean``/``running_var`` buffers
+  of BatchNorm and of InstanceNorm with ``track_running_stats``) are not
+  merged like weights: a sum or a selection of variance differences can make
+  a variance negative (seen: task arithmetic on a timm ResNet gave NaN
+  logits). With ``statistics="average"`` (the default) the merged model's
+  statistics are the mean of the statistics each experience ended with, which
+  is always a valid mean and a non-negative variance. ``statistics="merge"``
+  merges them with the method like any tensor; a merged variance below zero
+  or non-finite is then reported with a warning.
+* **All or nothing.** :meth:`fold` reads the module, checks every value, and
+  changes the state only when the whole fold succeeded; the merged weights are
+  checked finite before anyone writes them.
+
+No Lightning import: usable from any training loop.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cl_plugin._checkpoint import check_tensor_dict, read
+from cl_plugin._checks import check_scale, is_finite
+from cl_plugin.errors import CheckpointError, ConfigError, NonFiniteError, did_you_mean, preview
+from cl_plugin.merging.registry import MERGERS, get_merger
+from cl_plugin.task_vectors import TaskVector, select_names, tied_aliases
+
+__all__ = ["ContinualMerge", "STATISTICS", "normalisation_statistics"]
+
+#: How normalisation statistics are merged (see the module docstring).
+STATISTICS = ("average", "merge")
+
+_STAT_BUFFERS = ("running_mean", "running_var")
+
+
+def normalisation_statistics(module: nn.Module) -> list[str]:
+    """State-dict names of the running statistics of every BatchNorm / InstanceNorm layer in ``module``."""
+    names = []
+    for prefix, sub in module.named_modules():
+        if isinstance(sub, nn.modules.batchnorm._NormBase) and sub.track_running_stats:
+            for buffer in _STAT_BUFFERS:
+                if getattr(sub, buffer, None) is not None:
+                    names.append(f"{prefix}.{buffer}" if prefix else buffer)
+    return names
+
+
+def _snapshot(state: Mapping[str, Tensor], names: Iterable[str], device: torch.device) -> dict[str, Tensor]:
+    with torch.no_grad():
+        return {n: state[n].detach().to(device=device, copy=True) for n in names}
+
+
+class ContinualMerge:
+    """θ₀ and the streaming merge of one model's weights over a stream of experiences.
+
+    Args:
+        method: a name in :data:`cl_plugin.merging.MERGERS` (default ``"magmax"``).
+        scale: λ in θ₀ + λ·merged; None: the method's default.
+        exclude: glob patterns of state-dict names that are not merged.
+        statistics: ``"average"`` (default) or ``"merge"``: how normalisation
+            statistics are merged (module docstring).
+        device: where θ₀ and the merger state live (default CPU).
+        method_options: the merger's options (e.g. ``{"alpha": 0.5}`` for OPCM).
+
+    Raises:
+        ConfigError: an unknown method, option or ``statistics``.
+
+    Example:
+        >>> core = ContinualMerge("average")
+        >>> net = nn.Linear(2, 1)
+        >>> core.bind(net); core.capture_theta0(net)
+        >>> with torch.no_grad(): _ = net.weight.add_(1.0)
+        >>> core.fold(net)["weight"]
+        tensor([[1., 1.]])
+        >>> core.num_tasks
+        1
+    """
+
+    def __init__(
+        self,
+        method: str = "magmax",
+        *,
+        scale: float | None = None,
+        exclude: Iterable[str] = (),
+        statistics: str = "average",
+        device: str | torch.device = "cpu",
+        method_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(method, str) or method not in MERGERS:
+            raise ConfigError(
+                f"Unknown merging method {method!r}. Choose one of {sorted(MERGERS)}.{did_you_mean(str(method), MERGERS)}"
+            )
+        if statistics not in STATISTICS:
+            raise ConfigError(
+                f"`statistics` must be one of {list(STATISTICS)}, got {statistics!r}.{did_you_mean(str(statistics), STATISTICS)}"
+            )
+        self.method = method
+        self.method_options = dict(method_options or {})
+        self.merger = get_merger(method, **self.method_options)
+        #: λ in θ₀ + λ·merged (the method's default unless given); may be changed between boundaries.
+        self.scale = self.merger.default_scale if scale is None else check_scale(scale, f"ContinualMerge(method={method!r})")
+        self.exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+        self.statistics = statistics
+        self.device = torch.device(device)
+        self._statistics_merger = get_merger("average")
+        self.names: list[str] | None = None  # merged by the method
+        self.statistic_names: list[str] = []  # averaged (statistics="average")
+        self.aliases: dict[str, str] = {}
+        self.float_names: list[str] | None = None  # every float entry of the module, to notice changes
+        self.theta0: dict[str, Tensor] | None = None
+        self._module_statistics: frozenset[str] = frozenset()
+
+    # -- the model ------------------------------------------------------------------------------------
+    @property
+    def num_tasks(self) -> int:
+        return self.merger.num_tasks
+
+    @property
+    def all_names(self) -> list[str]:
+        """Every tensor θ₀ holds: the merged ones, then the averaged statistics."""
+        return (self.names or []) + self.statistic_names
+
+    def select(self, module: nn.Module) -> tuple[list[str], list[str], dict[str, str], list[str]]:
+        """(merged names, statistic names, aliases, all float names) of ``module``, without binding."""
+        state = module.state_dict()
+        floats = [n for n, t in state.items() if t.is_floating_point()]
+        if not floats:
+            raise ConfigError(f"{type(module).__name__} has no floating-point parameters or buffers: there is nothing to merge.")
+        selected = set(select_names(floats, exclude=self.exclude or None))
+        aliases = tied_aliases({n: state[n] for n in floats})
+        excluded_tensors = {aliases.get(n, n) for n in floats if n not in selected}
+        kept = [n for n in floats if n not in aliases and n not in excluded_tensors]
+        statistics = set(normalisation_statistics(module)) if self.statistics == "average" else set()
+        names = [n for n in kept if n not in statistics]
+        statistic_names = [n for n in kept if n in statistics]
+        aliases = {a: n for a, n in aliases.items() if n in set(kept)}
+        return names, statistic_names, aliases, floats
+
+    def bind(self, module: nn.Module) -> None:
+        """Choose the tensors of ``module`` to merge; on a later call, raise if they changed.
+
+        Raises:
+            ConfigError: the module's floating-point tensors differ from the
+                ones bound before (added, removed).
+        """
+        names, statistic_names, aliases, floats = self.select(module)
+        if self.names is not None and (names, statistic_names) != (self.names, self.statistic_names):
+            before, now = self.all_names, names + statistic_names
+            raise ConfigError(
+                f"The model's floating-point tensors changed since the first experience (added "
+                f"{[n for n in now if n not in before][:5]}, removed {[n for n in before if n not in now][:5]}). "
+                "Task vectors need one architecture for the whole stream."
+            )
+        self.names, self.statistic_names, self.aliases, self.float_names = names, statistic_names, aliases, floats
+        self._module_statistics = frozenset(normalisation_statistics(module))
+
+    def check_unchanged(self, module: nn.Module, when: str) -> None:
+        """Raise a ConfigError if a floating-point tensor was added to or removed from ``module`` since :meth:`bind`."""
+        now = [n for n, t in module.state_dict().items() if t.is_floating_point()]
+        if now != self.float_names:
+            added = [n for n in now if n not in self.float_names]
+            removed = [n for n in self.float_names if n not in now]
+            raise ConfigError(
+                f"The model's floating-point tensors changed {when} (added {added[:5]}, removed {removed[:5]}); "
+                "nothing was folded. A task vector needs the tensors θ₀ was taken from: create every parameter and "
+                "buffer before training (e.g. in `__init__` or `configure_model`), and keep them for the whole stream."
+            )
+
+    def capture_theta0(self, module: nn.Module, what: str = "θ₀ (the weights when training starts)") -> None:
+        """Take θ₀ from ``module`` (copies on :attr:`device`); raise NonFiniteError if it is not finite."""
+        theta0 = _snapshot(module.state_dict(), self.all_names, self.device)
+        _check_finite_theta0(theta0, what)
+        self.theta0 = theta0
+
+    # -- boundaries ------------------------------------------------------------------------------------
+    def task_vector(self, module: nn.Module) -> TaskVector:
+        """τ = θ − θ₀ over the merged and averaged tensors, on :attr:`device`.
+
+        Raises:
+            NonFiniteError: the module's weights hold NaN/inf (the message names them).
+        """
+        state = module.state_dict()
+        bad = [n for n in self.all_names if not is_finite(state[n])]
+        if bad:
+            raise NonFiniteError(
+                f"The weights hold NaN or infinite values in {len(bad)} tensor(s) ({preview(bad, 3)}): training "
+                "diverged, and there is no task vector to fold."
+            )
+        current = _snapshot(state, self.all_names, self.device)
+        return TaskVector.between(current, self.theta0)
+
+    def fold(self, module: nn.Module | TaskVector) -> TaskVector:
+        """Fold ``module``'s task vector (or a given one) into the merge; return it.
+
+        All or nothing: on any error the merge is as it was.
+        """
+        tv = module if isinstance(module, TaskVector) else self.task_vector(module)
+        weights = TaskVector({n: tv[n] for n in self.names}, check_finite=False)
+        if not self.statistic_names:
+            self.merger.update(weights)
+            return tv
+        saved = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in self._statistics_merger.state_dict().items()}
+        self._statistics_merger.update(TaskVector({n: tv[n] for n in self.statistic_names}, check_finite=False))
+        try:
+            self.merger.update(weights)
+        except BaseException:
+            self._statistics_merger = get_merger("average")
+            if saved["num_tasks"]:
+                self._statistics_merger.load_state_dict(saved)
+            raise
+        return tv
+
+    def merged_tensors(self, scale: float | None = None) -> dict[str, Tensor]:
+        """θ₀ + λ·merged over the merged names, and θ₀ + mean(τ) over the statistics; checked before returned.
+
+        Raises:
+            ConfigError: nothing folded yet.
+            NonFiniteError: a merged value overflows its dtype (the tensor is named).
+        """
+        if self.theta0 is None or not self.num_tasks:
+            raise ConfigError("No experience has been merged yet: train at least one experience first.")
+        value = self.scale if scale is None else scale
+        theta0 = self.theta0
+        out = self.merger.merged().apply_to({n: theta0[n] for n in self.names}, value)
+        if self.statistic_names:
+            out.update(self._statistics_merger.merged().apply_to({n: theta0[n] for n in self.statistic_names}, 1.0))
+        for n, t in out.items():
+            if not is_finite(t):
+                raise NonFiniteError(
+                    f"θ₀ + {value}·merged overflows {t.dtype} in tensor {n!r}. Use a smaller `scale`, or train in a "
+                    "wider dtype."
+                )
+        _warn_invalid_statistics(out, self._module_statistics)
+        return out
+
+    # -- checkpointing ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """``names``, ``statistic_names``, ``theta0``, ``merger`` and ``statistics_merger`` (live tensors)."""
+        return {
+            "names": None if self.names is None else list(self.names),
+            "statistic_names": list(self.statistic_names),
+            "theta0": self.theta0,
+            "merger": self.merger.state_dict(),
+            "statistics_merger": self._statistics_merger.state_dict() if self.statistic_names else None,
+        }
+
+    def prepare_load(self, state: Mapping[str, Any], owner: str, *, layout: Mapping[str, tuple] | None = None, base_weights=None) -> Callable[[], None]:
+        """Check a state written by :meth:`state_dict`; return a function that applies it.
+
+        ``layout`` (name -> (shape, dtype)) is the model's, when known; θ₀ must
+        match it. Raises CheckpointError / ConfigError and changes nothing.
+        """
+        names = read(state, "names", owner)
+        if names is not None and (not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names)):
+            raise CheckpointError(f"The checkpoint's {owner} state has names={names!r}; expected a list of tensor names.")
+        statistic_names = state.get("statistic_names", [])
+        if not isinstance(statistic_names, (list, tuple)) or not all(isinstance(n, str) for n in statistic_names):
+            raise CheckpointError(f"The checkpoint's {owner} state has statistic_names={statistic_names!r}; expected a list of names.")
+        names = None if names is None else list(names)
+        statistic_names = list(statistic_names)
+        if names is not None and self.names is not None and (names, statistic_names) != (self.names, self.statistic_names):
+            now = set(self.all_names)
+            saved = set(names + statistic_names)
+            moved = sorted(set(statistic_names) ^ set(self.statistic_names))
+            raise CheckpointError(
+                f"The checkpoint's {owner} merged other tensors than this model has (the model adds "
+                f"{sorted(now - saved)[:5]}, lacks {sorted(saved - now)[:5]}"
+                + (f"; averaged as normalisation statistics differently: {moved[:5]}" if moved and now == saved else "")
+                + "). Resume with the model, `exclude` and `statistics` the checkpoint was written with."
+            )
+        theta0 = read(state, "theta0", owner)
+        if theta0 is not None:
+            expected = None if names is None else names + statistic_names
+            theta0 = check_tensor_dict(theta0, "theta0", owner, layout, names=expected, device=self.device)
+        merger = get_merger(self.method, **self.method_options)
+        merger_state = read(state, "merger", owner)
+        if merger_state is not None:
+            merger.load_state_dict(merger_state)  # validates it completely; `merger` is a new object
+        statistics_merger = get_merger("average")
+        saved_statistics = state.get("statistics_merger")
+        if saved_statistics is not None:
+            statistics_merger.load_state_dict(saved_statistics)
+        if merger.num_tasks:
+            if theta0 is None:
+                raise CheckpointError(f"The checkpoint's {owner} state has a merge but no θ₀; it is damaged.")
+            if sorted(merger.state_dict()["input_dtypes"]) != sorted(names or []):
+                raise CheckpointError(f"The checkpoint's {owner} merger holds other tensors than its θ₀; it is damaged.")
+            if statistic_names and (
+                statistics_merger.num_tasks != merger.num_tasks
+                or sorted(statistics_merger.state_dict()["input_dtypes"]) != sorted(statistic_names)
+            ):
+                raise CheckpointError(f"The checkpoint's {owner} statistics do not match its merge; it is damaged.")
+        if theta0 is not None and base_weights is not None:
+            differ = [n for n in theta0 if n not in base_weights or not torch.equal(base_weights[n].to(theta0[n]), theta0[n])]
+            if differ:
+                raise ConfigError(
+                    f"`base_weights` differs from the checkpoint's θ₀ in {len(differ)} tensor(s) ({preview(differ, 3)}). "
+                    "Resume without `base_weights` (the checkpoint holds θ₀), or start a new stream."
+                )
+        def apply() -> None:
+            self.merger = merger
+            self._statistics_merger = statistics_merger
+            self.theta0 = theta0
+            if names is not None:
+                self.names, self.statistic_names = names, statistic_names
+
+        return apply
+
+
+def _check_finite_theta0(theta0: Mapping[str, Tensor], what: str) -> None:
+    for n, t in theta0.items():
+        if not is_finite(t):
+            raise NonFiniteError(
+                f"{what} tensor {n!r} holds NaN or infinite values; every task vector would be NaN. Check the "
+                "weights the stream starts from."
+            )
+
+
+def _warn_invalid_statistics(merged: Mapping[str, Tensor], statistics: frozenset[str]) -> None:
+    bad = [n for n in merged if n in statistics and n.endswith("running_var") and bool((merged[n] < 0).any())]
+    if bad:
+        warnings.warn(
+            f"The merged normalisation statistics hold negative variances in {preview(bad, 3)}: the merged model "
+            "will give NaN. Use statistics='average' (the default), which keeps every statistic valid.",
+            stacklevel=3,
+        )
