@@ -7,15 +7,19 @@ fills one :class:`~cl_plugin.metrics.AccuracyMatrix` per evaluated model:
   sequentially);
 * θ₀ + scale·merged for each method in ``compare`` and for a
   :class:`~cl_plugin.callbacks.ModelMerging` callback's own method. All
-  methods fold the same task vectors, so one fine-tuning run gives every
-  method's matrix.
+  methods fold the same task vectors (through the same boundary core,
+  :class:`~cl_plugin.merging.continual.ContinualMerge`), so one fine-tuning
+  run gives every method's matrix.
+
+Before the first experience it also evaluates θ₀ once, so forward transfer is
+in the results.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,23 +29,26 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
+from cl_plugin._checkpoint import check_tensor_dict, layout_of, read
 from cl_plugin._checks import check_bool, check_scale
 from cl_plugin._io import atomic_output
 from cl_plugin.errors import CheckpointError, ConfigError, did_you_mean
 from cl_plugin.merging import MERGERS, get_merger
+from cl_plugin.merging.continual import ContinualMerge
 from cl_plugin.metrics import AccuracyMatrix
-from cl_plugin.task_vectors import TaskVector
-from cl_plugin.callbacks._boundaries import TaskBoundaryCallback, floating_names, snapshot, write_into
-from cl_plugin._checkpoint import check_tensor_dict, layout_of, read
+from cl_plugin.metrics.task_aware import mask_to_classes
+from cl_plugin.callbacks._boundaries import TaskBoundaryCallback, write_into
 from cl_plugin.callbacks.model_merging import ModelMerging
 
-__all__ = ["ContinualEvaluation", "training_weights_name"]
+__all__ = ["ContinualEvaluation", "default_predict", "default_target", "training_weights_name"]
 
 _TRAINING_NAMES = {
     "finetuned": "sequential_finetuning",
     "pretrained": "independent_finetuning",
     "merged": "finetuning_from_merged",
 }
+#: Keys a mapping batch (e.g. from Hugging Face) may hold its targets under, in the order tried.
+_TARGET_KEYS = ("labels", "label", "targets", "target", "y")
 
 
 def training_weights_name(start_from: str | None) -> str:
@@ -49,9 +56,37 @@ def training_weights_name(start_from: str | None) -> str:
     return _TRAINING_NAMES.get(start_from or "finetuned", "sequential_finetuning")
 
 
+def default_target(batch: Any) -> Tensor:
+    """The targets of a batch: ``batch[1]`` of a sequence ``(x, y, ...)``, or the ``labels`` entry of a mapping.
+
+    Raises:
+        ConfigError: a mapping without one of ``labels``, ``label``, ``targets``, ``target``, ``y``.
+    """
+    if isinstance(batch, Mapping):
+        for key in _TARGET_KEYS:
+            if key in batch:
+                return batch[key]
+        raise ConfigError(
+            f"ContinualEvaluation cannot find the targets in a batch with keys {sorted(batch)}; pass "
+            "`target=lambda batch: batch['<key>']`."
+        )
+    return batch[1]
+
+
 def default_predict(pl_module: LightningModule, batch: Any) -> Tensor:
-    """Logits of ``pl_module(x)`` for a batch ``(x, y, ...)``."""
-    return pl_module(batch[0])
+    """Logits for a batch: ``pl_module(x)`` for ``(x, y, ...)``; ``pl_module(**inputs)`` for a mapping.
+
+    A mapping's target entry (``labels``, ...) is left out of the inputs, and
+    an output with a ``logits`` attribute or key (Hugging Face models) gives
+    its logits.
+    """
+    if isinstance(batch, Mapping):
+        out = pl_module(**{k: v for k, v in batch.items() if k not in _TARGET_KEYS})
+    else:
+        out = pl_module(batch[0])
+    if isinstance(out, Mapping) and "logits" in out:
+        return out["logits"]
+    return getattr(out, "logits", out)
 
 
 class ContinualEvaluation(TaskBoundaryCallback):
@@ -70,26 +105,48 @@ class ContinualEvaluation(TaskBoundaryCallback):
         method_options: per-method options, e.g. ``{"ties": {"top_k": 0.2}}``.
         output_dir: if given, rank 0 writes ``results.json`` and one heatmap
             ``accuracy_matrix_<name>.png`` per model there when ``fit`` ends.
-        predict: ``predict(pl_module, batch) -> logits (N, C)``; default
-            ``pl_module(batch[0])``. Targets are ``batch[1]``.
+        predict: ``predict(pl_module, batch) -> logits (N, C)`` (or ``(N,)`` /
+            ``(N, 1)`` single logits of a binary head, thresholded at 0);
+            default :func:`default_predict`. A plain function, so a
+            LightningCLI YAML file can name it by import path.
+        target: ``target(batch) -> (N,)`` class indices; default
+            :func:`default_target` (``batch[1]``, or a mapping's ``labels``).
+        loaders: the test loaders, one per test experience (a list, or a
+            function ``loaders(trainer) -> list``); default: the datamodule's
+            ``experience_dataloaders("test")`` when it has one
+            (:class:`~cl_plugin.benchmarks.ContinualDataModule`), else its
+            ``test_dataloader()``, which must then return one loader per
+            experience. Batches go through the datamodule's and the module's
+            batch-transfer hooks, as in ``trainer.test``.
+        task_aware: evaluate each test experience with the logits of classes
+            outside it masked (task-incremental accuracy; default False:
+            class-incremental). Needs the classes of each experience from the
+            datamodule (``classes_in_experience``) or its Avalanche benchmark.
         exclude: glob patterns not merged (default: the ``ModelMerging``
             callback's, else none).
         evaluate_training_weights: also evaluate the training weights (default True).
+        evaluate_initial: evaluate θ₀ once before the first experience, for
+            forward transfer (default True).
 
     Raises:
         ConfigError: unknown method, scale out of range, options of a method
             not in ``compare``; at ``setup``, a second ``ContinualEvaluation``
-            in the Trainer or a strategy that spawns its processes; when
-            resuming, a checkpoint written with other ``compare``, ``scales``,
-            ``method_options``, ``exclude`` or ``evaluate_training_weights``
-            (the matrices would mix two settings).
+            in the Trainer, a strategy that spawns its processes, no test
+            loaders, or ``task_aware`` without known classes; when resuming, a
+            checkpoint written with other ``compare``, ``scales``,
+            ``method_options``, ``exclude``, ``evaluate_training_weights`` or
+            ``task_aware`` (the matrices would mix two settings).
         CheckpointError: a damaged checkpoint state or one that does not fit
             the model or the stream.
 
     Attributes:
-        matrices: name -> :class:`~cl_plugin.metrics.AccuracyMatrix`.
+        matrices: name -> :class:`~cl_plugin.metrics.AccuracyMatrix` (rows:
+            trained experiences; columns: test experiences).
         results: name -> dict with ``average_accuracy``, ``forgetting``,
-            ``bwt`` and ``accuracy_matrix`` (the ``results.json`` schema).
+            ``bwt``, ``fwt``, ``accuracy_matrix`` and ``initial_accuracies``
+            (the ``results.json`` schema). A figure that does not apply to the
+            stream (forgetting on a stream whose test experiences are not its
+            training experiences) is NaN.
     """
 
     _state_name = "ContinualEvaluation"
@@ -103,6 +160,10 @@ class ContinualEvaluation(TaskBoundaryCallback):
         predict: Callable[[LightningModule, Any], Tensor] | None = None,
         exclude: Iterable[str] | None = None,
         evaluate_training_weights: bool = True,
+        target: Callable[[Any], Tensor] | None = None,
+        loaders: Sequence[DataLoader] | Callable[[Trainer], Sequence[DataLoader]] | None = None,
+        task_aware: bool = False,
+        evaluate_initial: bool = True,
     ) -> None:
         super().__init__()
         if isinstance(compare, str):
@@ -126,21 +187,31 @@ class ContinualEvaluation(TaskBoundaryCallback):
                     f"`method_options` has options for {name!r}, which is not in `compare` {self.compare}."
                 )
             get_merger(name, **options)  # validates the options now
-        if predict is not None and not callable(predict):
-            raise ConfigError(f"`predict` must be a callable predict(pl_module, batch) -> logits, got {predict!r}.")
+        for what, fn in (("predict", predict), ("target", target)):
+            if fn is not None and not callable(fn):
+                raise ConfigError(f"`{what}` must be a function, got {fn!r} (ContinualEvaluation).")
+        if loaders is not None and not callable(loaders) and not isinstance(loaders, Sequence):
+            raise ConfigError(
+                f"`loaders` must be a list of DataLoaders (one per test experience) or a function returning one, "
+                f"got {type(loaders).__name__} (ContinualEvaluation)."
+            )
         self.predict = predict or default_predict
+        self.target = target or default_target
+        self.loaders = loaders
         self.output_dir = None if output_dir is None else Path(output_dir)
         if isinstance(exclude, str):
             exclude = (exclude,)
         self.exclude = None if exclude is None else tuple(exclude)
         self.evaluate_training_weights = check_bool(evaluate_training_weights, "evaluate_training_weights", "ContinualEvaluation")
+        self.task_aware = check_bool(task_aware, "task_aware", "ContinualEvaluation")
+        self.evaluate_initial = check_bool(evaluate_initial, "evaluate_initial", "ContinualEvaluation")
         self.matrices: dict[str, AccuracyMatrix] = {}
         self.results: dict[str, dict[str, Any]] = {}
-        self._mergers: dict[str, Any] = {}
+        self._cores: dict[str, ContinualMerge] = {}
         self._merging: ModelMerging | None = None
         self._theta0: dict[str, Tensor] | None = None
-        self._names: list[str] | None = None
         self._layout: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None
+        self._classes: list[list[int]] | None = None
         self._training_name = "sequential_finetuning"
 
     def _options(self) -> dict[str, Any]:
@@ -150,6 +221,7 @@ class ContinualEvaluation(TaskBoundaryCallback):
             "method_options": {k: dict(v) for k, v in self.method_options.items()},
             "exclude": None if self.exclude is None else list(self.exclude),
             "evaluate_training_weights": self.evaluate_training_weights,
+            "task_aware": self.task_aware,
         }
 
     def _second_instance_message(self, same) -> str:
@@ -157,6 +229,11 @@ class ContinualEvaluation(TaskBoundaryCallback):
             f"The Trainer has {len(same)} ContinualEvaluation callbacks; use one. It evaluates the training weights "
             "and every method in `compare` from the same run, e.g. ContinualEvaluation(compare=['magmax', 'ties'])."
         )
+
+    @property
+    def _mergers(self) -> dict[str, Any]:
+        """Method name -> its streaming merger."""
+        return {name: core.merger for name, core in self._cores.items()}
 
     # -- setup ------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -173,53 +250,95 @@ class ContinualEvaluation(TaskBoundaryCallback):
                 callbacks.insert(callbacks.index(self._merging), self)
             self._training_name = training_weights_name(self._merging.start_from)
         exclude = self.exclude if self.exclude is not None else (self._merging.exclude if self._merging else ())
-        self._names = floating_names(pl_module, exclude)
-        state = pl_module.state_dict()
-        self._layout = layout_of({n: state[n] for n in self._names})
-        datamodule = getattr(trainer, "datamodule", None)
-        if datamodule is None or not hasattr(datamodule, "test_dataloader"):
-            raise ConfigError(
-                "ContinualEvaluation needs a datamodule whose test_dataloader() returns one loader per "
-                "experience, e.g. cl_plugin.benchmarks.ContinualDataModule."
-            )
-        n_experiences = len(self._test_loaders(trainer))
+        statistics = self._merging.statistics if self._merging is not None else "average"
+        loaders = self._test_loaders(trainer)
+        n_test = len(loaders)
+        n_trained = getattr(getattr(trainer, "datamodule", None), "n_experiences", None) or n_test
+        if self.task_aware and self._classes is None:
+            self._classes = self._experience_classes(trainer, n_test)
         methods = list(self.compare)
         if self._merging is not None and self._merging.method not in methods:
             methods.insert(0, self._merging.method)
         for name in methods:
-            if name not in self._mergers:
+            if name not in self._cores:
                 options = self.method_options.get(name)
                 if options is None and self._merging is not None and self._merging.method == name:
                     options = self._merging.method_options
-                self._mergers[name] = get_merger(name, **(options or {}))
+                self._cores[name] = ContinualMerge(
+                    name, scale=self._scale(name), exclude=exclude, statistics=statistics, method_options=options
+                )
+        for core in self._cores.values():
+            core.bind(pl_module)
+        state = pl_module.state_dict()
+        self._layout = layout_of({n: state[n] for n in self._tensor_names()})
         names = ([self._training_name] if self.evaluate_training_weights else []) + methods
         for name in names:
             if name not in self.matrices:
-                self.matrices[name] = AccuracyMatrix(n_experiences)
+                self.matrices[name] = AccuracyMatrix(n_trained, n_test)
 
-    def _scale(self, method: str) -> float:
+    def _tensor_names(self) -> list[str]:
+        core = next(iter(self._cores.values()), None)
+        return core.all_names if core is not None else []
+
+    def _scale(self, method: str) -> float | None:
         if method in self.scales:
             return self.scales[method]
         if self._merging is not None and self._merging.method == method:
             return self._merging.scale
-        return MERGERS[method].default_scale
+        return None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        if self._theta0 is None and (self._merging is None or self._merging.base_weights is None):
-            self._theta0 = snapshot(pl_module, self._names, torch.device("cpu"))
+        if self._cores and self._base() is None:
+            self._theta0 = {n: t.detach().to("cpu", copy=True) for n, t in pl_module.state_dict().items() if n in set(self._tensor_names())}
+        base = self._base()
+        for core in self._cores.values():
+            core.theta0 = base
+        pending = [m for m in self.matrices.values() if bool(torch.isnan(m.initial_accuracies()).all())]
+        if self.evaluate_initial and pending and not self._experiences_finished and self._training_experience is None:
+            self._evaluate(trainer, pl_module, pending, row=None)  # θ₀, once: forward transfer needs it
 
-    def _base(self) -> dict[str, Tensor]:
-        if self._merging is not None and self._merging.base_weights is not None:
-            return {n: self._merging.base_weights[n] for n in self._names}
+    def _base(self) -> dict[str, Tensor] | None:
+        """θ₀ over the compared tensors: the ModelMerging callback's when it holds them all, else this callback's."""
+        names = self._tensor_names()
+        merging = self._merging
+        if merging is not None and merging.base_weights is not None and all(n in merging.base_weights for n in names):
+            return {n: merging.base_weights[n] for n in names}
         return self._theta0
 
     # -- evaluation ----------------------------------------------------------------------------
     def _test_loaders(self, trainer: Trainer) -> list[DataLoader]:
-        loaders = trainer.datamodule.test_dataloader()
-        if isinstance(loaders, DataLoader):
-            loaders = [loaders]
-        return list(loaders)
+        if self.loaders is not None:
+            loaders = self.loaders(trainer) if callable(self.loaders) else self.loaders
+            return list(loaders)
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "experience_dataloaders"):
+            return list(datamodule.experience_dataloaders("test"))
+        loaders = datamodule.test_dataloader() if datamodule is not None and hasattr(datamodule, "test_dataloader") else None
+        if isinstance(loaders, Sequence) and loaders:
+            return list(loaders)
+        raise ConfigError(
+            "ContinualEvaluation needs one test loader per experience: pass `loaders=[...]` (or a function "
+            "returning them), or use a datamodule with `experience_dataloaders('test')` such as "
+            "cl_plugin.benchmarks.ContinualDataModule"
+            + (" (this datamodule's test_dataloader() returns a single loader)." if loaders is not None else ".")
+        )
+
+    def _experience_classes(self, trainer: Trainer, n_test: int) -> list[list[int]]:
+        datamodule = getattr(trainer, "datamodule", None)
+        classes = getattr(datamodule, "classes_in_experience", None)
+        if classes is None:
+            benchmark = getattr(datamodule, "benchmark", None)
+            stream = getattr(benchmark, "test_stream", None)
+            if stream is not None:
+                classes = [list(e.classes_in_this_experience) for e in stream]
+        if classes is None or len(classes) != n_test:
+            raise ConfigError(
+                "ContinualEvaluation(task_aware=True) masks the logits to each test experience's classes, but the "
+                "datamodule tells no classes per experience (`classes_in_experience`, or an Avalanche benchmark's "
+                "test_stream). Use cl_plugin.benchmarks.ContinualDataModule, or evaluate class-incrementally."
+            )
+        return [sorted(int(c) for c in cs) for cs in classes]
 
     def _shard(self, loader: DataLoader, trainer: Trainer) -> DataLoader:
         """This rank's share of a test loader: every ``world_size``-th example, none twice."""
@@ -235,15 +354,24 @@ class ContinualEvaluation(TaskBoundaryCallback):
         )
 
     @torch.no_grad()
-    def _evaluate(self, trainer: Trainer, pl_module: LightningModule, matrix: AccuracyMatrix, row: int) -> None:
+    def _evaluate(self, trainer: Trainer, pl_module: LightningModule, matrices: Sequence[AccuracyMatrix], row: int | None) -> None:
+        """Count the module's predictions on every test experience into ``matrices`` (row None: θ₀'s accuracies)."""
         was_training = pl_module.training
         pl_module.eval()
         try:
             for j, loader in enumerate(self._test_loaders(trainer)):
                 for batch in self._shard(loader, trainer):
-                    batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
+                    # Through the datamodule's and the module's batch-transfer hooks, as Lightning's loops do.
+                    batch = trainer.strategy.batch_to_device(batch, dataloader_idx=j)
                     logits = self.predict(pl_module, batch)
-                    matrix.update(logits.detach().cpu(), batch[1].detach().cpu(), row, j)
+                    if self.task_aware:
+                        logits = mask_to_classes(logits, self._classes[j])
+                    logits, targets = logits.detach().cpu(), self.target(batch).detach().cpu()
+                    for matrix in matrices:
+                        if row is None:
+                            matrix.update_initial(logits, targets, j)
+                        else:
+                            matrix.update(logits, targets, row, j)
         finally:
             pl_module.train(was_training)
 
@@ -261,16 +389,16 @@ class ContinualEvaluation(TaskBoundaryCallback):
     ) -> None:
         row = experience
         if self.evaluate_training_weights:
-            self._evaluate(trainer, pl_module, self.matrices[self._training_name], row)
-        if self._mergers:
-            base = self._base()
-            current = snapshot(pl_module, self._names, torch.device("cpu"))
-            task_vector = TaskVector.between(current, base)
+            self._evaluate(trainer, pl_module, [self.matrices[self._training_name]], row)
+        if self._cores:
+            cores = list(self._cores.items())
+            task_vector = cores[0][1].task_vector(pl_module)
+            current = {n: t.clone() for n, t in pl_module.state_dict().items() if n in task_vector}
             try:
-                for name, merger in self._mergers.items():
-                    merger.update(task_vector)
-                    write_into(pl_module, merger.merged().apply_to(base, self._scale(name)))
-                    self._evaluate(trainer, pl_module, self.matrices[name], row)
+                for name, core in cores:
+                    core.fold(task_vector)
+                    write_into(pl_module, core.merged_tensors())
+                    self._evaluate(trainer, pl_module, [self.matrices[name]], row)
             finally:
                 write_into(pl_module, current)
         self._summarise(trainer, row)
@@ -279,11 +407,14 @@ class ContinualEvaluation(TaskBoundaryCallback):
 
     def _update_results(self) -> None:
         for name, matrix in self.matrices.items():
+            initial = matrix.initial_accuracies()
             self.results[name] = {
                 "average_accuracy": float(matrix.average_accuracy()),
                 "forgetting": float(matrix.forgetting()),
                 "bwt": float(matrix.bwt()),
+                "fwt": float(matrix.fwt()) if not bool(torch.isnan(initial).all()) else float("nan"),
                 "accuracy_matrix": matrix.matrix().tolist(),
+                "initial_accuracies": initial.tolist(),
             }
 
     def _summarise(self, trainer: Trainer, row: int) -> None:
@@ -317,8 +448,11 @@ class ContinualEvaluation(TaskBoundaryCallback):
         state = super().state_dict()
         state.update(
             theta0=self._theta0,
-            mergers={name: m.state_dict() for name, m in self._mergers.items()},
-            matrices={name: m.matrix().clone() for name, m in self.matrices.items()},
+            mergers={name: core.merger.state_dict() for name, core in self._cores.items()},
+            statistics_mergers={
+                name: core.state_dict()["statistics_merger"] for name, core in self._cores.items() if core.statistic_names
+            },
+            matrices={name: m.state_dict() for name, m in self.matrices.items()},
         )
         return state
 
@@ -331,26 +465,41 @@ class ContinualEvaluation(TaskBoundaryCallback):
         saved_mergers = read(state, "mergers", owner)
         if not isinstance(saved_mergers, Mapping):
             raise CheckpointError(f"The checkpoint's {owner} state has mergers of type {type(saved_mergers).__name__}; expected a mapping.")
-        if self._mergers and set(saved_mergers) != set(self._mergers):
+        if self._cores and set(saved_mergers) != set(self._cores):
             raise ConfigError(
                 f"The checkpoint's {owner} evaluated the methods {sorted(saved_mergers)}, this run evaluates "
-                f"{sorted(self._mergers)}: a method added now would be reported from fewer experiences than the "
+                f"{sorted(self._cores)}: a method added now would be reported from fewer experiences than the "
                 "others. Resume with the same `compare` (and the same ModelMerging method), or start a new stream."
             )
-        mergers = {}
+        saved_statistics = state.get("statistics_mergers") or {}
+        applies = []
         for name, merger_state in saved_mergers.items():
             if name not in MERGERS or not isinstance(merger_state, Mapping):
                 raise CheckpointError(f"The checkpoint's {owner} state has an unknown method {name!r}; it is damaged.")
-            merger = self._mergers[name] if name in self._mergers else None
-            options = dict(merger.options()) if merger is not None else dict(merger_state.get("options", {}))
-            candidate = get_merger(name, **options)
-            candidate.load_state_dict(merger_state)  # raises on other options, or on a damaged state
-            if candidate.num_tasks != finished:
-                raise CheckpointError(
-                    f"The checkpoint's {owner} {name!r} merger holds {candidate.num_tasks} experience(s), its "
-                    f"bookkeeping {finished}; it is damaged."
+            core = self._cores.get(name) or ContinualMerge(name, method_options=merger_state.get("options", {}))
+            names = core.names if core.names is not None else list(merger_state.get("input_dtypes", {}))
+            applies.append(
+                (
+                    name,
+                    core,
+                    core.prepare_load(
+                        {
+                            "names": names,
+                            "statistic_names": core.statistic_names,
+                            "theta0": None,
+                            "merger": merger_state,
+                            "statistics_merger": saved_statistics.get(name),
+                        },
+                        f"{owner} {name!r}",
+                        theta0_elsewhere=True,
+                    ),
                 )
-            mergers[name] = candidate
+            )
+            if merger_state.get("num_tasks", 0) != finished:
+                raise CheckpointError(
+                    f"The checkpoint's {owner} {name!r} merger holds {merger_state.get('num_tasks', 0)} experience(s), "
+                    f"its bookkeeping {finished}; it is damaged."
+                )
         saved_matrices = read(state, "matrices", owner)
         if not isinstance(saved_matrices, Mapping):
             raise CheckpointError(f"The checkpoint's {owner} state has matrices of type {type(saved_matrices).__name__}; expected a mapping.")
@@ -360,14 +509,13 @@ class ContinualEvaluation(TaskBoundaryCallback):
                 f"{sorted(self.matrices)}. Resume with the same `compare`, `evaluate_training_weights` and "
                 "ModelMerging, or start a new stream."
             )
-        matrices = {}
-        for name, matrix in saved_matrices.items():
-            size = self.matrices[name].n_experiences if name in self.matrices else None
-            matrices[name] = _check_matrix(matrix, name, size, finished)
+        matrices = {name: _check_matrix(saved, name, self.matrices.get(name), finished) for name, saved in saved_matrices.items()}
 
         def apply() -> None:
             self._theta0 = theta0
-            self._mergers.update(mergers)
+            for name, core, apply_core in applies:
+                apply_core()
+                self._cores[name] = core
             self.matrices.update(matrices)
             if self.matrices:
                 self._update_results()
@@ -375,21 +523,36 @@ class ContinualEvaluation(TaskBoundaryCallback):
         return apply
 
 
-def _check_matrix(matrix: object, name: str, size: int | None, rows: int) -> AccuracyMatrix:
-    """An AccuracyMatrix from a saved ``(T, T)`` matrix of accuracies in [0, 1] (NaN: not evaluated)."""
+def _check_matrix(saved: object, name: str, like: AccuracyMatrix | None, rows: int) -> AccuracyMatrix:
+    """An AccuracyMatrix restored from its saved state (or, from older checkpoints, a matrix of accuracies)."""
     owner = "ContinualEvaluation"
-    if not isinstance(matrix, Tensor) or matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1] or not matrix.is_floating_point():
-        raise CheckpointError(f"The checkpoint's {owner} matrix {name!r} is not a square floating-point tensor; it is damaged.")
-    if size is not None and matrix.shape[0] != size:
+    if isinstance(saved, Tensor):  # written before the matrices saved their counts
+        if saved.dim() != 2 or not saved.is_floating_point():
+            raise CheckpointError(f"The checkpoint's {owner} matrix {name!r} is not a 2-D floating-point tensor; it is damaged.")
+        values = saved[~torch.isnan(saved)]
+        if values.numel() and (bool((values < 0).any()) or bool((values > 1).any())):
+            raise CheckpointError(f"The checkpoint's {owner} matrix {name!r} holds accuracies outside [0, 1]; it is damaged.")
+        matrix = AccuracyMatrix.from_matrix(saved)
+    elif isinstance(saved, Mapping):
+        shape = tuple(saved["correct"].shape) if isinstance(saved.get("correct"), Tensor) else None
+        if shape is None or len(shape) != 2:
+            raise CheckpointError(f"The checkpoint's {owner} matrix {name!r} has no (rows, columns) counts; it is damaged.")
+        matrix = AccuracyMatrix(*shape)
+        try:
+            matrix.load_state_dict(dict(saved))
+        except Exception as exc:  # noqa: BLE001 - reported as a damaged checkpoint, with the cause
+            raise CheckpointError(f"The checkpoint's {owner} matrix {name!r} does not load: {exc}") from None
+    else:
+        raise CheckpointError(f"The checkpoint's {owner} matrix {name!r} is a {type(saved).__name__}; it is damaged.")
+    if like is not None and (matrix.n_experiences, matrix.n_test_experiences) != (like.n_experiences, like.n_test_experiences):
         raise CheckpointError(
-            f"The checkpoint's {owner} matrix {name!r} is {tuple(matrix.shape)}, this stream has {size} test "
-            "experiences. Resume with the stream the checkpoint was written with."
+            f"The checkpoint's {owner} matrix {name!r} is {matrix.n_experiences}x{matrix.n_test_experiences}, this "
+            f"stream's is {like.n_experiences}x{like.n_test_experiences}. Resume with the stream the checkpoint was "
+            "written with."
         )
-    values = matrix[~torch.isnan(matrix)]
-    if values.numel() and (bool((values < 0).any()) or bool((values > 1).any())):
-        raise CheckpointError(f"The checkpoint's {owner} matrix {name!r} holds accuracies outside [0, 1]; it is damaged.")
-    if bool(torch.isnan(matrix[rows:]).logical_not().any()):
+    filled = ~torch.isnan(matrix.matrix())
+    if bool(filled[rows:].any()):
         raise CheckpointError(
             f"The checkpoint's {owner} matrix {name!r} has rows past the {rows} finished experience(s); it is damaged."
         )
-    return AccuracyMatrix.from_matrix(matrix)
+    return matrix

@@ -47,7 +47,7 @@ def stream(n_experiences=2, epochs=1):
 
 @torch.no_grad()
 def accuracies(module, datamodule):
-    return demo.accuracy_per_experience(module, datamodule.test_dataloader())
+    return demo.accuracy_per_experience(module, datamodule.experience_dataloaders("test"))
 
 
 def test_evaluation_fills_matrices_for_training_and_merged_weights(tmp_path):
@@ -75,7 +75,10 @@ def test_evaluation_fills_matrices_for_training_and_merged_weights(tmp_path):
     seq = evaluation.results["sequential_finetuning"]["accuracy_matrix"]
     assert seq[1][0] < seq[0][0]
     written = json.loads((tmp_path / "results.json").read_text())
-    assert set(written["magmax"]) == {"average_accuracy", "forgetting", "bwt", "accuracy_matrix"}
+    assert set(written["magmax"]) == {"average_accuracy", "forgetting", "bwt", "fwt", "accuracy_matrix", "initial_accuracies"}
+    # θ₀ was evaluated once, before the first experience: the same initial accuracies for every model
+    initial = written["sequential_finetuning"]["initial_accuracies"]
+    assert all(written[name]["initial_accuracies"] == initial for name in written) and len(initial) == 2
     assert (tmp_path / "accuracy_matrix_magmax.png").stat().st_size > 1000
     logged = {k for metrics, _ in logger.metrics for k in metrics}
     assert {"cl/magmax/avg_acc", "cl/magmax/forgetting", "cl/magmax/bwt", "cl/sequential_finetuning/avg_acc"} <= logged
@@ -113,7 +116,7 @@ def test_evaluation_state_round_trip():
         (dict(compare=["ties"], scales={"ties": 0}), r"`scale` must be a real number in \(0, 10\], got 0"),
         (dict(compare=["ties"], method_options={"opcm": {"alpha": 0.5}}), r"options for 'opcm', which is not in `compare`"),
         (dict(compare=["ties"], method_options={"ties": {"topk": 0.5}}), r"Unknown option\(s\) \['topk'\]"),
-        (dict(predict=3), r"`predict` must be a callable"),
+        (dict(predict=3), r"`predict` must be a function"),
     ],
 )
 def test_evaluation_bad_arguments(kwargs, match):
@@ -134,7 +137,7 @@ def test_masking_leaves_other_classes_head_rows_untouched():
     assert not torch.equal(weight[:2], before[0][:2])
     # Evaluation is not masked: the model predicts over all classes.
     module.eval()
-    x = dm.test_dataloader()[1].dataset[0][0][None]
+    x = dm.experience_dataloaders("test")[1].dataset[0][0][None]
     assert torch.isfinite(module(x)).all()
 
 

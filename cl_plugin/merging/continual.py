@@ -258,11 +258,21 @@ class ContinualMerge:
             "statistics_merger": self._statistics_merger.state_dict() if self.statistic_names else None,
         }
 
-    def prepare_load(self, state: Mapping[str, Any], owner: str, *, layout: Mapping[str, tuple] | None = None, base_weights=None) -> Callable[[], None]:
+    def prepare_load(
+        self,
+        state: Mapping[str, Any],
+        owner: str,
+        *,
+        layout: Mapping[str, tuple] | None = None,
+        base_weights: Mapping[str, Tensor] | None = None,
+        theta0_elsewhere: bool = False,
+    ) -> Callable[[], None]:
         """Check a state written by :meth:`state_dict`; return a function that applies it.
 
         ``layout`` (name -> (shape, dtype)) is the model's, when known; θ₀ must
-        match it. Raises CheckpointError / ConfigError and changes nothing.
+        match it, and equal ``base_weights`` when given. ``theta0_elsewhere``:
+        the state holds no θ₀ because its owner keeps one θ₀ for several cores.
+        Raises CheckpointError / ConfigError and changes nothing.
         """
         names = read(state, "names", owner)
         if names is not None and (not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names)):
@@ -295,7 +305,7 @@ class ContinualMerge:
         if saved_statistics is not None:
             statistics_merger.load_state_dict(saved_statistics)
         if merger.num_tasks:
-            if theta0 is None:
+            if theta0 is None and not theta0_elsewhere:
                 raise CheckpointError(f"The checkpoint's {owner} state has a merge but no θ₀; it is damaged.")
             if sorted(merger.state_dict()["input_dtypes"]) != sorted(names or []):
                 raise CheckpointError(f"The checkpoint's {owner} merger holds other tensors than its θ₀; it is damaged.")
@@ -314,7 +324,8 @@ class ContinualMerge:
         def apply() -> None:
             self.merger = merger
             self._statistics_merger = statistics_merger
-            self.theta0 = theta0
+            if not theta0_elsewhere:
+                self.theta0 = theta0
             if names is not None:
                 self.names, self.statistic_names = names, statistic_names
 
