@@ -1,7 +1,10 @@
 """Parameter-efficient adapters for continual learning: LoRA and Share.
 
 - :mod:`~cl_plugin.adapters.lora`: LoRA layers injected by module name, their
-  ΔW as task vectors, per-task adapters, merge/unmerge, safetensors and PEFT import.
+  ΔW as task vectors, per-task adapters, merge/unmerge.
+- :mod:`~cl_plugin.adapters.io`: LoRA adapters on disk in HuggingFace PEFT's
+  format: :func:`save_lora` writes what ``PeftModel.from_pretrained`` loads,
+  :func:`load_lora` reads PEFT's adapters and ours.
 - :mod:`~cl_plugin.adapters.share`: Share, one shared low-rank basis per layer
   with tiny per-task coefficients (:class:`SharedSubspace`).
 - :mod:`~cl_plugin.adapters.matching`: the PEFT name-matching rule both use.
@@ -20,19 +23,17 @@ from cl_plugin.adapters.lora import (
     delete_adapter,
     forward_by_task,
     inject_lora,
-    load_lora,
     load_lora_delta,
     lora_delta,
     lora_layers,
-    lora_state_dict,
     merge_lora,
     reset_lora,
-    save_lora,
     set_active_adapter,
     unload_lora,
     unmerge_lora,
     use_adapter,
 )
+from cl_plugin.adapters.io import load_lora, lora_state_dict, save_lora
 from cl_plugin.adapters.matching import MatchResult, inspect_matches, match_modules, match_name
 from cl_plugin.adapters.share import SharedLinear, SharedSubspace, fit_basis
 

@@ -28,8 +28,9 @@ What the continual-learning callbacks use at a task boundary:
   :func:`forward_by_task` splits a batch with mixed labels into one pass per label.
 - Saved state: the layers are ordinary modules, so ``model.state_dict()``
   holds every adapter (``<module>.lora_A.<adapter>``) and loading a state dict
-  re-creates adapters it names; :func:`save_lora`/:func:`load_lora` write and
-  read safetensors in PEFT's key format.
+  re-creates adapters it names; :func:`save_lora`/:func:`load_lora` (in
+  :mod:`cl_plugin.adapters.io`, importable from here too) write and read
+  PEFT's adapter format.
 
 Notes on the layout:
 
@@ -53,11 +54,8 @@ Notes on the layout:
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import numbers
-import os
-import re
 import warnings
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -69,7 +67,7 @@ from torch import Tensor, nn
 
 from cl_plugin._checks import check_finite
 from cl_plugin.adapters.matching import Patterns, match_modules
-from cl_plugin.errors import CheckpointError, ConfigError, NoMatchingModulesError, StateDictMismatchError, preview
+from cl_plugin.errors import ConfigError, NoMatchingModulesError, StateDictMismatchError, preview
 from cl_plugin.task_vectors import TaskVector
 
 __all__ = [
@@ -99,10 +97,6 @@ __all__ = [
 
 #: The Linear layers of a timm VisionTransformer block.
 VIT_TARGET_MODULES = ("qkv", "proj", "fc1", "fc2")
-
-_FORMAT = "cl_plugin.lora"
-_FORMAT_VERSION = "1"
-_PEFT_PREFIX = "base_model.model."
 
 
 # -- small shared helpers (also used by share.py) ---------------------------------
@@ -856,258 +850,15 @@ def adapter_bytes(model: nn.Module, adapter: str | None = None) -> int:
     return total
 
 
-# -- saving and loading ------------------------------------------------------------------
-def lora_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str, Tensor]:
-    """Adapter ``adapter`` (default: active) in PEFT's saved-key format, on CPU.
-
-    Keys: ``base_model.model.<module>.lora_A.weight`` (r × d_in) and
-    ``...lora_B.weight`` (d_out × r); scaling is *not* folded in.
-    """
-    layers = _require_layers(model)
-    out = {}
-    for name, layer in layers.items():
-        key = layer._require(adapter)
-        out[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A[key].detach().to("cpu").clone().contiguous()
-        out[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B[key].detach().to("cpu").clone().contiguous()
-    return out
+# -- file I/O: moved to cl_plugin.adapters.io ---------------------------------------------
+_MOVED_TO_IO = ("lora_state_dict", "save_lora", "load_lora")
 
 
-def save_lora(model: nn.Module, path: str | os.PathLike, adapter: str | None = None) -> None:
-    """Write adapter ``adapter`` (default: active) to a safetensors file in PEFT's key format.
+def __getattr__(name: str):
+    # ``from cl_plugin.adapters.lora import save_lora`` keeps working. Resolved on
+    # first use: io imports this module, so a top-level import here would be circular.
+    if name in _MOVED_TO_IO:
+        from cl_plugin.adapters import io
 
-    ``r`` and ``lora_alpha`` go into the file's metadata (read back by :func:`load_lora`).
-    The file is written atomically; an existing one is replaced, with a log line
-    (:func:`cl_plugin._io.atomic_output`).
-    """
-    from safetensors.torch import save_file
-
-    from cl_plugin._io import atomic_output
-
-    layers = _require_layers(model)
-    tensors = lora_state_dict(model, adapter)
-    first = next(iter(layers.values()))
-    rs = {layer.r for layer in layers.values()}
-    alphas = {layer.alpha for layer in layers.values()}
-    metadata = {
-        "format": _FORMAT,
-        "format_version": _FORMAT_VERSION,
-        "adapter": first._require(adapter),
-        "target_modules": json.dumps(list(layers)),
-    }
-    if len(rs) == 1 and len(alphas) == 1:
-        metadata["r"] = str(first.r)
-        metadata["lora_alpha"] = repr(first.alpha)
-    else:
-        metadata["rank_pattern"] = json.dumps({n: layer.r for n, layer in layers.items()})
-        metadata["alpha_pattern"] = json.dumps({n: layer.alpha for n, layer in layers.items()})
-    with atomic_output(path) as tmp:
-        save_file(tensors, os.fspath(tmp), metadata=metadata)
-
-
-_KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
-
-
-def _read_source(source, config):
-    """Return (tensors, config dict or None) from a mapping, a file or a PEFT directory."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    if isinstance(config, (str, os.PathLike)):
-        with open(config, encoding="utf-8") as fh:
-            config = json.load(fh)
-    if isinstance(source, Mapping):
-        return dict(source), config
-    path = os.fspath(source)
-    if os.path.isdir(path):
-        file = os.path.join(path, "adapter_model.safetensors")
-        if not os.path.exists(file):
-            if os.path.exists(os.path.join(path, "adapter_model.bin")):
-                raise ConfigError(
-                    f"{path!r} holds adapter_model.bin, a pickle; cl-plugin loads only safetensors. Convert it with "
-                    "safetensors.torch.save_file(torch.load(path, weights_only=True), ...) on a file you trust."
-                )
-            raise FileNotFoundError(f"No adapter_model.safetensors in {path!r}.")
-        cfg_file = os.path.join(path, "adapter_config.json")
-        if config is None and os.path.exists(cfg_file):
-            with open(cfg_file, encoding="utf-8") as fh:
-                config = json.load(fh)
-        path = file
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"No adapter file at {path!r}.")
-    if not path.endswith(".safetensors"):
-        raise ConfigError(f"{path!r} is not a .safetensors file; cl-plugin loads adapters only from safetensors.")
-    with safe_open(path, framework="pt") as fh:
-        metadata = fh.metadata() or {}
-    if metadata.get("format") == _FORMAT:
-        version = metadata.get("format_version", _FORMAT_VERSION)
-        if not version.isdigit() or int(version) > int(_FORMAT_VERSION):
-            raise CheckpointError(
-                f"{path!r} was written by cl-plugin with format_version={version!r}; this version reads up to "
-                f"{_FORMAT_VERSION}. Upgrade cl-plugin to load it."
-            )
-    if config is None and metadata.get("format") == _FORMAT:
-        config = {}
-        if "r" in metadata:
-            config["r"] = int(metadata["r"])
-            config["lora_alpha"] = float(metadata["lora_alpha"])
-        for k in ("rank_pattern", "alpha_pattern"):
-            if k in metadata:
-                config[k] = json.loads(metadata[k])
-    return load_file(path), config
-
-
-def _pattern_value(patterns: Mapping[str, float] | None, name: str, default: float) -> float:
-    # PEFT's rule (peft/utils/other.py::get_pattern_key): the first key k with
-    # re.match(rf"(.*\.)?({k})$", name) wins.
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
-def _file_scaling(config: Mapping | None, module: str, r_file: int) -> float | None:
-    if config is None:
-        return None
-    r = _pattern_value(config.get("rank_pattern"), module, config.get("r", r_file))
-    alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", r))
-    if int(r) != r_file:
-        raise StateDictMismatchError(
-            f"load_lora: the config gives r={r} for {module!r}, but its lora_A has {r_file} rows."
-        )
-    return float(alpha) / (math.sqrt(r_file) if config.get("use_rslora", False) else r_file)
-
-
-@torch.no_grad()
-def load_lora(
-    model: nn.Module,
-    source: Mapping[str, Tensor] | str | os.PathLike,
-    adapter: str | None = None,
-    *,
-    config: Mapping | str | os.PathLike | None = None,
-    strict: bool = True,
-) -> tuple[str, ...]:
-    """Load LoRA factors saved by :func:`save_lora` or by HuggingFace PEFT.
-
-    Args:
-        model: a model with LoRA layers of the same rank as the file
-            (``inject_lora(model, target_modules, r=...)`` first).
-        source: a mapping of tensors, a ``.safetensors`` file, or a PEFT
-            directory (``adapter_model.safetensors`` + ``adapter_config.json``).
-            Keys may carry PEFT's ``base_model.model.`` prefix and an adapter
-            segment (``lora_A.default.weight``). Pickled ``.bin`` files are refused.
-        adapter: which adapter receives the weights (default: the active one);
-            created on every layer when it does not exist.
-        config: PEFT's adapter config (a mapping or the path of
-            ``adapter_config.json``): ``r``, ``lora_alpha``, ``use_rslora``,
-            ``rank_pattern``, ``alpha_pattern``. When the file's scaling differs
-            from the layer's ``alpha / r``, the ratio is folded into B, so ΔW is
-            what the file means. Without a config (and without our metadata)
-            the layer's scaling is assumed, with a warning.
-        strict: require a weight for every LoRA layer (default True).
-
-    Module names are matched exactly, or else by a unique suffix at a dot
-    boundary (a file saved from ``vit`` loads into ``net.vit`` inside a
-    LightningModule).
-
-    Returns:
-        The names of the LoRA layers that received weights.
-
-    Raises:
-        ConfigError: the file is not safetensors, holds DoRA or LoRA-bias
-            tensors (not supported), or names several PEFT adapters.
-        StateDictMismatchError: a module is unknown or ambiguous, a shape or
-            rank differs, or (``strict``) a LoRA layer gets no weights.
-        NonFiniteError: a tensor holds NaN or inf.
-    """
-    layers = _require_layers(model)
-    tensors, cfg = _read_source(source, config)
-    unsupported = [k for k in tensors if "lora_magnitude_vector" in k or re.search(r"\.lora_B(\.[^.]+)?\.bias$", k)]
-    if unsupported:
-        raise ConfigError(
-            f"load_lora: {preview(unsupported)} belong to DoRA or to a LoRA bias, which cl-plugin's LoRA layers "
-            "do not have; loading only A and B would change what the adapter computes."
-        )
-    factors: dict[str, dict[str, Tensor]] = {}
-    seen_adapters: set[str] = set()
-    for key, value in tensors.items():
-        stripped = key[len(_PEFT_PREFIX) :] if key.startswith(_PEFT_PREFIX) else key
-        m = _KEY_RE.match(stripped)
-        if not m:
-            continue  # modules_to_save, heads, ...: not LoRA factors
-        if m.group("adapter"):
-            seen_adapters.add(m.group("adapter"))
-        factors.setdefault(m.group("module"), {})[m.group("side")] = value
-    if len(seen_adapters) > 1:
-        raise ConfigError(
-            f"load_lora: the state dict holds several PEFT adapters {sorted(seen_adapters)}; pass one adapter's tensors."
-        )
-    if not factors:
-        raise StateDictMismatchError(
-            f"load_lora: no key of the form '<module>.lora_A.weight' / '<module>.lora_B.weight' in {preview(list(tensors))}."
-        )
-    # map file modules to layers
-    resolved: dict[str, str] = {}
-    problems = []
-    for module in factors:
-        if module in layers:
-            resolved[module] = module
-            continue
-        hits = [n for n in layers if n.endswith("." + module)]
-        if len(hits) == 1:
-            resolved[module] = hits[0]
-        else:
-            problems.append(f"{module!r} ({'ambiguous: ' + preview(hits, 3) if hits else 'no such LoRA layer'})")
-    if problems:
-        raise StateDictMismatchError(
-            f"load_lora: {len(problems)} module(s) of the file do not map to a LoRA layer: {'; '.join(problems[:5])}. "
-            f"The model's LoRA layers: {preview(list(layers), 10)}."
-        )
-    half = [m for m, fac in factors.items() if set(fac) != {"A", "B"}]
-    if half:
-        raise StateDictMismatchError(f"load_lora: {preview(half)} have only one of lora_A / lora_B.")
-    if strict:
-        missing = [n for n in layers if n not in resolved.values()]
-        if missing:
-            raise StateDictMismatchError(
-                f"load_lora: no weights for {len(missing)} LoRA layer(s): {preview(missing)}. Pass strict=False to "
-                "leave them as they are, or inject LoRA only into the layers the file covers."
-            )
-    if cfg is None:
-        warnings.warn(
-            "load_lora: no adapter config (r, lora_alpha) given; assuming the file was trained with the layers' "
-            "own scaling alpha/r. Pass config='.../adapter_config.json' to be sure.",
-            UserWarning,
-            stacklevel=2,
-        )
-    plan = []
-    for module, fac in factors.items():
-        layer = layers[resolved[module]]
-        a, b = fac["A"], fac["B"]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
-            raise StateDictMismatchError(
-                f"load_lora: {module!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; the layer needs "
-                f"(r, {layer.in_features}) and ({layer.out_features}, r)."
-            )
-        if a.shape[0] != b.shape[1] or a.shape[0] != layer.r:
-            raise StateDictMismatchError(
-                f"load_lora: {module!r} has rank {a.shape[0]} in the file but the layer has r={layer.r}. "
-                f"Inject with r={a.shape[0]}."
-            )
-        file_scale = _file_scaling(cfg, module, int(a.shape[0]))
-        ratio = 1.0 if file_scale is None else file_scale / layer.scaling
-        plan.append((resolved[module], layer, a, b * ratio))
-    check_finite({f"{n}.lora_{s}": t for n, _, a, b in plan for s, t in (("A", a), ("B", b))}, "load_lora")
-    for _, layer, _, _ in plan:
-        if layer.merged_adapter is not None:
-            raise ConfigError("load_lora: an adapter is merged into the weights; call unmerge_lora(model) first.")
-    key = None if adapter is None else adapter_key(adapter)
-    no_target = [name for name, layer, _, _ in plan if key is None and layer.active_adapter is None]
-    if no_target:
-        raise ConfigError(f"load_lora: {preview(no_target)} have no active adapter; pass `adapter=`.")
-    for name, layer, a, b in plan:
-        target = layer.active_adapter if key is None else key
-        if target not in layer.lora_A:
-            layer.add_adapter(target)
-        layer.lora_A[target].copy_(a)
-        layer.lora_B[target].copy_(b)
-    return tuple(name for name, *_ in plan)
+        return getattr(io, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
