@@ -138,7 +138,7 @@ from cl_plugin.merging import MERGERS, get_merger
 from cl_plugin.task_vectors import TaskVector
 from cl_plugin.callbacks._boundaries import TaskBoundaryCallback, experience_of, reset_optimizer_state, snapshot, write_into
 from cl_plugin._checkpoint import check_bool_field, check_tensor_dict, layout_of, read
-from cl_plugin.callbacks.model_merging import ModelMerging
+from cl_plugin.callbacks.model_merging import ModelMerging, merge_method_options
 
 __all__ = ["LoRAAdapters", "SharedSubspaceAdapters"]
 
@@ -607,7 +607,9 @@ class LoRAAdapters(_AdapterCallback):
         check_ranks: under DDP, all-gather a checksum of the weights after each
             boundary and raise if ranks differ (default: on when
             ``CL_PLUGIN_DEBUG=1``).
-        **method_options: passed to the merger (e.g. ``top_k=0.2`` for TIES).
+        method_options: the merger's options as one mapping (the form a
+            LightningCLI YAML file uses), e.g. ``{"top_k": 0.2}``.
+        **more_method_options: passed to the merger (e.g. ``top_k=0.2`` for TIES).
 
     Raises:
         ConfigError: an argument out of range or of the wrong type, an unknown
@@ -667,8 +669,10 @@ class LoRAAdapters(_AdapterCallback):
         seed: int = 0,
         reset_optimizer: bool = True,
         check_ranks: bool | None = None,
-        **method_options: Any,
+        method_options: Mapping[str, Any] | None = None,
+        **more_method_options: Any,
     ) -> None:
+        method_options = merge_method_options(method_options, more_method_options, "LoRAAdapters")
         if mode not in MODES:
             raise ConfigError(
                 f"`mode` must be one of {list(MODES)}, got {mode!r} (LoRAAdapters).{did_you_mean(str(mode), MODES)}"
