@@ -33,6 +33,7 @@ from cl_plugin._checkpoint import (
     check_options,
 )
 from cl_plugin.errors import CheckpointError, ConfigError, NonFiniteError, StateDictMismatchError, preview
+from cl_plugin.merging.continual import snapshot, write_into  # noqa: F401  (re-exported for the callbacks)
 from cl_plugin.task_vectors import select_names, tied_aliases
 
 
@@ -74,30 +75,6 @@ def tied_names(module: LightningModule, names: Iterable[str]) -> dict[str, str]:
     state = module.state_dict()
     kept = set(names)
     return {a: n for a, n in tied_aliases({k: t for k, t in state.items() if t.is_floating_point()}).items() if n in kept}
-
-
-def snapshot(module: LightningModule, names: Iterable[str], device: torch.device) -> dict[str, Tensor]:
-    """Copies of the named state entries on ``device`` (detached, never aliasing the module)."""
-    state = module.state_dict()
-    out = {}
-    with torch.no_grad():
-        for n in names:
-            t = state[n].detach()
-            copy = t.to(device=device, copy=True)
-            out[n] = copy
-    return out
-
-
-def write_into(module: LightningModule, tensors: Mapping[str, Tensor]) -> None:
-    """Copy ``tensors`` into the module's parameters and buffers in place.
-
-    In place, so the optimizer's references to the parameters stay valid and
-    DDP's buckets keep pointing at the same storage.
-    """
-    state = module.state_dict()
-    with torch.no_grad():
-        for n, value in tensors.items():
-            state[n].copy_(value)
 
 
 def load_base_weights(source: Mapping[str, Tensor] | str | os.PathLike) -> dict[str, Tensor]:

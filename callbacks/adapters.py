@@ -138,7 +138,8 @@ from cl_plugin.merging import MERGERS, get_merger
 from cl_plugin.task_vectors import TaskVector
 from cl_plugin.callbacks._boundaries import TaskBoundaryCallback, experience_of, reset_optimizer_state, snapshot, write_into
 from cl_plugin._checkpoint import check_bool_field, check_tensor_dict, layout_of, read
-from cl_plugin.callbacks.model_merging import ModelMerging, merge_method_options
+from cl_plugin.callbacks.model_merging import ModelMerging
+from cl_plugin.merging.continual import merge_method_options
 
 __all__ = ["LoRAAdapters", "SharedSubspaceAdapters"]
 

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from cl_plugin._checks import check_bool, check_same_layout, check_scale, is_finite
 from cl_plugin.errors import CheckpointError, ConfigError, DtypeMismatchError, NonFiniteError, did_you_mean
-from cl_plugin.merging.continual import ContinualMerge
+from cl_plugin.merging.continual import ContinualMerge, check_exclude, merge_method_options
 from cl_plugin.task_vectors import TaskVector
 from cl_plugin.callbacks._boundaries import (
     TaskBoundaryCallback,
@@ -149,11 +149,7 @@ class ModelMerging(TaskBoundaryCallback):
     ) -> None:
         super().__init__()
         options = merge_method_options(method_options, more_method_options, "ModelMerging")
-        if isinstance(exclude, str):
-            exclude = (exclude,)
-        exclude = tuple(exclude)
-        if not all(isinstance(p, str) for p in exclude):
-            raise ConfigError(f"`exclude` must be glob patterns (strings), got {exclude!r} (ModelMerging).")
+        exclude = check_exclude(exclude, "ModelMerging")
         try:
             device = torch.device(snapshot_device)
         except (RuntimeError, TypeError) as exc:
@@ -521,17 +517,6 @@ class ModelMerging(TaskBoundaryCallback):
             self._holds_merged = holds_merged
 
         return apply
-
-
-def merge_method_options(mapping: Mapping[str, Any] | None, keywords: Mapping[str, Any], owner: str) -> dict[str, Any]:
-    """One dict of merger options from ``method_options={...}`` and ``**keywords`` (LightningCLI uses the mapping)."""
-    if mapping is not None and not isinstance(mapping, Mapping):
-        raise ConfigError(f"`method_options` must be a mapping of option name to value, got {mapping!r} ({owner}).")
-    mapping = dict(mapping or {})
-    both = sorted(set(mapping) & set(keywords))
-    if both:
-        raise ConfigError(f"{both} given both in `method_options` and as keywords ({owner}); give each option once.")
-    return {**mapping, **keywords}
 
 
 def refresh_last_checkpoints(trainer: Trainer, owner: str) -> None:

@@ -40,7 +40,15 @@ from cl_plugin.errors import CheckpointError, ConfigError, NonFiniteError, did_y
 from cl_plugin.merging.registry import MERGERS, get_merger
 from cl_plugin.task_vectors import TaskVector, select_names, tied_aliases
 
-__all__ = ["ContinualMerge", "STATISTICS", "normalisation_statistics"]
+__all__ = [
+    "ContinualMerge",
+    "STATISTICS",
+    "check_exclude",
+    "merge_method_options",
+    "normalisation_statistics",
+    "snapshot",
+    "write_into",
+]
 
 #: How normalisation statistics are merged (see the module docstring).
 STATISTICS = ("average", "merge")
@@ -62,6 +70,47 @@ def normalisation_statistics(module: nn.Module) -> list[str]:
 def _snapshot(state: Mapping[str, Tensor], names: Iterable[str], device: torch.device) -> dict[str, Tensor]:
     with torch.no_grad():
         return {n: state[n].detach().to(device=device, copy=True) for n in names}
+
+
+def snapshot(module: nn.Module, names: Iterable[str], device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """Copies of the module's named state entries on ``device`` (detached, never aliasing the module)."""
+    return _snapshot(module.state_dict(), names, torch.device(device))
+
+
+def write_into(module: nn.Module, tensors: Mapping[str, Tensor]) -> None:
+    """Copy ``tensors`` into the module's parameters and buffers in place.
+
+    In place, so an optimizer's references to the parameters stay valid (and
+    DDP's buckets keep pointing at the same storage).
+    """
+    state = module.state_dict()
+    with torch.no_grad():
+        for n, value in tensors.items():
+            state[n].copy_(value)
+
+
+def merge_method_options(mapping: Mapping[str, Any] | None, keywords: Mapping[str, Any], owner: str) -> dict[str, Any]:
+    """One dict of merger options from ``method_options={...}`` and ``**keywords`` (configuration files use the mapping)."""
+    if mapping is not None and not isinstance(mapping, Mapping):
+        raise ConfigError(f"`method_options` must be a mapping of option name to value, got {mapping!r} ({owner}).")
+    mapping = dict(mapping or {})
+    both = sorted(set(mapping) & set(keywords))
+    if both:
+        raise ConfigError(f"{both} given both in `method_options` and as keywords ({owner}); give each option once.")
+    return {**mapping, **keywords}
+
+
+def check_exclude(exclude: object, owner: str) -> tuple[str, ...]:
+    """``exclude`` as a tuple of glob patterns (one string is one pattern), else ConfigError."""
+    if isinstance(exclude, str):
+        return (exclude,)
+    try:
+        patterns = tuple(exclude)  # type: ignore[arg-type]
+    except TypeError:
+        raise ConfigError(f"`exclude` must be glob patterns (strings), got {exclude!r} ({owner}).") from None
+    if not all(isinstance(p, str) for p in patterns):
+        raise ConfigError(f"`exclude` must be glob patterns (strings), got {exclude!r} ({owner}).")
+    return patterns
 
 
 class ContinualMerge:
@@ -113,7 +162,7 @@ class ContinualMerge:
         self.merger = get_merger(method, **self.method_options)
         #: λ in θ₀ + λ·merged (the method's default unless given); may be changed between boundaries.
         self.scale = self.merger.default_scale if scale is None else check_scale(scale, f"ContinualMerge(method={method!r})")
-        self.exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+        self.exclude = check_exclude(exclude, "ContinualMerge")
         self.statistics = statistics
         self.device = torch.device(device)
         self._statistics_merger = get_merger("average")
