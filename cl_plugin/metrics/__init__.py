@@ -2,7 +2,9 @@
 
 :class:`AccuracyMatrix` is a torchmetrics ``Metric`` (no Lightning import) whose
 state syncs across processes; :mod:`cl_plugin.metrics.functional` holds the
-same figures as pure functions of a matrix, with their definitions.
+same figures as pure functions of a matrix, with their definitions;
+:func:`mask_to_classes` turns class-incremental logits into task-aware ones.
+``docs/metrics.md`` describes them all.
 """
 
 from cl_plugin.metrics.accuracy_matrix import AccuracyMatrix
@@ -13,6 +15,7 @@ from cl_plugin.metrics.functional import (
     fwt,
     max_forgetting,
 )
+from cl_plugin.metrics.task_aware import mask_to_classes
 
 __all__ = [
     "AccuracyMatrix",
@@ -20,5 +23,6 @@ __all__ = [
     "bwt",
     "forgetting",
     "fwt",
+    "mask_to_classes",
     "max_forgetting",
 ]
