@@ -193,7 +193,7 @@ def task_il_accuracy(module, datamodule, forward, mask_classes: bool) -> list[fl
     """
     module.eval()
     out = []
-    for experience, loader in enumerate(datamodule.test_dataloader()):
+    for experience, loader in enumerate(datamodule.experience_dataloaders("test", with_task_labels=True)):
         classes = torch.tensor(datamodule.classes_in_experience[experience] if mask_classes else range(10))
         correct = total = 0
         for x, y, task in loader:

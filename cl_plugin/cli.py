@@ -33,10 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--benchmark",
         action="append",
         help="benchmark name, repeatable (default: split_digits and permuted_digits); "
-        "embedded: split_digits, permuted_digits, rotated_digits; with local files: "
-        "split_mnist, split_fmnist, split_cifar100, split_cub200, core50",
+        "embedded: split_digits, permuted_digits, rotated_digits; from --dataset-root with the digits ViT: "
+        "split_mnist (Avalanche's SplitMNIST, images brought to 8x8); from --dataset-root with a timm --model: "
+        "split_mnist, permuted_mnist, rotated_mnist, split_fmnist, split_cifar100, split_cub200, core50",
     )
-    demo.add_argument("--dataset-root", help="folder with the dataset files of a non-embedded benchmark")
+    demo.add_argument(
+        "--dataset-root",
+        help="folder with the dataset files of a non-embedded benchmark (for the MNIST ones: DIR/MNIST/raw/)",
+    )
     demo.add_argument("--model", help="timm model name for a non-embedded benchmark, e.g. vit_base_patch16_224")
     demo.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights for --model")
     demo.add_argument("--n-experiences", type=int, help="experiences in the stream (default: 5 for digits)")

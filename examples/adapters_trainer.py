@@ -43,7 +43,7 @@ class ViTClassifier(L.LightningModule):
         return self.backbone(x)
 
     def training_step(self, batch, batch_idx):
-        x, y, _task = batch
+        x, y = batch  # the callbacks know the task from the datamodule's current experience
         return nn.functional.cross_entropy(self(x), y)
 
     def configure_optimizers(self):
@@ -87,8 +87,11 @@ def main() -> None:
             TARGETS, k=args.k, p=args.p, temporary_directions=2, r=8, alpha=16, trainable=[HEAD],
             trainable_per_task=per_task_head,
         )
-    # predict= reads the task label from each batch (x, y, task) and picks that task's adapter and head.
-    evaluation = ContinualEvaluation(predict=adapters.predict)
+    # predict= reads the task label from each batch (x, y, task) and picks that task's adapter and head:
+    # the evaluation loaders carry task labels, one loader per test experience.
+    evaluation = ContinualEvaluation(
+        predict=adapters.predict, loaders=dm.experience_dataloaders("test", with_task_labels=True)
+    )
     trainer = L.Trainer(
         max_epochs=dm.total_epochs,
         reload_dataloaders_every_n_epochs=1,  # the datamodule switches experience between epochs

@@ -50,11 +50,11 @@ class ViTClassifier(L.LightningModule):
         return self.backbone(x)
 
     def training_step(self, batch, batch_idx):
-        x, y, _task = batch
+        x, y = batch
         return nn.functional.cross_entropy(self(x), y)
 
-    def test_step(self, batch, batch_idx, dataloader_idx=0):
-        x, y, _task = batch
+    def test_step(self, batch, batch_idx, dataloader_idx=0):  # dataloader_idx: one test loader per experience below
+        x, y = batch
         self.log("test_acc", (self(x).argmax(1) == y).float().mean(), sync_dist=True)
 
     def configure_optimizers(self):
@@ -121,6 +121,8 @@ def main() -> None:
 
     recipe = RECIPES[args.benchmark]
     stream = split_digits(seed=args.seed) if args.benchmark == "split_digits" else permuted_digits(seed=args.seed)
+    # Lightning's batches (x, y) and one validation and one test loader; the stream's experiences come
+    # one after the other, and experience_dataloaders("test") gives one test loader per experience.
     dm = ContinualDataModule(stream, batch_size=32, epochs_per_experience=args.epochs, seed=args.seed)
     model = ViTClassifier(build_backbone(args), recipe["lr"], recipe["frozen"])
     merging = ModelMerging(method=args.method)
@@ -151,7 +153,8 @@ def main() -> None:
             # Here the module holds the merge of experiences 0..k: test it, deploy it.
 
     # After fit the module holds theta_0 + scale * merged; the training weights come back at the next fit.
-    merged = [next(iter(d.values())) for d in trainer.test(model, datamodule=dm, verbose=False)]
+    per_experience = dm.experience_dataloaders("test")
+    merged = [next(iter(d.values())) for d in trainer.test(model, dataloaders=per_experience, verbose=False)]
     finetuned = evaluation.matrices["sequential_finetuning"].compute()[-1].tolist()
     if trainer.is_global_zero:
         print(f"\nfinal test accuracy per experience ({args.benchmark}, {args.style}, {args.method})")

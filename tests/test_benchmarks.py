@@ -1,4 +1,4 @@
-"""Streams: the digits benchmarks, ContinualDataModule in both stream styles, benchmark_by_name."""
+"""Streams: the digits benchmarks, ContinualDataModule (both stream styles, both batch formats), benchmark_by_name."""
 
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ def stream_tensors(stream):
 
 def quiet_trainer(**kwargs):
     # Lightning's default `deterministic`, not stream_helpers' True: these tests check data order only.
-    return L.Trainer(**trainer_kwargs(deterministic=None, num_sanity_val_steps=0, limit_val_batches=1, **kwargs))
+    kwargs.setdefault("limit_val_batches", 1)
+    return L.Trainer(**trainer_kwargs(deterministic=None, num_sanity_val_steps=0, **kwargs))
 
 
 def three_class_blocks():
@@ -214,7 +215,7 @@ def test_rotated_digits_angles():
 
 
 class LinearDigits(L.LightningModule):
-    """A linear model on the 64 pixels that records what every epoch trained and validated on."""
+    """A linear model on the 64 pixels that records what every epoch trained and validated on (either batch format)."""
 
     def __init__(self, crash_at_epoch: int | None = None):
         super().__init__()
@@ -222,7 +223,9 @@ class LinearDigits(L.LightningModule):
         self.crash_at_epoch = crash_at_epoch
         self.train_classes: dict[int, set[int]] = {}
         self.train_batches: list[tuple[int, list[int]]] = []
+        self.batch_lengths: set[int] = set()  # fields per batch: 2 for (x, y), 3 for (x, y, task_label)
         self.val_loaders: dict[int, int] = {}
+        self.val_examples: dict[int, int] = {}
 
     def forward(self, x):
         return self.net(x.flatten(1))
@@ -230,14 +233,17 @@ class LinearDigits(L.LightningModule):
     def training_step(self, batch, batch_idx):
         if self.current_epoch == self.crash_at_epoch:
             raise RuntimeError("simulated crash")
-        x, y, t = batch
+        x, y = batch[0], batch[1]
+        self.batch_lengths.add(len(batch))
         self.train_classes.setdefault(self.current_epoch, set()).update(y.tolist())
         self.train_batches.append((self.current_epoch, y.tolist()))
         return nn.functional.cross_entropy(self(x), y)
 
     def validation_step(self, batch, batch_idx, dataloader_idx=0):
         epoch = self.current_epoch
+        self.batch_lengths.add(len(batch))
         self.val_loaders[epoch] = max(self.val_loaders.get(epoch, 0), dataloader_idx + 1)
+        self.val_examples[epoch] = self.val_examples.get(epoch, 0) + len(batch[1])
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.05)
@@ -263,20 +269,30 @@ def experience_of_classes(dm, classes):
     return matches[0]
 
 
-def test_one_fit_serves_each_experience_for_its_epochs():
-    dm = ContinualDataModule(three_class_blocks(), batch_size=64, epochs_per_experience=2)
+@pytest.mark.parametrize("batch_format", ["lightning", "avalanche"])
+def test_one_fit_serves_each_experience_for_its_epochs(batch_format):
+    bm = three_class_blocks()
+    dm = ContinualDataModule(bm, batch_size=64, epochs_per_experience=2, batch_format=batch_format)
     assert dm.classes_in_experience == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
     assert (dm.n_experiences, dm.total_epochs) == (3, 6)
     assert [dm.experience_for_epoch(e) for e in range(6)] == [0, 0, 1, 1, 2, 2]
     model, seen = LinearDigits(), SeenExperience()
-    trainer = quiet_trainer(max_epochs=dm.total_epochs, reload_dataloaders_every_n_epochs=1, callbacks=[seen])
+    trainer = quiet_trainer(
+        max_epochs=dm.total_epochs, reload_dataloaders_every_n_epochs=1, callbacks=[seen], limit_val_batches=1.0
+    )
     trainer.fit(model, datamodule=dm)
     trained = [experience_of_classes(dm, model.train_classes[e]) for e in range(6)]
     assert trained == [0, 0, 1, 1, 2, 2]
     assert [model.train_classes[e] for e in (0, 2, 4)] == [set(cs) for cs in dm.classes_in_experience]
     assert seen.at_train_start == [0]
     assert seen.at_epoch_start == {e: e // 2 for e in range(6)}
-    assert model.val_loaders == {0: 1, 1: 1, 2: 2, 3: 2, 4: 3, 5: 3}  # eval_on="seen"
+    # eval_on="seen": the experiences trained so far, in one loader ("lightning") or one loader each ("avalanche")
+    sizes = [len(e.dataset) for e in bm.test_stream]
+    assert model.val_examples == {e: sum(sizes[: e // 2 + 1]) for e in range(6)}
+    if batch_format == "lightning":
+        assert model.batch_lengths == {2} and model.val_loaders == {e: 1 for e in range(6)}
+    else:
+        assert model.batch_lengths == {3} and model.val_loaders == {0: 1, 1: 1, 2: 2, 3: 2, 4: 3, 5: 3}
     assert dm.current_experience == 2
 
 
@@ -307,7 +323,8 @@ def test_set_experience_serves_one_experience_per_fit():
         model = LinearDigits()
         quiet_trainer(max_epochs=2).fit(model, datamodule=dm)  # no reload needed, epoch does not choose
         assert [experience_of_classes(dm, model.train_classes[e]) for e in (0, 1)] == [experience, experience]
-        assert model.val_loaders == {0: experience + 1, 1: experience + 1}
+        assert model.val_loaders == {0: 1, 1: 1}  # one loader over experiences 0..experience
+        assert len(dm.val_dataloader().dataset) == sum(len(d) for d in dm._test_sets[: experience + 1])
     dm.set_experience(None)
     assert dm.fixed_experience is None and dm.current_experience == 2
     with pytest.raises(ConfigError, match=r"`experience` must be an int in \[0, 2\].*got 3"):
@@ -376,7 +393,7 @@ def test_each_rank_gets_its_own_shard():
 
 def epoch_batches(loader, epoch):
     loader.sampler.set_epoch(epoch)
-    return [y.tolist() for _, y, _ in loader]
+    return [y.tolist() for _, y in loader]
 
 
 def test_loader_state_resumes_the_epoch_after_its_finished_batches():
@@ -398,12 +415,12 @@ def test_loader_state_resumes_the_epoch_after_its_finished_batches():
     resumed.load_state_dict(state)
     assert len(resumed) == len(full)  # Lightning counts the finished batches itself
     resumed.sampler.set_epoch(3)  # Lightning sets the epoch after loading: the position survives it
-    assert [y.tolist() for _, y, _ in resumed] == full[4:]
-    assert [y.tolist() for _, y, _ in resumed] == full  # the skip is used once
+    assert [y.tolist() for _, y in resumed] == full[4:]
+    assert [y.tolist() for _, y in resumed] == full  # the skip is used once
     assert epoch_batches(resumed, 4) != full
     finished = ContinualDataModule(bm, batch_size=64, seed=5).train_dataloader()
     finished.load_state_dict({**state, "batches_done": len(full)})  # a finished epoch: the next one follows
-    assert finished.sampler.epoch == 4 and [y.tolist() for _, y, _ in finished] == epoch_batches(finished, 4)
+    assert finished.sampler.epoch == 4 and [y.tolist() for _, y in finished] == epoch_batches(finished, 4)
 
 
 def test_each_rank_resumes_its_own_shard_from_rank_zeros_state():
@@ -425,7 +442,7 @@ def test_each_rank_resumes_its_own_shard_from_rank_zeros_state():
     for rank in (0, 1):
         resumed = loader(rank)
         resumed.load_state_dict(state)
-        assert [y.tolist() for _, y, _ in resumed] == epoch_batches(loader(rank), 2)[5:]
+        assert [y.tolist() for _, y in resumed] == epoch_batches(loader(rank), 2)[5:]
 
 
 def test_the_loader_starts_at_the_epoch_lightning_will_train():
@@ -520,21 +537,112 @@ def test_ddp_each_rank_trains_its_shard_of_the_experience():
     trainer.fit(ShardChecker(), datamodule=dm)  # a failed check in a worker is raised here
 
 
-def test_eval_loaders_and_batches():
+def fields(loader) -> tuple[int, ...]:
+    """Lengths of the loader's batches (2: ``x, y``; 3: ``x, y, task_label``), as a sorted tuple of distinct values."""
+    return tuple(sorted({len(batch) for batch in loader}))
+
+
+def labels_of(loader) -> list[int]:
+    return [int(v) for batch in loader for v in batch[1]]
+
+
+def test_the_lightning_format_serves_x_y_and_one_loader_per_stage():
     bm = split_digits(5, seed=0, task_labels=True)
     dm = ContinualDataModule(bm, batch_size=16, eval_on="seen")
+    assert dm.batch_format == "lightning"
+    x, y = next(iter(dm.train_dataloader()))
+    assert tuple(x.shape) == (16, 1, 8, 8) and y.dtype == torch.int64
+    assert set(y.tolist()) <= set(dm.classes_in_experience[0])
+    test = dm.test_dataloader()
+    assert isinstance(test, DataLoader) and len(test.dataset) == N_TEST and fields(test) == (2,)
+    per_experience = dm.experience_dataloaders("test")
+    assert [len(t.dataset) for t in per_experience] == [len(e.dataset) for e in bm.test_stream]
+    assert labels_of(test) == [v for t in per_experience for v in labels_of(t)]  # experiences in order
+    val = dm.val_dataloader()
+    assert isinstance(val, DataLoader) and len(val.dataset) == len(per_experience[0].dataset)
+    dm.set_experience(3)
+    assert len(dm.val_dataloader().dataset) == sum(len(t.dataset) for t in per_experience[:4])
+    assert len(ContinualDataModule(bm, eval_on="all").val_dataloader().dataset) == N_TEST
+    assert fields(per_experience[2]) == (2,)
+    with_labels = dm.experience_dataloaders("test", with_task_labels=True)
+    x, y, t = next(iter(with_labels[2]))
+    assert set(y.tolist()) <= set(dm.classes_in_experience[2]) and set(t.tolist()) == {2} and t.dtype == torch.int64
+    assert len(dm.experience_dataloaders("val")) == 5  # every experience, whatever the one trained
+
+
+def test_the_avalanche_format_serves_task_labels_and_one_loader_per_experience():
+    bm = split_digits(5, seed=0, task_labels=True)
+    dm = ContinualDataModule(bm, batch_size=16, eval_on="seen", batch_format="avalanche")
     tests = dm.test_dataloader()
     assert len(tests) == 5
     assert [len(t.dataset) for t in tests] == [len(e.dataset) for e in bm.test_stream]
     assert len(dm.val_dataloader()) == 1
     dm.set_experience(3)
     assert len(dm.val_dataloader()) == 4
-    assert len(ContinualDataModule(bm, eval_on="all").val_dataloader()) == 5
+    assert len(ContinualDataModule(bm, eval_on="all", batch_format="avalanche").val_dataloader()) == 5
     x, y, t = next(iter(dm.train_dataloader()))
     assert tuple(x.shape) == (16, 1, 8, 8) and set(y.tolist()) <= set(dm.classes_in_experience[3])
     assert set(t.tolist()) == {3}  # task labels pass through as the third element
     x, y, t = next(iter(tests[2]))
     assert set(y.tolist()) <= set(dm.classes_in_experience[2]) and set(t.tolist()) == {2}
+    assert [fields(loader) for loader in dm.experience_dataloaders("test")] == [(3,)] * 5
+    assert fields(dm.experience_dataloaders("val", with_task_labels=False)[0]) == (2,)
+
+
+def _classification(dataset):
+    from avalanche.benchmarks.utils import as_classification_dataset
+
+    return as_classification_dataset(dataset)
+
+
+def _digits_datasets():
+    from cl_plugin.benchmarks.digits import _DigitsDataset
+
+    d = load_digits_tensors()
+    return _classification(_DigitsDataset(d.x_train, d.y_train)), _classification(_DigitsDataset(d.x_test, d.y_test))
+
+
+@pytest.mark.parametrize("generator", ["class_incremental_benchmark", "benchmark_from_datasets", "task_incremental"])
+def test_newer_generators_give_the_same_batch_shapes(generator):
+    from avalanche.benchmarks import benchmark_from_datasets, class_incremental_benchmark, task_incremental_benchmark
+
+    train, test = _digits_datasets()
+    if generator == "benchmark_from_datasets":
+        bm = benchmark_from_datasets(train=[train, train], test=[test, test])
+    else:
+        bm = class_incremental_benchmark({"train": train, "test": test}, num_experiences=5)
+        if generator == "task_incremental":
+            bm = task_incremental_benchmark(bm)
+    n = len(list(bm.test_stream))
+    assert len(bm.train_stream[0].dataset[0]) == (3 if generator == "task_incremental" else 2)  # Avalanche's items
+    expected = list(range(n)) if generator == "task_incremental" else [0] * n
+    lightning = ContinualDataModule(bm, batch_size=64)
+    assert fields(lightning.train_dataloader()) == fields(lightning.test_dataloader()) == (2,)
+    avalanche = ContinualDataModule(bm, batch_size=64, batch_format="avalanche")
+    assert fields(avalanche.train_dataloader()) == (3,)
+    loaders = avalanche.test_dataloader()
+    assert [{int(v) for b in loader for v in b[2]} for loader in loaders] == [{k} for k in expected]
+    with_labels = lightning.experience_dataloaders("test", with_task_labels=True)
+    assert [{int(v) for b in loader for v in b[2]} for loader in with_labels] == [{k} for k in expected]
+
+
+def test_an_item_without_a_task_label_gets_its_experiences():
+    from torch.utils.data import TensorDataset
+
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 0, 1, 0, 1])
+    experience = types.SimpleNamespace(dataset=TensorDataset(x, y), task_label=7, classes_in_this_experience=[0, 1])
+    unknown = types.SimpleNamespace(dataset=TensorDataset(x, y), classes_in_this_experience=[0, 1])
+    stream = types.SimpleNamespace(train_stream=[experience, unknown], test_stream=[experience, unknown])
+    dm = ContinualDataModule(stream, batch_size=6, batch_format="avalanche")
+    assert [next(iter(loader))[2].tolist() for loader in dm.test_dataloader()] == [[7] * 6, [0] * 6]
+    assert torch.equal(next(iter(dm.test_dataloader()[0]))[0], x)
+
+
+def test_items_that_are_not_x_y_are_refused_when_read():
+    experience = types.SimpleNamespace(dataset=[torch.zeros(2)] * 3, classes_in_this_experience=[0])
+    dm = ContinualDataModule(types.SimpleNamespace(train_stream=[experience], test_stream=[experience]))
+    with pytest.raises(ConfigError, match=r"items \(x, y\) or \(x, y, task_label\).*item 0 of list is a Tensor"):
+        next(iter(dm.test_dataloader()))
 
 
 @pytest.mark.parametrize(
@@ -544,11 +652,29 @@ def test_eval_loaders_and_batches():
         (dict(epochs_per_experience=1.0), r"`epochs_per_experience` must be an int, got 1.0"),
         (dict(num_workers=-1), r"`num_workers` must be >= 0"),
         (dict(eval_on="last"), r"`eval_on` must be one of \['seen', 'all'\], got 'last'"),
+        (
+            dict(batch_format="lightnin"),
+            r"`batch_format` must be one of \['lightning', 'avalanche'\], got 'lightnin'.*Did you mean 'lightning'",
+        ),
+        (dict(batch_format=None), r"`batch_format` must be one of"),
+        (
+            dict(benchmark_options={"seed": 1}),
+            r"`benchmark_options` \(\{'seed': 1\}\) apply only to a benchmark given by name",
+        ),
+        (dict(benchmark_options=[("seed", 1)]), r"`benchmark_options` must be a dict"),
     ],
 )
 def test_datamodule_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         ContinualDataModule(split_digits(), **kwargs)
+
+
+def test_experience_dataloaders_rejects_bad_arguments():
+    dm = ContinualDataModule(split_digits(2))
+    with pytest.raises(ConfigError, match=r"`split` must be one of \['test', 'val'\], got 'valid'.*Did you mean 'val'"):
+        dm.experience_dataloaders("valid")
+    with pytest.raises(ConfigError, match=r"`with_task_labels` must be None, True or False, got 1"):
+        dm.experience_dataloaders("test", with_task_labels=1)
 
 
 def test_datamodule_rejects_what_is_not_a_benchmark():
@@ -557,6 +683,86 @@ def test_datamodule_rejects_what_is_not_a_benchmark():
     empty = types.SimpleNamespace(train_stream=[], test_stream=[])
     with pytest.raises(ConfigError, match=r"stream is empty: 0 training and 0 test experiences"):
         ContinualDataModule(empty)
+
+
+def test_datamodule_builds_a_benchmark_by_name_with_its_options():
+    dm = ContinualDataModule("split_digits", benchmark_options={"n_experiences": 2, "seed": 1})
+    assert (dm.benchmark_name, dm.benchmark_options) == ("split_digits", {"n_experiences": 2, "seed": 1})
+    assert dm.n_experiences == 2
+    assert dm.classes_in_experience == [sorted(e.classes_in_this_experience) for e in split_digits(2, 1).train_stream]
+    assert ContinualDataModule("rotated_digits").n_experiences == 5  # no options: the builder's defaults
+    assert ContinualDataModule(split_digits(2)).benchmark_name is None
+    with pytest.raises(ConfigError, match=r"Unknown benchmark 'split_digit'.*Did you mean 'split_digits'"):
+        ContinualDataModule("split_digit")
+    with pytest.raises(ConfigError, match=r"Unknown option 'n_experience' for benchmark 'split_digits'"):
+        ContinualDataModule("split_digits", benchmark_options={"n_experience": 2})
+    with pytest.raises(MissingDatasetError, match=r"MNIST/raw/train-images-idx3-ubyte"):
+        ContinualDataModule("split_mnist", benchmark_options={"dataset_root": "/nonexistent"})
+
+
+class DocsStyleClassifier(L.LightningModule):
+    """A LightningModule as Lightning's documentation writes one: ``x, y = batch``, one validation loader."""
+
+    def __init__(self, lr: float = 0.05):
+        super().__init__()
+        self.lr = lr
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_acc", (self.net(x).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+# LightningCLI warns that pytest's own argv is there too, and calls jsonargparse APIs it deprecates.
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter", "ignore::DeprecationWarning")
+def test_lightning_cli_builds_the_datamodule_from_yaml(tmp_path):
+    pytest.importorskip("jsonargparse", reason="LightningCLI needs jsonargparse[signatures] (pip install it)")
+    from lightning.pytorch.cli import LightningCLI
+
+    config, run_dir = tmp_path / "fit.yaml", tmp_path / "run"
+    config.write_text(
+        f"""
+seed_everything: 0
+trainer:
+  default_root_dir: {run_dir}
+  accelerator: cpu
+  devices: 1
+  max_epochs: 2
+  reload_dataloaders_every_n_epochs: 1
+  limit_train_batches: 2
+  limit_val_batches: 2
+  logger: false
+  enable_checkpointing: false
+  enable_progress_bar: false
+  enable_model_summary: false
+model:
+  lr: 0.1
+data:
+  benchmark: split_digits
+  benchmark_options:
+    n_experiences: 2
+    seed: 1
+  batch_size: 16
+  eval_on: all
+"""
+    )
+    cli = LightningCLI(DocsStyleClassifier, ContinualDataModule, args=["fit", "--config", str(config)])
+    dm = cli.datamodule
+    assert (dm.benchmark_name, dm.benchmark_options) == ("split_digits", {"n_experiences": 2, "seed": 1})
+    assert (dm.n_experiences, dm.batch_size, dm.eval_on, dm.batch_format) == (2, 16, "all", "lightning")
+    assert dm.classes_in_experience == [sorted(e.classes_in_this_experience) for e in split_digits(2, 1).train_stream]
+    assert cli.model.lr == 0.1 and cli.trainer.current_epoch == 2 and "val_acc" in cli.trainer.callback_metrics
+    saved = (run_dir / "config.yaml").read_text()  # LightningCLI's copy of the resolved configuration
+    assert "benchmark: split_digits" in saved and "batch_format: lightning" in saved
 
 
 # ---------------------------------------------------------------- benchmark_by_name
@@ -570,7 +776,7 @@ def test_benchmark_by_name_embedded():
     assert bm.train_stream[0].classes_in_this_experience == [0, 1, 2, 3, 4]
     assert set(BENCHMARK_NAMES) == {
         "split_digits", "permuted_digits", "rotated_digits",
-        "split_mnist", "split_fmnist", "split_cifar100", "split_cub200", "core50",
+        "split_mnist", "permuted_mnist", "rotated_mnist", "split_fmnist", "split_cifar100", "split_cub200", "core50",
     }  # fmt: skip
 
 

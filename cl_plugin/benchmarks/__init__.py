@@ -2,10 +2,12 @@
 
 - :func:`split_digits`, :func:`permuted_digits`, :func:`rotated_digits`:
   Avalanche benchmarks built from scikit-learn's bundled digits (no download);
-- :func:`benchmark_by_name`: those, or Avalanche's SplitMNIST, SplitFMNIST,
-  SplitCIFAR100, SplitCUB200 and CORe50 from local files;
-- :class:`ContinualDataModule`: any Avalanche benchmark as a
-  LightningDataModule, one experience at a time; its training loader
+- :func:`benchmark_by_name`: those, or Avalanche's SplitMNIST, PermutedMNIST,
+  RotatedMNIST, SplitFMNIST, SplitCIFAR100, SplitCUB200 and CORe50 from local
+  files;
+- :class:`ContinualDataModule`: any Avalanche benchmark (or its name) as a
+  LightningDataModule, one experience at a time, with Lightning's batches
+  ``x, y`` by default or Avalanche's ``x, y, task_label``; its training loader
   (:class:`ResumableDataLoader`) resumes a checkpoint written mid-epoch
   exactly, and :func:`resumes_mid_epoch` tells whether a loader does.
 
@@ -36,6 +38,7 @@ from cl_plugin.benchmarks.registry import (
 
 if TYPE_CHECKING:
     from cl_plugin.benchmarks.datamodule import (
+        BATCH_FORMATS,
         ContinualDataModule,
         ResumableDataLoader,
         ResumableSampler,
@@ -43,9 +46,16 @@ if TYPE_CHECKING:
     )
 
 # Names served lazily from cl_plugin.benchmarks.datamodule (it imports Lightning).
-_DATAMODULE_NAMES = ("ContinualDataModule", "ResumableDataLoader", "ResumableSampler", "resumes_mid_epoch")
+_DATAMODULE_NAMES = (
+    "BATCH_FORMATS",
+    "ContinualDataModule",
+    "ResumableDataLoader",
+    "ResumableSampler",
+    "resumes_mid_epoch",
+)
 
 __all__ = [
+    "BATCH_FORMATS",
     "BENCHMARK_NAMES",
     "EMBEDDED_BENCHMARKS",
     "DIGITS_SPLIT_SEED",

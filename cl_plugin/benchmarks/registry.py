@@ -1,7 +1,7 @@
 """Benchmarks by name: the embedded digits streams and Avalanche's real ones.
 
 :func:`benchmark_by_name` builds the digits streams of
-:mod:`cl_plugin.benchmarks.digits` (no files needed) and five of Avalanche's
+:mod:`cl_plugin.benchmarks.digits` (no files needed) and seven of Avalanche's
 classic benchmarks from files already on disk. Avalanche downloads a dataset
 whose files are missing; where that cannot work (no network, a cluster node)
 it fails late, deep inside torchvision. Here the files each benchmark reads
@@ -11,20 +11,21 @@ that names every missing file, where it must go, and where to get it.
 Files each real benchmark reads under ``dataset_root`` (learned from the
 loading code of Avalanche 0.6 and torchvision):
 
-================  ==========================================================
-``split_mnist``   ``MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte``
-                  (the four MNIST files, decompressed)
-``split_fmnist``  ``FashionMNIST/raw/`` with the same four names
-``split_cifar100`` ``cifar-100-python/{train,test,meta}`` (the extracted
-                  ``cifar-100-python.tar.gz``; ``train`` and ``test`` must
-                  match torchvision's MD5 sums, or torchvision re-downloads)
-``split_cub200``  ``CUB_200_2011/{images.txt,train_test_split.txt,``
-                  ``image_class_labels.txt,bounding_boxes.txt,images/}``
-``core50``        ``core50_128x128/`` (``core50_32x32/`` with ``mini=True``),
-                  ``batches_filelists/``, the scenario's file lists (e.g.
-                  ``NIC_v2_391/`` from ``batches_filelists_NICv2.zip``) and
-                  ``paths.pkl``, ``LUP.pkl``, ``labels.pkl``, ``labels2names.pkl``
-================  ==========================================================
+====================  ======================================================
+``split_mnist``,      ``MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte``
+``permuted_mnist``,   (the four MNIST files, decompressed; torchvision checks
+``rotated_mnist``     only that they exist, so any files in MNIST's format do)
+``split_fmnist``      ``FashionMNIST/raw/`` with the same four names
+``split_cifar100``    ``cifar-100-python/{train,test,meta}`` (the extracted
+                      ``cifar-100-python.tar.gz``; ``train`` and ``test`` must
+                      match torchvision's MD5 sums, or torchvision re-downloads)
+``split_cub200``      ``CUB_200_2011/{images.txt,train_test_split.txt,``
+                      ``image_class_labels.txt,bounding_boxes.txt,images/}``
+``core50``            ``core50_128x128/`` (``core50_32x32/`` with ``mini=True``),
+                      ``batches_filelists/``, the scenario's file lists (e.g.
+                      ``NIC_v2_391/`` from ``batches_filelists_NICv2.zip``) and
+                      ``paths.pkl``, ``LUP.pkl``, ``labels.pkl``, ``labels2names.pkl``
+====================  ======================================================
 
 When ``dataset_root`` is None, Avalanche's default location for the dataset
 is used (``~/.avalanche/data/<dataset>`` unless its configuration says
@@ -212,14 +213,32 @@ class _RealBenchmark:
     how_to_get: str
 
 
+_MNIST_HOW_TO_GET = (
+    "Download the four MNIST .gz files (e.g. from https://ossci-datasets.s3.amazonaws.com/mnist/), "
+    "decompress each with gunzip, and put them in {root}/MNIST/raw/."
+)
+
 _REAL: dict[str, _RealBenchmark] = {
     "split_mnist": _RealBenchmark(
         "SplitMNIST",
         "mnist",
         5,
         lambda root, options: _missing_mnist(root, "MNIST", options),
-        "Download the four MNIST .gz files (e.g. from https://ossci-datasets.s3.amazonaws.com/mnist/), "
-        "decompress each with gunzip, and put them in {root}/MNIST/raw/.",
+        _MNIST_HOW_TO_GET,
+    ),
+    "permuted_mnist": _RealBenchmark(
+        "PermutedMNIST",
+        "mnist",
+        5,
+        lambda root, options: _missing_mnist(root, "MNIST", options),
+        _MNIST_HOW_TO_GET,
+    ),
+    "rotated_mnist": _RealBenchmark(
+        "RotatedMNIST",
+        "mnist",
+        5,
+        lambda root, options: _missing_mnist(root, "MNIST", options),
+        _MNIST_HOW_TO_GET,
     ),
     "split_fmnist": _RealBenchmark(
         "SplitFMNIST",
@@ -296,8 +315,31 @@ def _check_even_split(name: str, n: int, n_classes: int, first: int | None) -> N
         )
 
 
+def _check_rotations(n: int, options: Mapping[str, Any]) -> None:
+    rotations = options.get("rotations_list")
+    if rotations is None:
+        return
+    try:
+        angles = [float(a) for a in rotations]
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"`rotations_list` must be a sequence of angles in degrees, got {rotations!r} ('rotated_mnist')."
+        ) from None
+    if len(angles) != n:
+        raise ConfigError(
+            f"`rotations_list` has {len(angles)} angles but n_experiences={n} ('rotated_mnist'). Give one angle "
+            f"per experience, or pass n_experiences={len(angles)}."
+        )
+    if not all(-180.0 <= a <= 180.0 for a in angles):
+        raise ConfigError(
+            f"`rotations_list` angles must lie in [-180, 180] degrees, got {rotations!r} ('rotated_mnist')."
+        )
+
+
 def _check_real_arguments(name: str, n: int, options: Mapping[str, Any]) -> None:
-    if name in ("split_mnist", "split_fmnist", "split_cifar100"):
+    if name == "rotated_mnist":
+        _check_rotations(n, options)
+    elif name in ("split_mnist", "split_fmnist", "split_cifar100"):
         n_classes = 100 if name == "split_cifar100" else 10
         half = options.get("first_exp_with_half_classes", options.get("first_batch_with_half_classes", False))
         if "fixed_class_order" not in options or options["fixed_class_order"] is None:
@@ -344,31 +386,37 @@ def benchmark_by_name(
     Args:
         name: one of :data:`BENCHMARK_NAMES`: ``"split_digits"``,
             ``"permuted_digits"``, ``"rotated_digits"`` (embedded, no files),
-            or ``"split_mnist"``, ``"split_fmnist"``, ``"split_cifar100"``,
-            ``"split_cub200"``, ``"core50"`` (Avalanche's, from local files).
+            or ``"split_mnist"``, ``"permuted_mnist"``, ``"rotated_mnist"``,
+            ``"split_fmnist"``, ``"split_cifar100"``, ``"split_cub200"``,
+            ``"core50"`` (Avalanche's, from local files).
         dataset_root: folder holding the real dataset's files (see the module
             docstring for the layout); None: Avalanche's default location.
             Ignored by the embedded benchmarks.
         n_experiences: number of training experiences; None for the
-            benchmark's default (5 for digits, MNIST and Fashion-MNIST; 10 for
+            benchmark's default (5 for digits, the three MNIST streams and
+            Fashion-MNIST; 10 for
             CIFAR-100; 11 for CUB-200, i.e. 100 classes then 10 per
             experience; CORe50's follows its ``scenario``, 391 by default).
         seed: class order of the split benchmarks (CUB-200 keeps Avalanche's
             fixed order unless ``shuffle=True``), permutations of
-            ``permuted_digits``. Not used by CORe50, whose ``run`` (0-9)
-            fixes the order.
+            ``permuted_digits`` and ``permuted_mnist`` (whose first experience
+            is permuted too, as in Avalanche), angles of ``rotated_mnist``
+            without ``rotations_list``. Not used by CORe50, whose ``run``
+            (0-9) fixes the order.
         **options: passed to the builder, e.g. ``class_order=`` or
             ``task_labels=`` for the digits, ``return_task_id=``,
             ``train_transform=`` or ``fixed_class_order=`` for Avalanche's,
-            ``scenario=``, ``run=`` or ``mini=`` for CORe50.
+            ``rotations_list=`` for ``rotated_mnist``, ``scenario=``, ``run=``
+            or ``mini=`` for CORe50.
 
     Returns:
         An Avalanche benchmark (``train_stream``, ``test_stream``).
 
     Raises:
         ConfigError: an unknown name (with the valid names and the closest
-            one) or option, or an ``n_experiences`` the classes cannot be
-            split into.
+            one) or option, an ``n_experiences`` the classes cannot be split
+            into, or a ``rotations_list`` without one angle in [-180, 180]
+            per experience.
         MissingDatasetError: a real benchmark's files are not under
             ``dataset_root``; nothing is downloaded. Subclasses
             :class:`ConfigError` and ``FileNotFoundError``.
