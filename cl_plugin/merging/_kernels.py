@@ -32,7 +32,15 @@ import warnings
 import torch
 from torch import Tensor
 
-__all__ = ["magmax_fold_", "random_fold_", "ties_fold_", "CHUNK_NUMEL", "COMPILE_MIN_NUMEL"]
+__all__ = [
+    "CHUNK_NUMEL",
+    "COMPILE_MIN_NUMEL",
+    "count_magnitudes",
+    "magmax_fold_",
+    "magnitudes_between",
+    "random_fold_",
+    "ties_fold_",
+]
 
 #: Elements per chunk of the eager loops: at most ATen's grain size
 #: (``at::internal::GRAIN_SIZE``), so no chunk op starts an OpenMP region.
@@ -113,6 +121,18 @@ def random_fold_(acc: Tensor, incoming: Tensor, keep_probability: float, generat
         torch.where(mask[:n], b, a, out=a)
 
 
+def _ties_rule_(pos_sum: Tensor, neg_sum: Tensor, pos_count: Tensor, neg_count: Tensor, x: Tensor, threshold: float) -> None:
+    v = x.to(pos_sum.dtype)
+    keep = v.abs() >= threshold
+    positive = keep & (v > 0)
+    negative = keep & (v < 0)
+    # Adding 0 where an entry is not kept: the sums never hold -0, so this equals the eager x*0.
+    pos_sum.copy_(pos_sum + torch.where(positive, v, 0.0))
+    neg_sum.copy_(neg_sum + torch.where(negative, v, 0.0))
+    pos_count.copy_(pos_count + positive.to(pos_count.dtype))
+    neg_count.copy_(neg_count + negative.to(neg_count.dtype))
+
+
 def ties_fold_(
     pos_sum: Tensor, neg_sum: Tensor, pos_count: Tensor, neg_count: Tensor, incoming: Tensor, threshold: float
 ) -> None:
@@ -121,6 +141,15 @@ def ties_fold_(
     ``pos_sum``/``neg_sum`` accumulate the positive/negative kept values (in
     their own dtype); ``pos_count``/``neg_count`` count them.
     """
+    if pos_sum.numel() >= COMPILE_MIN_NUMEL and _compile_enabled():
+        try:
+            _compiled("ties", _ties_rule_)(
+                pos_sum.view(-1), neg_sum.view(-1), pos_count.view(-1), neg_count.view(-1), incoming.reshape(-1), float(threshold)
+            )
+            return
+        except Exception as exc:  # no compiler, unsupported device, ...
+            _compile_state["failed"] = True
+            warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); using the eager TIES update.", stacklevel=2)
     inc = incoming.contiguous()
     scratch = torch.empty(min(CHUNK_NUMEL, inc.numel()), dtype=pos_sum.dtype, device=pos_sum.device)
     keep = torch.empty(scratch.shape, dtype=torch.bool, device=pos_sum.device)
@@ -143,3 +172,56 @@ def ties_fold_(
         nc.add_(g)
         s.copy_(x).mul_(g)
         ns.add_(s)
+
+
+#: Elements per piece of the order-statistics passes: large, so each compiled call pays its dispatch once.
+SELECT_CHUNK_NUMEL = 1 << 24
+
+
+def _count_rule(x: Tensor, lo: float, hi: float) -> tuple[Tensor, Tensor]:
+    a = x.abs().to(torch.float32)
+    return (a < lo).sum(), ((a >= lo) & (a <= hi)).sum()
+
+
+def _between_rule(x: Tensor, lo: float, hi: float) -> Tensor:
+    # uint8, viewed as bool by the caller: inductor writes bytes faster than bools (measured).
+    a = x.abs().to(torch.float32)
+    return ((a >= lo) & (a <= hi)).to(torch.uint8)
+
+
+def count_magnitudes(x: Tensor, lo: float, hi: float) -> tuple[int, int]:
+    """``(#|x| < lo, #lo <= |x| <= hi)`` over the flat ``x``, magnitudes in float32: one fused pass."""
+    below = inside = 0
+    flat = x.reshape(-1)
+    for start in range(0, flat.numel(), SELECT_CHUNK_NUMEL):
+        piece = flat[start : start + SELECT_CHUNK_NUMEL]
+        if piece.numel() >= COMPILE_MIN_NUMEL and _compile_enabled():
+            try:
+                b, i = _compiled("count_magnitudes", _count_rule)(piece, float(lo), float(hi))
+                below, inside = below + int(b), inside + int(i)
+                continue
+            except Exception as exc:  # no compiler, unsupported device, ...
+                _compile_state["failed"] = True
+                warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); counting eagerly.", stacklevel=2)
+        b, i = _count_rule(piece, float(lo), float(hi))
+        below, inside = below + int(b), inside + int(i)
+    return below, inside
+
+
+def magnitudes_between(x: Tensor, lo: float, hi: float) -> Tensor:
+    """The float32 magnitudes of the flat ``x`` that lie in ``[lo, hi]``, in element order."""
+    flat = x.reshape(-1)
+    out = []
+    for start in range(0, flat.numel(), SELECT_CHUNK_NUMEL):
+        piece = flat[start : start + SELECT_CHUNK_NUMEL]
+        if piece.numel() >= COMPILE_MIN_NUMEL and _compile_enabled():
+            try:
+                mask = _compiled("magnitudes_between", _between_rule)(piece, float(lo), float(hi))
+            except Exception as exc:  # no compiler, unsupported device, ...
+                _compile_state["failed"] = True
+                warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); selecting eagerly.", stacklevel=2)
+                mask = _between_rule(piece, float(lo), float(hi))
+        else:
+            mask = _between_rule(piece, float(lo), float(hi))
+        out.append(piece[mask.view(torch.bool)].abs().to(torch.float32))
+    return torch.cat(out) if out else flat.new_zeros(0, dtype=torch.float32)

@@ -199,14 +199,30 @@ class ContinualMerge:
         aliases = {a: n for a, n in aliases.items() if n in set(kept)}
         return names, statistic_names, aliases, floats
 
-    def bind(self, module: nn.Module) -> None:
+    def bind(self, module: nn.Module, names: Iterable[str] | None = None) -> None:
         """Choose the tensors of ``module`` to merge; on a later call, raise if they changed.
+
+        Args:
+            module: the model.
+            names: merge exactly these state-dict entries (e.g. the base
+                weights of adapted layers); default: every floating-point
+                tensor minus ``exclude``, statistics as ``statistics`` says.
 
         Raises:
             ConfigError: the module's floating-point tensors differ from the
-                ones bound before (added, removed).
+                ones bound before (added, removed), or ``names`` are not
+                floating-point entries of ``module``.
         """
-        names, statistic_names, aliases, floats = self.select(module)
+        if names is None:
+            names, statistic_names, aliases, floats = self.select(module)
+        else:
+            names, statistic_names = list(names), []
+            state = module.state_dict()
+            bad = [n for n in names if n not in state or not state[n].is_floating_point()]
+            if bad:
+                raise ConfigError(f"{preview(bad, 3)} are not floating-point state entries of {type(module).__name__}.")
+            floats = [n for n, t in state.items() if t.is_floating_point()]
+            aliases = {a: n for a, n in tied_aliases({n: state[n] for n in floats}).items() if n in set(names)}
         if self.names is not None and (names, statistic_names) != (self.names, self.statistic_names):
             before, now = self.all_names, names + statistic_names
             raise ConfigError(

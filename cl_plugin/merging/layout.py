@@ -1,0 +1,281 @@
+"""Which part of every merged tensor this process holds: the sharded layout of the boundary core.
+
+A merge over W processes works on *local slices with global offsets*: for each
+tensor, the rank holds one contiguous range ``[start, stop)`` of the tensor
+flattened in row-major order.
+
+* Under FSDP2 (Lightning's ``ModelParallelStrategy``, ``fully_shard``) a
+  parameter is a ``DTensor`` sharded on dim 0: the rank's local shard is a
+  block of whole rows, which is a contiguous range of the flattened tensor.
+* Under DDP (replicated weights) and for tensors FSDP2 does not shard
+  (buffers), the merger splits each flattened tensor into W ranges itself,
+  as ``torch.chunk`` splits a dimension: ``ceil(N / W)`` elements per rank,
+  the last ranks shorter or empty.
+
+θ₀ and the merger's state are held per rank as these slices, so each rank
+keeps P/W of every model copy. Elementwise rules (MagMax, averages, sums,
+random selection, DARE) fold their slice with no communication; rules that
+need a global statistic or a whole tensor use the collectives below, and give
+the same bits as the unsharded merge.
+
+No Lightning import.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from cl_plugin.merging._kernels import count_magnitudes, magnitudes_between
+
+__all__ = [
+    "Shard",
+    "ShardLayout",
+    "kth_smallest_magnitude",
+    "split_range",
+]
+
+
+def split_range(numel: int, rank: int, world: int) -> tuple[int, int]:
+    """``[start, stop)`` of rank ``rank``'s part of ``numel`` elements split as ``torch.chunk`` splits."""
+    if world <= 1:
+        return 0, numel
+    size = math.ceil(numel / world) if numel else 0
+    start = min(rank * size, numel)
+    return start, min(start + size, numel)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One tensor's place in the layout: its global shape and this rank's flat range."""
+
+    shape: tuple[int, ...]
+    start: int
+    stop: int
+    #: True when the range is the local shard of a DTensor (it lives in that rank only).
+    sharded: bool = False
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def local_numel(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0 and self.stop == self.numel
+
+
+class ShardLayout:
+    """Each merged tensor's :class:`Shard` on this rank, with the process group the rank merges in.
+
+    Args:
+        shards: name -> :class:`Shard`, in the merge order.
+        rank: this process's index in ``group`` (0 without one).
+        world: the number of processes that share the merge (1: unsharded).
+        group: the ``torch.distributed`` process group of those processes
+            (None: the default group, or no communication when ``world == 1``).
+    """
+
+    def __init__(self, shards: Mapping[str, Shard], rank: int = 0, world: int = 1, group=None) -> None:
+        self.shards = dict(shards)
+        self.rank = int(rank)
+        self.world = int(world)
+        self.group = group
+
+    @classmethod
+    def unsharded(cls, shapes: Mapping[str, Sequence[int]]) -> ShardLayout:
+        """Every tensor whole, on one process."""
+        return cls({n: Shard(tuple(s), 0, math.prod(s)) for n, s in shapes.items()})
+
+    @classmethod
+    def split(cls, shapes: Mapping[str, Sequence[int]], rank: int, world: int, group=None) -> ShardLayout:
+        """Every tensor split into ``world`` contiguous ranges (replicated weights, e.g. under DDP)."""
+        return cls(
+            {n: Shard(tuple(s), *split_range(math.prod(s), rank, world)) for n, s in shapes.items()}, rank, world, group
+        )
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shards)
+
+    def __getitem__(self, name: str) -> Shard:
+        return self.shards[name]
+
+    def __repr__(self) -> str:
+        local = sum(s.local_numel for s in self.shards.values())
+        total = sum(s.numel for s in self.shards.values())
+        return f"ShardLayout({len(self)} tensors, rank {self.rank} of {self.world}, {local:,} of {total:,} elements)"
+
+    # -- collectives (no-ops on one process) ------------------------------------------------------------
+    def all_reduce_(self, tensor: Tensor) -> Tensor:
+        """Sum ``tensor`` over the ranks, in place."""
+        if self.distributed:
+            torch.distributed.all_reduce(tensor, group=self.group)
+        return tensor
+
+    def gather_whole(self, name: str, local: Tensor, owner: int) -> Tensor | None:
+        """The whole tensor ``name`` (global shape) on rank ``owner`` from every rank's slice; None elsewhere.
+
+        ``local`` is this rank's flat slice. Slices are padded to one size for
+        the collective and the padding is dropped, so the result is exact.
+        """
+        shard = self.shards[name]
+        if not self.distributed:
+            return local.reshape(shard.shape)
+        sizes = self._slice_sizes(name)
+        width = max(sizes) or 1
+        padded = local.new_zeros(width)
+        padded[: local.numel()] = local.reshape(-1)
+        parts = [torch.empty_like(padded) for _ in range(self.world)] if self.rank == owner else None
+        torch.distributed.gather(padded, parts, dst=self._global_rank(owner), group=self.group)
+        if self.rank != owner:
+            return None
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)]).reshape(shard.shape)
+
+    def scatter_slices(self, name: str, whole: Tensor | None, owner: int, out: Tensor) -> None:
+        """Copy each rank's slice of ``whole`` (given on ``owner``) into that rank's flat ``out``."""
+        shard = self.shards[name]
+        if not self.distributed:
+            out.copy_(whole.reshape(-1))
+            return
+        sizes = self._slice_sizes(name)
+        width = max(sizes) or 1
+        received = out.new_zeros(width)
+        parts = None
+        if self.rank == owner:
+            flat = whole.reshape(-1)
+            parts, offset = [], 0
+            for n in sizes:
+                part = flat.new_zeros(width)
+                part[:n] = flat[offset : offset + n]
+                parts.append(part)
+                offset += n
+        torch.distributed.scatter(received, parts, src=self._global_rank(owner), group=self.group)
+        out.copy_(received[: shard.local_numel])
+
+    def all_gather_into(self, name: str, local: Tensor, whole: Tensor) -> None:
+        """Fill the flat ``whole`` (global numel) on every rank from every rank's slice."""
+        if not self.distributed:
+            whole.copy_(local.reshape(-1))
+            return
+        sizes = self._slice_sizes(name)
+        width = max(sizes) or 1
+        padded = local.new_zeros(width)
+        padded[: local.numel()] = local.reshape(-1)
+        gathered = local.new_empty(width * self.world)
+        torch.distributed.all_gather_into_tensor(gathered, padded, group=self.group)
+        offset = 0
+        for r, n in enumerate(sizes):
+            whole[offset : offset + n].copy_(gathered[r * width : r * width + n])
+            offset += n
+
+    def _slice_sizes(self, name: str) -> list[int]:
+        shard = self.shards[name]
+        if not shard.sharded:
+            return [split_range(shard.numel, r, self.world)[1] - split_range(shard.numel, r, self.world)[0] for r in range(self.world)]
+        cached = getattr(self, "_sizes", {})
+        return cached[name]
+
+    def _global_rank(self, rank: int) -> int:
+        if self.group is None:
+            return rank
+        return torch.distributed.get_global_rank(self.group, rank)
+
+    def owners(self, cost: Mapping[str, float]) -> dict[str, int]:
+        """A rank per tensor, balancing ``cost`` (largest first, to the least-loaded rank; ties to the lower rank).
+
+        A pure function of the names and costs, so every rank computes the same owners.
+        """
+        load = [0.0] * self.world
+        owner = {}
+        for name in sorted(cost, key=lambda n: (-cost[n], list(self.shards).index(n))):
+            r = min(range(self.world), key=lambda i: (load[i], i))
+            owner[name] = r
+            load[r] += cost[name]
+        return owner
+
+
+# -- exact distributed order statistics ---------------------------------------------------------------------
+_SAMPLE = 1 << 16
+
+
+def _gather_varying(local: Tensor, layout: ShardLayout | None) -> Tensor:
+    """The concatenation, in rank order, of every rank's 1-D ``local`` (sizes may differ)."""
+    if layout is None or not layout.distributed:
+        return local
+    size = torch.tensor([local.numel()], dtype=torch.int64)
+    sizes = [torch.zeros_like(size) for _ in range(layout.world)]
+    torch.distributed.all_gather(sizes, size, group=layout.group)
+    width = max(int(s) for s in sizes) or 1
+    padded = local.new_zeros(width)
+    padded[: local.numel()] = local
+    parts = [torch.empty_like(padded) for _ in range(layout.world)]
+    torch.distributed.all_gather(parts, padded, group=layout.group)
+    return torch.cat([p[: int(n)] for p, n in zip(parts, sizes)])
+
+
+def kth_smallest_magnitude(tensors: Iterable[Tensor], k: int, layout: ShardLayout | None = None) -> float:
+    """The ``k``-th smallest ``|x|`` (1-based, as ``torch.kthvalue``) over every element of ``tensors`` on every rank.
+
+    Exact, with one pass over the data: a strided sample of the magnitudes
+    (gathered from every rank) brackets the answer in ``[lo, hi]``; one pass
+    counts the magnitudes below ``lo`` and keeps those inside the bracket (a
+    few percent of them); every rank gathers the kept ones and takes the
+    ``(k − below)``-th of them with ``torch.kthvalue``. A bracket that misses
+    (the count shows it) is widened to everything and the pass repeated. The
+    result equals ``torch.kthvalue(torch.cat([t.abs().float().flatten() ...]), k)``
+    over every rank's tensors, whatever their split.
+
+    Args:
+        tensors: this rank's values (any shapes, floating point, finite).
+        k: 1 <= k <= the total number of elements over all ranks.
+        layout: the ranks to count over (None: this process only).
+    """
+    flats = [t.detach().reshape(-1) for t in tensors if t.numel()]
+    local_numel = sum(f.numel() for f in flats)
+    stride = max(1, local_numel // _SAMPLE)
+    empty = torch.zeros(0, dtype=torch.float32)
+    sample = torch.cat([f[::stride].float().abs().cpu() for f in flats]) if flats else empty
+    sample = _gather_varying(sample, layout).sort().values
+    total = torch.tensor([local_numel], dtype=torch.int64)
+    if layout is not None:
+        layout.all_reduce_(total)
+    total = int(total)
+    if not 1 <= k <= total:
+        raise ValueError(f"k={k} is outside [1, {total}].")
+    q = k / total
+    margin = 6.0 * math.sqrt(max(q * (1 - q), 1.0 / max(sample.numel(), 1)) / max(sample.numel(), 1)) + 2.0 / max(sample.numel(), 1)
+    n = sample.numel()
+    lo_index, hi_index = math.floor((q - margin) * n), math.ceil((q + margin) * n)
+    bounds = [
+        float(sample[lo_index]) if n and lo_index >= 0 else 0.0,
+        float(sample[hi_index]) if n and hi_index < n else math.inf,
+    ]
+    for lo, hi in (bounds, [0.0, math.inf]):
+        # Two cheap passes instead of one that keeps candidates: counting is one fused
+        # read, and only a bracket that holds the answer pays for the selection.
+        counts = torch.zeros(2, dtype=torch.int64)
+        for f in flats:
+            below, inside = count_magnitudes(f, lo, hi)
+            counts += torch.tensor([below, inside])
+        if layout is not None:
+            layout.all_reduce_(counts)
+        below_all, inside_all = int(counts[0]), int(counts[1])
+        if below_all < k <= below_all + inside_all:
+            kept = [magnitudes_between(f, lo, hi).cpu() for f in flats]
+            candidates = _gather_varying(torch.cat(kept) if kept else empty, layout)
+            return float(torch.kthvalue(candidates, k - below_all).values)
+    raise AssertionError("unreachable: the second bracket holds every element")  # pragma: no cover
