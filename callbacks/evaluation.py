@@ -114,7 +114,9 @@ class ContinualEvaluation(TaskBoundaryCallback):
         loaders: the test loaders, one per test experience (a list, or a
             function ``loaders(trainer) -> list``); default: the datamodule's
             ``experience_dataloaders("test")`` when it has one
-            (:class:`~cl_plugin.benchmarks.ContinualDataModule`), else its
+            (:class:`~cl_plugin.benchmarks.ContinualDataModule`; with task
+            labels, ``(x, y, t)``, when ``predict`` is an adapter callback's
+            ``predict``, which selects the adapter by label), else its
             ``test_dataloader()``, which must then return one loader per
             experience. Batches go through the datamodule's and the module's
             batch-transfer hooks, as in ``trainer.test``.
@@ -313,7 +315,9 @@ class ContinualEvaluation(TaskBoundaryCallback):
             return list(loaders)
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "experience_dataloaders"):
-            return list(datamodule.experience_dataloaders("test"))
+            # An adapter callback's predict (per-task LoRA, Share) selects by the batch's task label.
+            needs_labels = hasattr(getattr(self.predict, "__self__", None), "forward_by_task")
+            return list(datamodule.experience_dataloaders("test", with_task_labels=True if needs_labels else None))
         loaders = datamodule.test_dataloader() if datamodule is not None and hasattr(datamodule, "test_dataloader") else None
         if isinstance(loaders, Sequence) and loaders:
             return list(loaders)
@@ -412,7 +416,7 @@ class ContinualEvaluation(TaskBoundaryCallback):
                 "average_accuracy": float(matrix.average_accuracy()),
                 "forgetting": float(matrix.forgetting()),
                 "bwt": float(matrix.bwt()),
-                "fwt": float(matrix.fwt()) if not bool(torch.isnan(initial).all()) else float("nan"),
+                "fwt": float(matrix.fwt()),
                 "accuracy_matrix": matrix.matrix().tolist(),
                 "initial_accuracies": initial.tolist(),
             }
