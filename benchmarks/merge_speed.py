@@ -32,6 +32,20 @@ Without it the peers are reported as "not installed" and everything else runs.
 The table is printed and written to ``docs/performance.md`` between the
 markers ``<!-- merge_speed:start -->`` and ``<!-- merge_speed:end -->``.
 
+DOP optimises every 2-D weight with 200 Adam steps per update (an hour per
+ViT-B update on one CPU thread), so it has its own section
+(``<!-- merge_speed_dop:start -->``), written when ``dop`` is among the
+methods: one update (2 tasks) of one ViT-B/16 block (``blocks.0``: its four
+Linear weights, two LayerNorms and the biases), ours and FusionBench's
+``DOPMerging._layer_wise_optimize`` timed at two step counts
+(``--dop-steps``, default 2 and 10, the two sides in turn) and extrapolated
+linearly to 200 steps
+(the time is the SVDs plus a fixed cost per step), ours also measured at 200
+steps (``--dop-full``, default 200; 0 skips it). ``--methods dop`` runs only
+that section and leaves the other one as it is::
+
+    .venv/bin/python benchmarks/merge_speed.py --methods dop   # about 10 min on 2 cores
+
 Every measuring process runs torch on one thread by default (``--threads``):
 on cores shared with other processes, a multi-threaded op waits at an OpenMP
 barrier for a descheduled thread, which swamps the times.
@@ -74,7 +88,12 @@ PEER_FUNCTIONS = {
     "average": "fusion_bench.method.simple_average.simple_average",
     "ties": "fusion_bench.method.ties_merging.ties_merging_utils.ties_merging (on the stacked flat vectors)",
     "opcm": "fusion_bench.method.opcm.opcm.OPCMForCLIP.merge_linear_weights / merge_other_parameters, driven as run() does",
+    "dop": "fusion_bench.method.dop.dop_general.DOPMerging._layer_wise_optimize",
 }
+#: FusionBench's DOP options (fusion_bench_config/method/dop/dop.yaml), which are also our defaults.
+DOP_PEER_OPTIONS = dict(lr=1e-4, mgda=True, ema=True, ema_beta=0.999, alpha=0.8, svd_epsilon=0.99999, svd_proj_space="uv")
+#: Methods measured in their own section (their updates are too slow for the full stream).
+OWN_SECTION = ("dop",)
 #: Options both sides use, so that the results can be compared.
 METHOD_OPTIONS = {"ties": {"top_k": 0.2}, "opcm": {"alpha": 0.5}, "random": {"seed": 0}}
 #: Peak of a peer's merge above its baseline, in model copies: (per task, fixed),
@@ -159,7 +178,7 @@ def ours_merge(method: str, tvs):
 
     merger = get_merger(method, **METHOD_OPTIONS.get(method, {}))
     for tv in tvs:
-        merger.update(tv)
+        merger.update(tv, **({"fisher": {n: t.abs() for n, t in tv.items()}} if merger.requires_fisher else {}))
     return merger.merged()
 
 
@@ -218,12 +237,14 @@ def job_ours(spec: dict) -> dict:
     copy_all(tvs[0], dst)
     warm = warm_up(method, spec["layout"])
     graphs_before = compiled_graphs()
-    baseline = reset_peak()
     merger = get_merger(method, **METHOD_OPTIONS.get(method, {}))
+    # The Fisher merger needs a Fisher per task: one stand-in (|τ_1|) for all, made before the baseline.
+    extra = {"fisher": {n: t.abs() for n, t in tvs[0].items()}} if merger.requires_fisher else {}
+    baseline = reset_peak()
     copies, updates, peaks = [], [], []
     for tv in tvs:
         c, _ = timed(copy_all, tv, dst)
-        u, _ = timed(merger.update, tv)
+        u, _ = timed(lambda: merger.update(tv, **extra))
         copies.append(c)
         updates.append(u)
         peaks.append(peak_since(baseline))
@@ -246,7 +267,7 @@ def job_ours(spec: dict) -> dict:
         pairs = []
         for tv in plain:
             c, _ = timed(copy_all, tv, dst)
-            u, _ = timed(merger.update, tv)
+            u, _ = timed(lambda: merger.update(tv, **extra))
             pairs.append(u / c)
         result["dict_update_ratio"] = statistics.median(pairs)
     return result
@@ -462,7 +483,84 @@ def job_fusionbench_opcm(spec: dict) -> dict:
     return result
 
 
-JOBS = {"ours": job_ours, "naive": job_naive, "fusionbench": job_fusionbench}
+def job_dop(spec: dict) -> dict:
+    """One DOP update of one ViT block: ours at each step count (and at ``full`` steps), FusionBench's if installed.
+
+    The block is ``model.blocks[0]`` of the timm model; two seeded task
+    vectors τ_0, τ_1 of its float parameters. Ours: ``get_merger("dop",
+    num_steps=S)``, ``update(τ_0)``, then ``update(τ_1)`` timed. FusionBench:
+    ``DOPMerging(num_steps=S, **dop.yaml's options)._layer_wise_optimize`` on
+    the modules θ₀, θ₀ + τ_0 (the merged model) and θ₀ + τ_1, timed as its
+    ``run()`` profiles it ("DOP merging"). Also our float64 run at the largest
+    step count, the closest thing to the exact result.
+    """
+    import contextlib
+    import copy
+
+    import timm
+    import torch
+
+    from cl_plugin.merging import get_merger
+
+    torch.manual_seed(spec["seed"])
+    block = timm.create_model(spec["model"], pretrained=False).blocks[0].eval()
+    params = {n: p.detach() for n, p in block.named_parameters()}
+    g = torch.Generator().manual_seed(spec["seed"] * 7919 + 1)
+    tvs = [{n: torch.randn(p.shape, generator=g).mul_(spec["std"]) for n, p in params.items()} for _ in range(2)]
+    steps = spec["dop_steps"]
+
+    def ours(num_steps, dtype=torch.float32):
+        merger = get_merger("dop", num_steps=num_steps)
+        merger.update({n: t.to(dtype) for n, t in tvs[0].items()})
+        second = {n: t.to(dtype) for n, t in tvs[1].items()}
+        s, _ = timed(merger.update, second)
+        return s, merger.merged()
+
+    result = {"numel": sum(p.numel() for p in params.values()), "steps": steps, "ours": {}, "peer": {},
+              "matrices": {n: list(p.shape) for n, p in params.items() if p.dim() == 2}}
+    try:
+        from fusion_bench.method.dop.dop_general import DOPMerging
+    except ImportError as exc:
+        DOPMerging = None
+        result["peer_error"] = f"not installed ({exc.name})"
+
+    def module_with(tv):
+        m = copy.deepcopy(block)
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                p.add_(tv[n])
+        return m
+
+    def peer(num_steps):
+        algo = DOPMerging(num_steps=num_steps, shuffle_order=False, save_on_every_step=False, evaluate_on_every_step=False, **DOP_PEER_OPTIONS)
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            _ = algo.fabric  # created on first use: outside the timing
+            return timed(
+                algo._layer_wise_optimize, ["merged", "task"], copy.deepcopy(block),
+                {"merged": merged_block, "task": task_block}, 1,
+            )
+
+    merged_block, task_block = module_with(tvs[0]), module_with(tvs[1])
+    merged = {}
+    # Interleaved, so that a change in the machine's load falls on both sides alike.
+    for num_steps in steps:
+        result["ours"][num_steps], merged[num_steps] = ours(num_steps)
+        if DOPMerging is not None:
+            result["peer"][num_steps], out = peer(num_steps)
+    exact = ours(steps[-1], torch.float64)[1]
+    result["ours_vs_float64"] = max_abs_diff(merged[steps[-1]], exact)
+    result["scale"] = max_abs(exact)
+    result["moved"] = max_abs_diff(exact, {n: (a.double() + b.double()) / 2 for (n, a), b in zip(tvs[0].items(), tvs[1].values())})
+    if DOPMerging is not None:
+        peer_tv = {n: p.detach().double() - params[n].double() for n, p in out.named_parameters()}
+        result["max_abs_diff"] = max_abs_diff(merged[steps[-1]], peer_tv)
+        result["peer_vs_float64"] = max_abs_diff(peer_tv, exact)
+    if spec.get("dop_full"):
+        result["ours_full"], result["full_steps"] = ours(spec["dop_full"])[0], spec["dop_full"]
+    return result
+
+
+JOBS = {"ours": job_ours, "naive": job_naive, "fusionbench": job_fusionbench, "dop": job_dop}
 
 
 def worker_main(path: str) -> None:
@@ -597,6 +695,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tasks", type=int, help="task vectors in the long run (default 10; --quick: 3)")
     parser.add_argument("--methods", nargs="+", help="a subset of cl_plugin.merging.MERGERS (default all)")
     parser.add_argument("--opcm-peer-tasks", type=int, help="tasks for FusionBench's OPCM, which is slow (default 3)")
+    parser.add_argument("--dop-steps", type=int, nargs=2, default=[2, 10], metavar=("S1", "S2"),
+                        help="DOP: the two step counts timed on both sides and extrapolated to 200 (default 2 10)")
+    parser.add_argument("--dop-full", type=int, default=200, help="DOP: also time our update at this many steps (default 200; 0: skip)")
     parser.add_argument("--peer-python", help="interpreter with fusion-bench installed (default .venv-bench/bin/python if it has it)")
     parser.add_argument("--no-peers", action="store_true", help="skip the FusionBench columns")
     parser.add_argument(
@@ -627,12 +728,20 @@ def main(argv=None) -> int:
         parser.error(f"unknown method(s) {unknown}; choose from {list(MERGERS)}")
     if tasks < 3:
         parser.error("--tasks must be at least 3 (the first update is excluded from the median, and 2 tasks are compared with it)")
+    if not 1 <= args.dop_steps[0] < args.dop_steps[1]:
+        parser.error("--dop-steps needs 1 <= S1 < S2")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    own_section = [m for m in methods if m in OWN_SECTION]
+    methods = [m for m in methods if m not in OWN_SECTION]
 
+    fb_python, fb_version = (None, "skipped (--no-peers)") if args.no_peers else peer_python(args.peer_python)
+    if "dop" in own_section:
+        dop_section(args, model, fb_python, fb_version, log, argv)
+    if not methods:
+        return 0
     layout = layout_of(model)
     numel = sum(math.prod(s) for _, s in layout)
     model_mb = numel * 4 / MB
-    fb_python, fb_version = (None, "skipped (--no-peers)") if args.no_peers else peer_python(args.peer_python)
     log(f"merge_speed: {model} ({numel / 1e6:.1f} M float32 = {model_mb:.0f} MiB), {tasks} tasks, "
         f"methods {methods}; FusionBench: {fb_version}{' via ' + fb_python if fb_python else ''}")
     data = tempfile.TemporaryDirectory(prefix="merge_speed_data_")
@@ -651,7 +760,7 @@ def main(argv=None) -> int:
     for method in methods:
         for t in counts:
             plan.append(("ours", [dict(base, kind="ours", method=method, tasks=t, dict_updates=3 if (method == "magmax" and t == tasks) else 0)]))
-        if method != "opcm":
+        if method not in ("opcm", "fisher"):
             for t in counts:
                 plan.append(("naive", [dict(base, kind="naive", method=method, tasks=t)]))
         if fb_python and method in PEER_FUNCTIONS:
@@ -729,6 +838,103 @@ def main(argv=None) -> int:
         write_section(Path(args.output), "merge_speed", section, title="Performance")
         log(f"wrote {args.output}")
     return 0
+
+
+def dop_section(args, model: str, fb_python: str | None, fb_version: str, log, argv) -> None:
+    """Run :func:`job_dop` (in FusionBench's interpreter when there is one) and write its section."""
+    started = time.perf_counter()
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    spec = dict(kind="dop", method="dop", model=model, seed=args.seed, std=args.std, threads=args.threads,
+                dop_steps=list(args.dop_steps), dop_full=args.dop_full, tasks=2)
+    log(f"merge_speed: DOP, one block of {model}, steps {args.dop_steps} (+ {args.dop_full} ours); FusionBench: {fb_version}")
+    (res,) = run_jobs(fb_python or sys.executable, [spec], 3000, log)
+    log(f"  dop: {res['wall_s']:.0f} s" if res.get("ok") else f"  dop: {res['error']}")
+    info = machine_info()
+    if args.threads:
+        info["torch_threads"] = args.threads
+    info.update(fusion_bench=fb_version, load_start=load_start, load_end=os.getloadavg() if hasattr(os, "getloadavg") else None)
+    section = render_dop(res, model, info, _command(argv), time.perf_counter() - started, args.std)
+    print(section)
+    if not args.no_write:
+        write_section(Path(args.output), "merge_speed_dop", section, title="Performance")
+        log(f"wrote {args.output}")
+
+
+def render_dop(res: dict, model: str, info: dict, command: str, elapsed: float, std: float) -> str:
+    lines = [
+        "## DOP: one update, next to FusionBench's DOP (`benchmarks/merge_speed.py`)",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+    ]
+    if not res.get("ok"):
+        return "\n".join(lines + [f"Not measured: {res.get('error')}."])
+    s1, s2 = res["steps"]
+    full = 200
+    ours_times = {int(k): v for k, v in res["ours"].items()}  # JSON made the step counts strings
+    peer = {int(k): v for k, v in (res.get("peer") or {}).items()}
+
+    def at(times, steps):  # linear in the step count: the SVDs, then a fixed cost per step
+        per_step = (times[s2] - times[s1]) / (s2 - s1)
+        return times[s1] + (steps - s1) * per_step, per_step
+
+    ours_200, ours_step = at(ours_times, full)
+    lines += [
+        f"One DOP update (2 tasks) of `blocks.0` of timm `{model}` (pretrained=False): its {len(res['matrices'])} Linear "
+        f"weights ({', '.join(f'`{n}` ' + 'x'.join(map(str, shape)) for n, shape in res['matrices'].items())}), "
+        "its LayerNorms and biases, "
+        f"{res['numel'] / 1e6:.1f} M float32 elements; task vectors seeded N(0, {std:g}²) per element; the options of "
+        f"FusionBench's `dop.yaml` (our defaults: 200 Adam steps, lr 1e-4, MGDA with EMA 0.999 from alpha 0.8, "
+        f"svd_epsilon 0.99999, both projections). Machine: {info['cpu']}, {info['cores']} cores; torch {info['torch']} "
+        f"({info['torch_threads']} thread{'s' if info['torch_threads'] != 1 else ''}); FusionBench {info['fusion_bench']}. "
+        f"Load average at start {fmt_load(info['load_start'])}, at end {fmt_load(info['load_end'])}. "
+        f"Run time {elapsed / 60:.1f} min, {datetime.date.today().isoformat()}.",
+        "",
+        f"Both sides are timed at {s1} and {s2} steps, in turn (ours, FusionBench, ours, FusionBench); the time of an "
+        f"update is the SVDs plus a fixed cost per step, so the {full}-step time is extrapolated linearly from the two, "
+        "and ours is also measured at 200 steps at the end of the run (on a shared machine the two differ by the "
+        "change in load). A whole ViT-B/16 has 12 such blocks (and the "
+        "1000x768 head): an update of the whole model takes about 12x the block's time.",
+        "",
+        "| | ours | FusionBench | FusionBench / ours |",
+        "|---|---:|---:|---:|",
+    ]
+    ratio = None
+    for steps in (s1, s2):
+        p, o = peer.get(steps), ours_times[steps]
+        lines.append(f"| {steps} steps (s) | {o:.1f} | {fmt(p, '.1f', 'n/a')} | {fmt(p and p / o, '.2f', '')} |")
+    if peer:
+        peer_200, peer_step = at(peer, full)
+        ratio = peer_200 / ours_200
+        lines.append(f"| per step (s) | {ours_step:.2f} | {peer_step:.2f} | {peer_step / ours_step:.2f} |")
+        lines.append(f"| {full} steps, extrapolated (s) | {ours_200:.0f} | {peer_200:.0f} | {ratio:.2f} |")
+    else:
+        lines.append(f"| per step (s) | {ours_step:.2f} | {res.get('peer_error', 'n/a')} | |")
+        lines.append(f"| {full} steps, extrapolated (s) | {ours_200:.0f} | | |")
+    if res.get("ours_full"):
+        lines.append(f"| {res['full_steps']} steps, measured (s) | {res['ours_full']:.0f} | | |")
+    lines += [
+        "",
+        f"Accuracy after {s2} steps (|merged| <= {res['scale']:.1e}; the optimisation moved the 2-D weights by up to "
+        f"{res['moved']:.1e} from the mean): max |ours − float64| = {res['ours_vs_float64']:.1e}"
+        + (f", max |FusionBench − float64| = {res['peer_vs_float64']:.1e}, max |ours − FusionBench| = {res['max_abs_diff']:.1e}"
+           if "max_abs_diff" in res else "")
+        + ". *float64* is our merger run in float64 on the same task vectors (it equals FusionBench's DOP run in "
+        "float64 to 3e-16 on the test fixture, `tests/test_merging_new_methods.py`). Adam's first steps move every "
+        "entry by about lr (1e-4) whatever the size of its gradient, so an entry whose gradient is near zero takes the "
+        "sign of its rounding error: on weights of this size a float32 run of either implementation ends a fraction "
+        "of lr away from float64 in a few entries.",
+        "",
+        "| target | measured | result |",
+        "|---|---|---|",
+    ]
+    if ratio is not None:
+        lines.append(f"| DOP at least 2x faster than FusionBench's DOP (per update, {full} steps) | {ratio:.2f}x | {'pass' if ratio >= 2 else 'FAIL'} |")
+    else:
+        lines.append(f"| DOP at least 2x faster than FusionBench's DOP | {res.get('peer_error', 'not measured')} | not measured |")
+    return "\n".join(lines)
 
 
 def _command(argv) -> str:
@@ -831,13 +1037,15 @@ def render(results, methods, model, numel, tasks, opcm_tasks, info, command, ela
         f = get("fusionbench", m, tasks)
         naive_cells = (
             f"{n['time_s']:.2f} | {n['time_s'] / n['ours_s']:.2f} | {fmt(n['max_abs_diff'], '.1e', 'n/a (random)')}"
-            if n else (f"n/a (sequential) | | " if m == "opcm" else f"{why('naive', m, tasks)} | | ")
+            if n else (f"n/a (sequential) | | " if m == "opcm" else "n/a | | " if m == "fisher" else f"{why('naive', m, tasks)} | | ")
         )
         if m == "opcm":
             fb_cells = "see below | | "
         elif f:
             fewer = f" ({f['tasks_run']} tasks: {tasks} would not fit in memory)" if f.get("tasks_run", tasks) != tasks else ""
             fb_cells = f"{f['time_s']:.2f}{fewer} | {f['time_s'] / f['ours_s']:.2f} | {f['max_abs_diff']:.1e}"
+        elif m == "fisher":
+            fb_cells = "not timed (its merging_with_fisher_weights is checked in tests/test_merging_new_methods.py) | | "
         elif m not in PEER_FUNCTIONS:
             fb_cells = "none in FusionBench | | "
         else:
@@ -870,14 +1078,14 @@ def render(results, methods, model, numel, tasks, opcm_tasks, info, command, ela
             cells += [fmt(a and a["peak_mb"], ".0f", "n/a"), fmt(b and b["peak_mb"], ".0f", "n/a"), "—"]
         for kind, t in (("naive", 2), ("naive", tasks), ("fusionbench", opcm_tasks if m == "opcm" else tasks)):
             r = get(kind, m, t)
-            if m == "opcm" and kind == "naive":
+            if m in ("opcm", "fisher") and kind == "naive":
                 cells.append("—")
             elif r:
                 nominal = 2 if (kind, t) == ("naive", 2) else tasks
                 ran = r.get("tasks_run", t)
                 cells.append(fmt(r["peak_mb"], ".0f", "n/a") + (f" ({ran} tasks)" if ran != nominal else ""))
             elif kind == "fusionbench" and m not in PEER_FUNCTIONS:
-                cells.append("none")
+                cells.append("not timed" if m == "fisher" else "none")
             else:
                 cells.append(why(kind, m, t, installed=peers_installed or kind != "fusionbench"))
         lines.append(f"| {m} | " + " | ".join(cells) + " |")

@@ -69,26 +69,39 @@ def reference_magmax(task_vectors: TaskVectors) -> dict[str, Tensor]:
 
 
 # -- Random selection (MagMax paper's baseline) -----------------------------------------
-def reference_random_sources(task_vectors: TaskVectors, seed: int) -> dict[str, Tensor]:
-    """The index of the task each entry comes from, under cl-plugin's seeding contract.
+def _splitmix53(key: int, index: int) -> int:
+    """SplitMix64's finaliser of ``key + (index + 1)·γ`` in Python integers (modulo 2⁶⁴), top 53 bits."""
+    mask = (1 << 64) - 1
+    z = (key + (index + 1) * 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    z = z ^ (z >> 31)
+    return z >> 11
 
-    The contract (``cl_plugin.merging.random_selection``): the t-th task
-    (0-based, t >= 1) draws one uniform number per entry of its flattened task
-    vector from a generator seeded with ``task_seed(seed, t)``, and its value
-    replaces the current one where the number is below 1/(t+1). Written in
-    batch form: each entry comes from the last task whose draw was a success,
-    or from task 0 when none was.
+
+def reference_random_sources(task_vectors: TaskVectors, seed: int) -> dict[str, Tensor]:
+    """The index of the task each entry comes from, under cl-plugin's drawing contract.
+
+    The contract (``cl_plugin.merging.random_selection``): in the t-th task
+    (0-based, t >= 1), entry i of tensor ``name`` takes the task's value when
+    the 53-bit SplitMix64 draw of (``draw_key(seed, t, name)``, i) is below
+    ⌊2⁵³/(t+1)⌋. Written here in batch form and in plain Python integers (an
+    implementation independent of the int64 tensor arithmetic of the merger):
+    each entry comes from the last task whose draw succeeded, or from task 0.
     """
-    from cl_plugin.merging.random_selection import task_seed
+    from cl_plugin.merging.random_selection import draw_key
 
     names = _names(task_vectors)
-    d = sum(task_vectors[0][n].numel() for n in names)
-    source = torch.zeros(d, dtype=torch.long)
-    for t in range(1, len(task_vectors)):
-        generator = torch.Generator().manual_seed(task_seed(seed, t))
-        draws = torch.rand(d, generator=generator)
-        source[draws < 1.0 / (t + 1)] = t
-    return _unflatten(source, task_vectors[0], names)
+    out = {}
+    for n in names:
+        numel = task_vectors[0][n].numel()
+        source = torch.zeros(numel, dtype=torch.long)
+        for t in range(1, len(task_vectors)):
+            key, threshold = draw_key(seed, t, n), (1 << 53) // (t + 1)
+            taken = [i for i in range(numel) if _splitmix53(key, i) < threshold]
+            source[taken] = t
+        out[n] = source.reshape(task_vectors[0][n].shape)
+    return out
 
 
 def reference_random(task_vectors: TaskVectors, seed: int) -> dict[str, Tensor]:
@@ -206,6 +219,139 @@ def reference_opcm(task_vectors: TaskVectors, alpha: float = 0.5) -> tuple[dict[
     return merged, lambdas
 
 
+# -- Fisher merging (Matena & Raffel, NeurIPS 2022) ----------------------------------------------
+def reference_fisher(
+    task_vectors: TaskVectors, fishers: TaskVectors, normalize: bool = True, min_fisher: float = 1e-6
+) -> dict[str, Tensor]:
+    """Σ_t w_t (F_t + min_fisher) τ_t / Σ_t w_t (F_t + min_fisher), in float64.
+
+    w_t = 1 / (‖F_t‖ + min_fisher) with the norm over all tensors of task t
+    when ``normalize``, else 1. An entry whose denominator is 0 is 0.
+    """
+    names = _names(task_vectors)
+    weights = []
+    for f in fishers:
+        norm = math.sqrt(sum(float((f[n].double() ** 2).sum()) for n in names))
+        weights.append(1.0 / (norm + min_fisher) if normalize and norm + min_fisher > 0 else 1.0)
+    out = {}
+    for n in names:
+        taus = _stack(task_vectors, n, torch.float64)
+        fs = torch.stack([f[n].double() + min_fisher for f in fishers])
+        w = torch.tensor(weights, dtype=torch.float64).reshape(-1, *[1] * (taus.dim() - 1))
+        num, den = (w * fs * taus).sum(0), (w * fs).sum(0)
+        out[n] = torch.where(den > 0, num / den, torch.zeros_like(num))
+    return out
+
+
+# -- DOP (Yang et al., NeurIPS 2025) ----------------------------------------------------------------
+def reference_dop_weight(
+    merged: Tensor,
+    task: Tensor,
+    *,
+    alpha: float = 0.8,
+    num_steps: int = 200,
+    lr: float = 1e-4,
+    mgda: bool = True,
+    ema: bool = True,
+    ema_beta: float = 0.999,
+    svd_epsilon: float = 0.99999,
+    proj_space: str = "uv",
+) -> Tensor:
+    """DOP's merge of one 2-D weight, written from the paper with autograd and torch.optim.Adam.
+
+    For each source W in (M, τ): full SVD, r = the number of cumulative
+    singular-value shares below ``svd_epsilon`` (0 when all are 0), and the loss
+    L_W(X) = ‖diag(σ_r) U_rᵀ (X − W)‖² + ‖(X − W) V_r diag(σ_r)‖². X starts at
+    (M + τ)/2; each step computes both losses and their gradients, the two-task
+    min-norm weight γ of the loss-normalised gradients (0.999 if ⟨g1,g2⟩ >= ⟨g1,g1⟩,
+    0.001 if ⟨g1,g2⟩ >= ⟨g2,g2⟩, else ⟨g2,g2−g1⟩/‖g1−g2‖²; a zero loss gives a zero
+    normalised gradient), an exponential moving average of (γ, 1 − γ) started at
+    (alpha, 1 − alpha), and one Adam step on the weighted loss.
+    """
+    x = ((merged + task) / 2).clone().requires_grad_(True)
+    projections = []
+    for source in (merged, task):
+        u, s, vh = torch.linalg.svd(source, full_matrices=True)
+        if float(s.sum()) > 0:
+            r = int(torch.searchsorted(s.cumsum(0) / s.sum(), torch.tensor([svd_epsilon], dtype=s.dtype)))
+        else:
+            r = 0
+        projections.append((source, u[:, :r], s[:r], vh.mT[:, :r]))
+
+    def loss(source, u, s, v):
+        d = x - source
+        parts = []
+        if proj_space in ("uv", "u"):
+            parts.append((torch.diag(s) @ u.mT @ d).pow(2).sum())
+        if proj_space in ("uv", "v"):
+            parts.append((d @ v @ torch.diag(s)).pow(2).sum())
+        return sum(parts)
+
+    optimizer = torch.optim.Adam([x], lr=lr, foreach=False)
+    weights = [alpha, 1.0 - alpha]
+    for _ in range(num_steps):
+        if mgda:
+            grads, values = [], []
+            for p in projections:
+                value = loss(*p)
+                (grad,) = torch.autograd.grad(value, x)
+                values.append(float(value.detach()))
+                grads.append(grad / values[-1] if values[-1] != 0 else torch.zeros_like(grad))
+            v11, v12, v22 = (float((a * b).sum()) for a, b in ((grads[0], grads[0]), (grads[0], grads[1]), (grads[1], grads[1])))
+            if v12 >= v11:
+                gamma = 0.999
+            elif v12 >= v22:
+                gamma = 0.001
+            else:
+                gamma = (v22 - v12) / (v11 + v22 - 2 * v12)
+            solution = [gamma, 1.0 - gamma]
+            weights = [ema_beta * w + (1 - ema_beta) * g for w, g in zip(weights, solution)] if ema else solution
+        optimizer.zero_grad()
+        total = weights[0] * loss(*projections[0]) + weights[1] * loss(*projections[1])
+        total.backward()
+        optimizer.step()
+    return x.detach()
+
+
+def reference_dop(task_vectors: TaskVectors, **options) -> dict[str, Tensor]:
+    """DOP over the whole stream, in float64: 2-D tensors by :func:`reference_dop_weight`, the others averaged pairwise."""
+    names = _names(task_vectors)
+    merged = {n: task_vectors[0][n].double() for n in names}
+    for tv in task_vectors[1:]:
+        merged = {
+            n: reference_dop_weight(merged[n], tv[n].double(), **options) if merged[n].dim() == 2 else (merged[n] + tv[n].double()) / 2
+            for n in names
+        }
+    return merged
+
+
+# -- DARE (Yu et al., ICML 2024) --------------------------------------------------------------------
+_U64 = (1 << 64) - 1
+
+
+def reference_dare_draw(key: int, index: int) -> int:
+    """cl-plugin's DARE draw of entry ``index`` for stream ``key``, in Python integers.
+
+    SplitMix64 on key + (index + 1)·0x9E3779B97F4A7C15 (mod 2⁶⁴); the top 53 bits.
+    """
+    z = (key + (index + 1) * 0x9E3779B97F4A7C15) & _U64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _U64
+    z ^= z >> 31
+    return z >> 11
+
+
+def reference_dare(tensor: Tensor, p: float, key: int) -> Tensor:
+    """Entry i is dropped when its draw is below ⌊p·2⁵³⌋, else divided by 1 − p (entry by entry, in Python)."""
+    threshold = math.floor(p * 2.0**53)
+    flat = tensor.reshape(-1)
+    out = [0.0 if reference_dare_draw(key, i) < threshold else None for i in range(flat.numel())]
+    kept = flat / (1 - p)
+    return torch.stack([kept[i] if v is None else torch.zeros((), dtype=flat.dtype) for i, v in enumerate(out)]).reshape(
+        tensor.shape
+    )
+
+
 def reference(name: str, task_vectors: TaskVectors, **options) -> dict[str, Tensor]:
     """Dispatch by method name (as registered in :data:`cl_plugin.merging.MERGERS`)."""
     if name == "magmax":
@@ -220,4 +366,6 @@ def reference(name: str, task_vectors: TaskVectors, **options) -> dict[str, Tens
         return reference_ties(task_vectors, options.get("top_k", 0.2))
     if name == "opcm":
         return reference_opcm(task_vectors, options.get("alpha", 0.5))[0]
+    if name == "dop":
+        return reference_dop(task_vectors, **options)
     raise KeyError(name)

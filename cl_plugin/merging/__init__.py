@@ -2,11 +2,13 @@
 
 >>> from cl_plugin.merging import MERGERS, get_merger, merge
 >>> sorted(MERGERS)
-['average', 'magmax', 'opcm', 'random', 'task_arithmetic', 'ties']
+['average', 'dop', 'fisher', 'magmax', 'opcm', 'random', 'task_arithmetic', 'ties']
 
 Every merger folds one task vector at a time (``update``) into a state whose
 size does not grow with the number of tasks, returns the merged task vector
 (``merged``, unscaled), and checkpoints with ``state_dict``/``load_state_dict``.
+Every method also takes DARE (``get_merger(name, dare=p, dare_seed=s)``);
+``"fisher"`` needs each task's diagonal Fisher (``update(tv, fisher=...)``).
 """
 
 from cl_plugin.merging.base import Merger
@@ -19,6 +21,8 @@ from cl_plugin.merging.task_arithmetic import TaskArithmeticMerger  # noqa: E402
 from cl_plugin.merging.average import AverageMerger  # noqa: E402
 from cl_plugin.merging.ties import TiesMerger  # noqa: E402
 from cl_plugin.merging.opcm import OPCMMerger  # noqa: E402
+from cl_plugin.merging.dop import DOPMerger  # noqa: E402
+from cl_plugin.merging.fisher import FisherMerger, diagonal_fisher  # noqa: E402
 
 __all__ = [
     "MERGERS",
@@ -32,4 +36,7 @@ __all__ = [
     "TaskArithmeticMerger",
     "TiesMerger",
     "OPCMMerger",
+    "DOPMerger",
+    "FisherMerger",
+    "diagonal_fisher",
 ]

@@ -39,6 +39,8 @@ __all__ = [
     "magmax_fold_",
     "magnitudes_between",
     "random_fold_",
+    "random_select_",
+    "splitmix_draws",
     "ties_fold_",
 ]
 
@@ -225,3 +227,52 @@ def magnitudes_between(x: Tensor, lo: float, hi: float) -> Tensor:
             mask = _between_rule(piece, float(lo), float(hi))
         out.append(piece[mask.view(torch.bool)].abs().to(torch.float32))
     return torch.cat(out) if out else flat.new_zeros(0, dtype=torch.float32)
+
+
+# -- counter-based draws: a pure function of (key, element index) -------------------------------------------
+_MASK64 = (1 << 64) - 1
+_GAMMA = 0x9E3779B97F4A7C15  # SplitMix64's increment (the golden ratio)
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+#: Bits of each draw (the top bits of SplitMix64's output).
+DRAW_BITS = 53
+
+
+def _signed(value: int) -> int:
+    """The int64 with the same 64 bits as the unsigned ``value``."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _shift_right(z: Tensor, bits: int) -> Tensor:
+    """Logical right shift of int64 values (torch's ``>>`` is arithmetic)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def splitmix_draws(key: int, start: int, count: int, device: torch.device | str | None = None) -> Tensor:
+    """The 53-bit draws (int64 in [0, 2⁵³)) of elements ``start .. start + count - 1`` of the stream ``key``.
+
+    SplitMix64's finaliser over z = key + (i + 1)·γ, in int64 arithmetic
+    (which wraps modulo 2⁶⁴ on every device alike): element i's draw is a pure
+    function of ``(key, i)``, so a tensor drawn whole, in chunks, or as shards
+    at any offset gets the same values.
+    """
+    z = torch.arange(start + 1, start + count + 1, dtype=torch.int64, device=device)
+    z.mul_(_signed(_GAMMA)).add_(_signed(key & _MASK64))
+    z.bitwise_xor_(_shift_right(z, 30)).mul_(_signed(_MIX1))
+    z.bitwise_xor_(_shift_right(z, 27)).mul_(_signed(_MIX2))
+    z.bitwise_xor_(_shift_right(z, 31))
+    return _shift_right(z, 64 - DRAW_BITS)
+
+
+def random_select_(acc: Tensor, incoming: Tensor, threshold: int, key: int, offset: int = 0) -> None:
+    """In place: element i of ``acc`` takes ``incoming[i]`` when its draw is below ``threshold``.
+
+    The draw of element i is ``splitmix_draws(key, offset + i, 1)``: with
+    ``threshold = ⌊2⁵³·p⌋`` each element is taken with probability p (to within
+    2⁻⁵³), independently, whatever the split of the tensor.
+    """
+    flat_acc, flat_in = acc.view(-1), incoming.reshape(-1)
+    for start in range(0, flat_acc.numel(), CHUNK_NUMEL):
+        stop = min(start + CHUNK_NUMEL, flat_acc.numel())
+        take = splitmix_draws(key, offset + start, stop - start, acc.device) < threshold
+        torch.where(take, flat_in[start:stop], flat_acc[start:stop], out=flat_acc[start:stop])

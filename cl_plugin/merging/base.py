@@ -9,10 +9,18 @@ method cannot forget to checkpoint a field.
 Every change of state is all or nothing. :meth:`Merger.update` checks its
 input, and that the fold cannot overflow, before it writes; :meth:`Merger.load_state_dict`
 checks the whole saved state before it assigns any of it.
+
+Two options apply to every method through this class: DARE
+(``get_merger(name, dare=p, dare_seed=s)``, :mod:`cl_plugin.merging.dare`),
+applied to each incoming task vector before the fold and recorded in
+:meth:`Merger.options`; and, for a method that sets
+:attr:`Merger.requires_fisher`, the per-tensor Fisher that
+``update(task_vector, fisher=...)`` checks with the task vector.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Mapping
@@ -100,10 +108,54 @@ class Merger:
     #: when the bound plus the incoming tensor's largest magnitude could reach
     #: the dtype's maximum, asks :meth:`_fold_max_abs` for the exact result.
     summed_roles: ClassVar[tuple[str, ...]] = ()
+    #: The method weighs each task by its diagonal Fisher: :meth:`update` then
+    #: requires ``fisher=`` and checks it (names, shapes, finite, >= 0) with
+    #: the task vector, and passes it to :meth:`_fold` as ``fisher=``.
+    requires_fisher: ClassVar[bool] = False
+    #: DARE's drop rate (None: off) and seed; set by ``get_merger(name, dare=p,
+    #: dare_seed=s)`` through :meth:`_configure_dare`, before any update.
+    _dare: float | None = None
+    _dare_seed: int = 0
+    #: This rank's slice of every tensor when the merge is sharded over processes
+    #: (:class:`~cl_plugin.merging.layout.ShardLayout`, set by the boundary core); None:
+    #: the task vectors hold whole tensors. Elementwise rules ignore it; rules that need
+    #: a global statistic or a whole tensor use its collectives.
+    layout = None
 
     def __init__(self, *, scale: float | None = None) -> None:
         self._scale = None if scale is None else check_scale(scale, f"{type(self).__name__}")
         self.reset()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Each method's options() lists the arguments of its own constructor.
+        # DARE is common to every method, so the DARE options are added to
+        # whatever a subclass's options() returns: a checkpoint then records
+        # them and load_state_dict compares them, whichever method it is.
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("options")
+        if own is not None and not getattr(own, "_adds_dare", False):
+
+            @functools.wraps(own)
+            def options(self) -> dict[str, Any]:
+                return {**own(self), **self._dare_options()}
+
+            options._adds_dare = True  # type: ignore[attr-defined]
+            cls.options = options  # type: ignore[method-assign]
+
+    def _configure_dare(self, p: float | None, seed: int) -> None:
+        """Turn DARE on (``p`` in (0, 1)) or off (None) for every later update; only before the first.
+
+        ``get_merger`` checks ``p`` and ``seed`` (:func:`~cl_plugin.merging.dare.check_dare`).
+        """
+        if self.num_tasks:
+            raise ConfigError(
+                f"The {self.name!r} merger has already folded {self.num_tasks} task(s); DARE is chosen when the "
+                "merger is created: get_merger(name, dare=p, dare_seed=seed)."
+            )
+        self._dare, self._dare_seed = p, seed
+
+    def _dare_options(self) -> dict[str, Any]:
+        return {} if self._dare is None else {"dare": self._dare, "dare_seed": self._dare_seed}
 
     # -- configuration ------------------------------------------------------
     @property
@@ -112,8 +164,12 @@ class Merger:
         return self.default_scale if self._scale is None else self._scale
 
     def options(self) -> dict[str, Any]:
-        """The method-specific options, as passed to the constructor (for checkpoints)."""
-        return {}
+        """The method-specific options, as passed to the constructor (for checkpoints).
+
+        With DARE on, ``dare`` and ``dare_seed`` are included (for every method),
+        so ``get_merger(self.name, **self.options())`` builds the same merger.
+        """
+        return self._dare_options()
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
@@ -440,24 +496,44 @@ class Merger:
         """
 
     # -- streaming ----------------------------------------------------------------
-    def update(self, task_vector: TaskVector | Mapping[str, Tensor]) -> None:
+    def update(self, task_vector: TaskVector | Mapping[str, Tensor], *, fisher: Mapping[str, Tensor] | None = None) -> None:
         """Fold one task's vector into the merged state.
 
         Args:
             task_vector: a :class:`TaskVector` or any mapping of name to tensor
                 (non-float entries are ignored). Every call must carry the same
                 names, shapes, dtypes and tied names as the first.
+            fisher: only for a method with :attr:`requires_fisher` (``"fisher"``):
+                the diagonal Fisher of this task, one non-negative finite
+                floating-point tensor per name of ``task_vector`` and of the same
+                shape (e.g. from :func:`cl_plugin.merging.fisher.diagonal_fisher`).
 
         Raises:
             StateDictMismatchError / DtypeMismatchError: the layout or the tied
-                names differ from the first task's.
-            NonFiniteError: a tensor holds NaN or infinity, or the fold would
-                overflow the state's dtype (finite entries too large to sum).
-            ConfigError: the task vector is empty.
+                names differ from the first task's, or ``fisher``'s names or
+                shapes differ from the task vector's.
+            NonFiniteError: a tensor (of the task vector or of ``fisher``) holds
+                NaN or infinity, DARE's rescaling overflows the dtype, or the
+                fold would overflow the state's dtype (finite entries too large
+                to sum).
+            ConfigError: the task vector is empty; ``fisher`` is missing for a
+                method that needs it, given to one that does not use it, or
+                holds a negative value.
 
         Nothing is modified when an error is raised.
         """
         what = f"{self.name!r} merger, task {self.num_tasks + 1}"
+        if self.requires_fisher and fisher is None:
+            raise ConfigError(
+                f"The {self.name!r} merger weighs each task by its diagonal Fisher: call "
+                "update(task_vector, fisher={name: F}) with one non-negative tensor per name of the task vector, "
+                "e.g. fisher=cl_plugin.merging.fisher.diagonal_fisher(model, batches, loss_fn)."
+            )
+        if not self.requires_fisher and fisher is not None:
+            raise ConfigError(
+                f"The {self.name!r} merger does not use a Fisher; drop `fisher`, or use get_merger('fisher') "
+                "to weigh the tasks by it."
+            )
         if isinstance(task_vector, TaskVector):
             tv = task_vector
         elif self.num_tasks and isinstance(task_vector, Mapping):
@@ -478,35 +554,97 @@ class Merger:
             device = self.device
             if any(t.device != device for t in tv.values()):
                 tv = tv.to(device=device)
-        # Checked here even for a TaskVector: one built with check_finite=False,
-        # or by arithmetic that overflowed, can hold inf. The same reduction
-        # gives each tensor's largest magnitude for the overflow bound.
-        largest = finite_max_abs(tv, what)
+        try:
+            # Checked here even for a TaskVector: one built with check_finite=False,
+            # or by arithmetic that overflowed, can hold inf. The same reduction
+            # gives each tensor's largest magnitude for the overflow bound.
+            largest = finite_max_abs(tv, what)
+            extras: dict[str, Any] = {}
+            if self.requires_fisher:
+                extras["fisher"] = _checked_fisher(fisher, tv, what)
+            if self._dare is not None:
+                tv, largest = self._dared(tv, largest, what)
+            self._prepare(tv)
+            bounds = self._bounds_after_fold(tv, largest, what, extras) if self.num_tasks else None
+        except Exception as exc:  # noqa: BLE001 - re-raised after the ranks agree
+            self._agree_across_ranks(exc, what)
+            raise
+        self._agree_across_ranks(None, what)
         with torch.no_grad():
             if not self.num_tasks:
-                self._fold_first(tv, largest)
+                self._fold_first(tv, largest, extras)
             else:
-                bounds = self._bounds_after_fold(tv, largest, what)
-                self._fold(tv)
+                self._fold(tv, **extras)
                 for (role, n), bound in bounds.items():
                     self._bounds[role][n] = bound
         self.num_tasks += 1
 
-    def _fold_first(self, tv: TaskVector, largest: Mapping[str, float]) -> None:
+    def _prepare(self, tv: TaskVector) -> None:
+        """Work that every rank does for ``tv`` before the checks and the fold (e.g. a collective statistic)."""
+
+    def _agree_across_ranks(self, error: Exception | None, what: str) -> None:
+        """In a sharded merge, raise on every rank when a check failed on any (each rank checks its own slices).
+
+        Without it one rank would refuse a task that the others fold, and the
+        ranks' states would part. No-op on one process.
+        """
+        layout = self.layout
+        if layout is None or not layout.distributed:
+            return
+        flag = torch.tensor([0 if error is None else 1])
+        layout.all_reduce_(flag)
+        if int(flag) and error is None:
+            raise NonFiniteError(
+                f"{what}: another rank refused its slice of this task vector (see its error); nothing was "
+                "changed on any rank."
+            )
+
+    def _dared(self, tv: TaskVector, largest: Mapping[str, float], what: str) -> tuple[TaskVector, dict[str, float]]:
+        """DARE applied to ``tv`` (a new TaskVector) and an upper bound of its magnitudes; NonFiniteError on overflow."""
+        from cl_plugin.merging.dare import dare_task_vector
+
+        p = self._dare
+        layout = self.layout
+        offsets = {n: layout[n].start for n in tv} if layout is not None and layout.distributed else None
+        dared = dare_task_vector(tv, p, seed=self._dare_seed, task=self.num_tasks, offsets=offsets)
+        bound: dict[str, float] = {}
+        for n, t in dared.items():
+            # A kept entry is x / (1 - p), rounded once: at most |x| / (1 - p) · (1 + eps).
+            value = largest[n] / (1.0 - p) * (1.0 + 2.0 * torch.finfo(t.dtype).eps)
+            if value >= torch.finfo(t.dtype).max:
+                value = finite_max_abs({n: t}, f"{what}, after DARE's rescaling by 1/(1 - {p:g})")[n]
+            bound[n] = value
+        return dared, bound
+
+    def _fold_first(self, tv: TaskVector, largest: Mapping[str, float], extras: Mapping[str, Any] | None = None) -> None:
         """Allocate the state for ``tv`` and fold it; on failure restore the empty merger exactly."""
+        extras = extras or {}
         saved = (self._layout, self._state, dict(self._scalars), self._aliases, self._bounds)
         try:
             self._layout = {n: (tuple(t.shape), t.dtype) for n, t in tv.items()}
             self._aliases = dict(tv.aliases)
             self._state = self._allocated(tv)
-            self._fold(tv)
+            self._fold(tv, **extras)
         except BaseException:
             self._layout, self._state, self._scalars, self._aliases, self._bounds = saved
             raise
-        # Folding into zeros: every summed role holds at most the task's own magnitudes.
-        self._bounds = {role: {n: largest[n] for n in tv} for role in self.summed_roles}
+        # Folding into zeros: every summed role holds at most what the task brings.
+        incoming = self._incoming_max_abs(tv, largest, **extras)
+        self._bounds = {role: {n: incoming[role][n] for n in tv} for role in self.summed_roles}
 
-    def _bounds_after_fold(self, tv: TaskVector, largest: Mapping[str, float], what: str) -> dict[tuple[str, str], float]:
+    def _incoming_max_abs(self, tv: TaskVector, largest: Mapping[str, float], **extras: Any) -> dict[str, dict[str, float]]:
+        """An upper bound of the magnitudes that folding ``tv`` adds to each summed role: role -> name -> float.
+
+        ``largest`` holds each tensor's largest magnitude. The default, for a
+        fold that adds (part of) the incoming entries themselves, is ``largest``
+        for every role; a method that adds something else (the Fisher merger
+        adds w·F·τ and w·F) overrides it.
+        """
+        return {role: dict(largest) for role in self.summed_roles}
+
+    def _bounds_after_fold(
+        self, tv: TaskVector, largest: Mapping[str, float], what: str, extras: Mapping[str, Any] | None = None
+    ) -> dict[tuple[str, str], float]:
         """The summed roles' bounds after folding ``tv``; raise NonFiniteError if the fold would overflow.
 
         |s + x| <= |s| + |x| bounds a sum before rounding; the factor
@@ -514,10 +652,12 @@ class Merger:
         itself (a double). Only where that bound passes the dtype's maximum is
         the fold computed exactly, out of place (:meth:`_fold_max_abs`).
         """
+        extras = extras or {}
+        incoming = self._incoming_max_abs(tv, largest, **extras) if self.summed_roles else {}
         bounds: dict[tuple[str, str], float] = {}
         unsure: list[tuple[str, str]] = []
         for role in self.summed_roles:
-            for n, value in largest.items():
+            for n, value in incoming[role].items():
                 info = torch.finfo(self._state[role][n].dtype)
                 bound = (self._bounds[role][n] + value) * (1.0 + 4.0 * info.eps)
                 if bound <= info.max:
@@ -525,7 +665,7 @@ class Merger:
                 else:
                     unsure.append((role, n))
         if unsure:
-            for (role, n), value in self._fold_max_abs(tv, unsure).items():
+            for (role, n), value in self._fold_max_abs(tv, unsure, **extras).items():
                 if not math.isfinite(value):
                     dtype = str(self._state[role][n].dtype).removeprefix("torch.")
                     raise NonFiniteError(
@@ -543,7 +683,8 @@ class Merger:
         Computed out of place, exactly as :meth:`_fold` would (NaN or inf where
         the fold would overflow); the state is not modified. The default is for
         a summed role that adds the whole incoming tensor; a method whose fold
-        adds only part of it overrides this.
+        adds only part of it overrides this (and receives ``fisher=`` when it
+        has :attr:`requires_fisher`).
         """
         return {(role, n): max_abs(torch.add(self._state[role][n], tv[n])) for role, n in keys}
 
@@ -598,6 +739,7 @@ class Merger:
 
     # -- to implement ---------------------------------------------------------------
     def _fold(self, tv: TaskVector) -> None:
+        """Fold ``tv`` into ``self._state`` (a method with :attr:`requires_fisher` also receives ``fisher=``)."""
         raise NotImplementedError
 
     def _finalize(self) -> dict[str, Tensor]:
@@ -626,3 +768,37 @@ def check_fraction(value: object, name: str, owner: str, *, low: float = 0.0, hi
     if (v <= low if low_open else v < low) or v > high:
         raise ConfigError(f"`{name}` must be a real number in {'(' if low_open else '['}{low:g}, {high:g}], got {value!r} ({owner}).")
     return v
+
+
+def _checked_fisher(fisher: object, tv: TaskVector, what: str) -> dict[str, Tensor]:
+    """``fisher`` checked against ``tv``: one finite, non-negative float tensor per name, same shapes.
+
+    Returns the tensors in ``tv``'s name order, on its devices; a name that
+    ``tv`` ties to another (an alias) may be present and is ignored.
+    """
+    if not isinstance(fisher, Mapping):
+        raise ConfigError(f"{what}: `fisher` must map tensor names to tensors, got {type(fisher).__name__}.")
+    aliases = tv.aliases
+    picked = {k: v for k, v in fisher.items() if k not in aliases}
+    for name, value in picked.items():
+        if not isinstance(value, Tensor) or not value.is_floating_point():
+            got = value.dtype if isinstance(value, Tensor) else type(value).__name__
+            raise ConfigError(f"{what}: `fisher[{name!r}]` must be a floating-point tensor, got {got}.")
+    check_same_layout(tv, picked, f"{what}, its `fisher`", check_dtype=False)
+    out: dict[str, Tensor] = {}
+    for name, t in tv.items():
+        f = picked[name].detach()
+        if f.device != t.device:
+            f = f.to(t.device)
+        if f.numel():
+            low, high = (float(v) for v in torch.aminmax(f))
+            if not (math.isfinite(low) and math.isfinite(high)):
+                n_bad = int((~torch.isfinite(f)).sum())
+                raise NonFiniteError(f"{what}: `fisher[{name!r}]` holds {n_bad} NaN or infinite value(s).")
+            if low < 0:
+                raise ConfigError(
+                    f"{what}: `fisher[{name!r}]` holds negative values (down to {low:.6g}); a diagonal Fisher is a "
+                    "mean of squared gradients, so every entry is >= 0."
+                )
+        out[name] = f
+    return out

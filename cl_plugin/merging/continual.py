@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from cl_plugin._checkpoint import check_tensor_dict, read
 from cl_plugin._checks import check_scale, is_finite
 from cl_plugin.errors import CheckpointError, ConfigError, NonFiniteError, did_you_mean, preview
+from cl_plugin.merging.layout import ShardLayout
 from cl_plugin.merging.registry import MERGERS, get_merger
 from cl_plugin.task_vectors import TaskVector, select_names, tied_aliases
 
@@ -65,6 +66,31 @@ def normalisation_statistics(module: nn.Module) -> list[str]:
                 if getattr(sub, buffer, None) is not None:
                     names.append(f"{prefix}.{buffer}" if prefix else buffer)
     return names
+
+
+def is_dtensor(tensor: object) -> bool:
+    """True for a ``torch.distributed.tensor.DTensor`` (a parameter sharded by FSDP2)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def _dtensor_shard_dim(tensor) -> int:
+    """The mesh dimension a DTensor is sharded over (on its dim 0); raise for other layouts."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    sharded = [i for i, p in enumerate(tensor.placements) if isinstance(p, Shard)]
+    if len(sharded) != 1 or tensor.placements[sharded[0]].dim != 0 or not all(
+        isinstance(p, Replicate) for i, p in enumerate(tensor.placements) if i != sharded[0]
+    ):
+        raise ConfigError(
+            f"A parameter is a DTensor with placements {tensor.placements}: cl-plugin merges FSDP2 parameters "
+            "sharded on dim 0 over one mesh dimension (fully_shard, HSDP). Tensor parallelism is not supported: use "
+            "ModelParallelStrategy(tensor_parallel_size=1)."
+        )
+    return sharded[0]
 
 
 def _snapshot(state: Mapping[str, Tensor], names: Iterable[str], device: torch.device) -> dict[str, Tensor]:
@@ -172,6 +198,8 @@ class ContinualMerge:
         self.float_names: list[str] | None = None  # every float entry of the module, to notice changes
         self.theta0: dict[str, Tensor] | None = None
         self._module_statistics: frozenset[str] = frozenset()
+        #: This rank's slice of every merged tensor (None: unsharded); set by :meth:`bind`.
+        self.layout: ShardLayout | None = None
 
     # -- the model ------------------------------------------------------------------------------------
     @property
@@ -199,7 +227,9 @@ class ContinualMerge:
         aliases = {a: n for a, n in aliases.items() if n in set(kept)}
         return names, statistic_names, aliases, floats
 
-    def bind(self, module: nn.Module, names: Iterable[str] | None = None) -> None:
+    def bind(
+        self, module: nn.Module, names: Iterable[str] | None = None, *, shard: tuple[int, int, Any] | None = None
+    ) -> None:
         """Choose the tensors of ``module`` to merge; on a later call, raise if they changed.
 
         Args:
@@ -207,6 +237,11 @@ class ContinualMerge:
             names: merge exactly these state-dict entries (e.g. the base
                 weights of adapted layers); default: every floating-point
                 tensor minus ``exclude``, statistics as ``statistics`` says.
+            shard: ``(rank, world_size, process_group)`` to split the merge of
+                replicated weights over (DDP): each rank then holds and folds
+                1/world_size of every tensor. Parameters that are FSDP2
+                ``DTensor`` shards are split as they are sharded, over their
+                mesh's shard group, whatever ``shard`` says. Default: unsharded.
 
         Raises:
             ConfigError: the module's floating-point tensors differ from the
@@ -232,6 +267,63 @@ class ContinualMerge:
             )
         self.names, self.statistic_names, self.aliases, self.float_names = names, statistic_names, aliases, floats
         self._module_statistics = frozenset(normalisation_statistics(module))
+        self.layout = self._layout_of(module.state_dict(), shard)
+        for merger in (self.merger, self._statistics_merger):
+            merger.layout = self.layout
+
+    def _layout_of(self, state: Mapping[str, Tensor], shard: tuple[int, int, Any] | None) -> ShardLayout | None:
+        """Each merged tensor's slice on this rank (None: unsharded, every tensor whole)."""
+        tensors = {n: state[n] for n in self.all_names}
+        dtensors = {n: t for n, t in tensors.items() if is_dtensor(t)}
+        if not dtensors and (shard is None or shard[1] <= 1):
+            return None
+        shapes = {n: tuple(t.shape) for n, t in tensors.items()}
+        if not dtensors:
+            rank, world, group = shard
+            return ShardLayout.split(shapes, rank, world, group)
+        first = next(iter(dtensors.values()))
+        dim = _dtensor_shard_dim(first)
+        mesh = first.device_mesh
+        for t in dtensors.values():
+            if _dtensor_shard_dim(t) != dim or t.device_mesh != mesh:
+                raise ConfigError("cl-plugin merges FSDP2 parameters sharded over one device mesh; this model uses several.")
+        group = mesh.get_group(dim)
+        rank, world = mesh.get_local_rank(dim), mesh.size(dim)
+        local = {n: (t.to_local().numel() if is_dtensor(t) else None) for n, t in tensors.items()}
+        return ShardLayout.from_local_sizes(shapes, local, rank, world, group)
+
+    def local(self, tensor: Tensor, name: str) -> Tensor:
+        """This rank's part of a module tensor: the whole tensor unsharded, else its flat slice (a view)."""
+        if self.layout is None:
+            return tensor.detach()
+        if is_dtensor(tensor):
+            return tensor.to_local().detach().reshape(-1)
+        shard = self.layout[name]
+        return tensor.detach().reshape(-1)[shard.start : shard.stop]
+
+    def snapshot(self, module: nn.Module, names: Iterable[str] | None = None) -> dict[str, Tensor]:
+        """Copies of this rank's part of the module's tensors, on :attr:`device`."""
+        state = module.state_dict()
+        with torch.no_grad():
+            return {n: self.local(state[n], n).to(device=self.device, copy=True) for n in (names or self.all_names)}
+
+    def write(self, module: nn.Module, tensors: Mapping[str, Tensor]) -> None:
+        """Write this rank's parts ``tensors`` into the module in place; replicated tensors are completed on every rank.
+
+        Under a sharded layout every rank must call it (the replicated tensors
+        are all-gathered from the ranks' slices).
+        """
+        state = module.state_dict()
+        with torch.no_grad():
+            for n, value in tensors.items():
+                dest = state[n]
+                if self.layout is None:
+                    dest.copy_(value)
+                    continue
+                local = self.local(dest, n)
+                local.copy_(value.reshape(-1))
+                if not is_dtensor(dest):
+                    self.layout.all_gather_into(n, local, dest.view(-1))
 
     def check_unchanged(self, module: nn.Module, when: str) -> None:
         """Raise a ConfigError if a floating-point tensor was added to or removed from ``module`` since :meth:`bind`."""
@@ -246,10 +338,21 @@ class ContinualMerge:
             )
 
     def capture_theta0(self, module: nn.Module, what: str = "θ₀ (the weights when training starts)") -> None:
-        """Take θ₀ from ``module`` (copies on :attr:`device`); raise NonFiniteError if it is not finite."""
-        theta0 = _snapshot(module.state_dict(), self.all_names, self.device)
-        _check_finite_theta0(theta0, what)
+        """Take θ₀ from ``module`` (this rank's part, on :attr:`device`); raise NonFiniteError if it is not finite."""
+        theta0 = self.snapshot(module)
+        self._agree(_first_not_finite(theta0), lambda n: _theta0_error(what, n))
         self.theta0 = theta0
+
+    def _agree(self, bad: str | None, error: Callable[[str | None], Exception]) -> None:
+        """Raise ``error(name)`` on every rank when any rank found a bad tensor (``bad``), so no rank goes on alone."""
+        if self.layout is None or not self.layout.distributed:
+            if bad is not None:
+                raise error(bad)
+            return
+        flag = torch.tensor([0 if bad is None else 1])
+        self.layout.all_reduce_(flag)
+        if int(flag):
+            raise error(bad)
 
     # -- boundaries ------------------------------------------------------------------------------------
     def task_vector(self, module: nn.Module) -> TaskVector:
@@ -258,14 +361,14 @@ class ContinualMerge:
         Raises:
             NonFiniteError: the module's weights hold NaN/inf (the message names them).
         """
-        state = module.state_dict()
-        bad = [n for n in self.all_names if not is_finite(state[n])]
-        if bad:
-            raise NonFiniteError(
-                f"The weights hold NaN or infinite values in {len(bad)} tensor(s) ({preview(bad, 3)}): training "
+        current = self.snapshot(module)
+        self._agree(
+            _first_not_finite(current),
+            lambda n: NonFiniteError(
+                f"The weights hold NaN or infinite values ({'in ' + repr(n) if n else 'on another rank'}): training "
                 "diverged, and there is no task vector to fold."
-            )
-        current = _snapshot(state, self.all_names, self.device)
+            ),
+        )
         return TaskVector.between(current, self.theta0)
 
     def fold(self, module: nn.Module | TaskVector) -> TaskVector:
@@ -303,25 +406,68 @@ class ContinualMerge:
         out = self.merger.merged().apply_to({n: theta0[n] for n in self.names}, value)
         if self.statistic_names:
             out.update(self._statistics_merger.merged().apply_to({n: theta0[n] for n in self.statistic_names}, 1.0))
-        for n, t in out.items():
-            if not is_finite(t):
-                raise NonFiniteError(
-                    f"θ₀ + {value}·merged overflows {t.dtype} in tensor {n!r}. Use a smaller `scale`, or train in a "
-                    "wider dtype."
-                )
+        self._agree(
+            _first_not_finite(out),
+            lambda n: NonFiniteError(
+                f"θ₀ + {value}·merged overflows its dtype in tensor {n!r} (on this or another rank). Use a smaller "
+                "`scale`, or train in a wider dtype."
+            ),
+        )
         _warn_invalid_statistics(out, self._module_statistics)
         return out
 
     # -- checkpointing ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """``names``, ``statistic_names``, ``theta0``, ``merger`` and ``statistics_merger`` (live tensors)."""
+        """``names``, ``statistic_names``, ``theta0``, ``merger`` and ``statistics_merger``.
+
+        Unsharded: the live tensors. Sharded: every rank must call it; rank 0
+        gets whole tensors, gathered one at a time (the format of an unsharded
+        state, so a checkpoint resumes on any number of ranks), the other ranks
+        get None in their place.
+        """
+        theta0 = self.theta0
+        merger = self.merger.state_dict()
+        statistics = self._statistics_merger.state_dict() if self.statistic_names else None
+        if self.layout is not None and self.layout.distributed:
+            theta0 = None if theta0 is None else {n: self._whole(n, t) for n, t in theta0.items()}
+            merger = self._whole_state(merger)
+            statistics = None if statistics is None else self._whole_state(statistics)
         return {
             "names": None if self.names is None else list(self.names),
             "statistic_names": list(self.statistic_names),
-            "theta0": self.theta0,
-            "merger": self.merger.state_dict(),
-            "statistics_merger": self._statistics_merger.state_dict() if self.statistic_names else None,
+            "theta0": theta0,
+            "merger": merger,
+            "statistics_merger": statistics,
         }
+
+    def _whole(self, name: str, local: Tensor) -> Tensor | None:
+        whole = self.layout.gather_whole(name, local.reshape(-1), owner=0)
+        return None if whole is None else whole.reshape(self.layout[name].shape)
+
+    def _whole_state(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        """A merger state with each sliced tensor (``"<role>.<name>"``) made whole on rank 0."""
+        return {k: self._whole(k.split(".", 1)[1], v) if isinstance(v, Tensor) else v for k, v in state.items()}
+
+    def _sliced_state(self, state: Mapping[str, Any], owner: str) -> dict[str, Any]:
+        """A whole merger state cut to this rank's slices (shapes checked against the model first)."""
+        out = {}
+        for k, v in state.items():
+            if isinstance(v, Tensor) and "." in k:
+                out[k] = self._slice(k.split(".", 1)[1], v, f"merger[{k!r}]", owner)
+            else:
+                out[k] = v
+        return out
+
+    def _slice(self, name: str, whole: Tensor, what: str, owner: str) -> Tensor:
+        if name not in self.layout.shards:
+            raise CheckpointError(f"The checkpoint's {owner} {what} names a tensor this model does not merge; it is damaged.")
+        shard = self.layout[name]
+        if tuple(whole.shape) != shard.shape:
+            raise CheckpointError(
+                f"The checkpoint's {owner} {what} is {tuple(whole.shape)}, the model's tensor is {shard.shape}. "
+                "Resume with the model the checkpoint was written with."
+            )
+        return whole.reshape(-1)[shard.start : shard.stop].clone()
 
     def prepare_load(
         self,
@@ -357,18 +503,24 @@ class ContinualMerge:
                 + (f"; averaged as normalisation statistics differently: {moved[:5]}" if moved and now == saved else "")
                 + "). Resume with the model, `exclude` and `statistics` the checkpoint was written with."
             )
+        sharded = self.layout is not None and self.layout.distributed
         theta0 = read(state, "theta0", owner)
         if theta0 is not None:
             expected = None if names is None else names + statistic_names
             theta0 = check_tensor_dict(theta0, "theta0", owner, layout, names=expected, device=self.device)
+            if sharded:
+                theta0 = {n: self._slice(n, t, f"theta0[{n!r}]", owner) for n, t in theta0.items()}
         merger = get_merger(self.method, **self.method_options)
         merger_state = read(state, "merger", owner)
         if merger_state is not None:
-            merger.load_state_dict(merger_state)  # validates it completely; `merger` is a new object
+            # validates it completely; `merger` is a new object
+            merger.load_state_dict(self._sliced_state(merger_state, owner) if sharded else merger_state)
         statistics_merger = get_merger("average")
         saved_statistics = state.get("statistics_merger")
         if saved_statistics is not None:
-            statistics_merger.load_state_dict(saved_statistics)
+            statistics_merger.load_state_dict(self._sliced_state(saved_statistics, owner) if sharded else saved_statistics)
+        for m in (merger, statistics_merger):
+            m.layout = self.layout
         if merger.num_tasks:
             if theta0 is None and not theta0_elsewhere:
                 raise CheckpointError(f"The checkpoint's {owner} state has a merge but no θ₀; it is damaged.")
@@ -380,7 +532,8 @@ class ContinualMerge:
             ):
                 raise CheckpointError(f"The checkpoint's {owner} statistics do not match its merge; it is damaged.")
         if theta0 is not None and base_weights is not None:
-            differ = [n for n in theta0 if n not in base_weights or not torch.equal(base_weights[n].to(theta0[n]), theta0[n])]
+            mine = {n: self.local(base_weights[n], n) for n in theta0 if n in base_weights}
+            differ = [n for n in theta0 if n not in mine or not torch.equal(mine[n].to(theta0[n]), theta0[n])]
             if differ:
                 raise ConfigError(
                     f"`base_weights` differs from the checkpoint's θ₀ in {len(differ)} tensor(s) ({preview(differ, 3)}). "
@@ -397,13 +550,16 @@ class ContinualMerge:
         return apply
 
 
-def _check_finite_theta0(theta0: Mapping[str, Tensor], what: str) -> None:
-    for n, t in theta0.items():
-        if not is_finite(t):
-            raise NonFiniteError(
-                f"{what} tensor {n!r} holds NaN or infinite values; every task vector would be NaN. Check the "
-                "weights the stream starts from."
-            )
+def _first_not_finite(tensors: Mapping[str, Tensor]) -> str | None:
+    return next((n for n, t in tensors.items() if not is_finite(t)), None)
+
+
+def _theta0_error(what: str, name: str | None) -> NonFiniteError:
+    where = f"tensor {name!r}" if name else "a tensor (on another rank)"
+    return NonFiniteError(
+        f"{what} {where} holds NaN or infinite values; every task vector would be NaN. Check the weights the "
+        "stream starts from."
+    )
 
 
 def _warn_invalid_statistics(merged: Mapping[str, Tensor], statistics: frozenset[str]) -> None:

@@ -88,6 +88,7 @@ class ShardLayout:
         self.rank = int(rank)
         self.world = int(world)
         self.group = group
+        self._sizes: dict[str, list[int]] = {}  # per rank, for shards the layout did not choose
 
     @classmethod
     def unsharded(cls, shapes: Mapping[str, Sequence[int]]) -> ShardLayout:
@@ -100,6 +101,37 @@ class ShardLayout:
         return cls(
             {n: Shard(tuple(s), *split_range(math.prod(s), rank, world)) for n, s in shapes.items()}, rank, world, group
         )
+
+    @classmethod
+    def from_local_sizes(
+        cls, shapes: Mapping[str, Sequence[int]], local_numel: Mapping[str, int | None], rank: int, world: int, group
+    ) -> ShardLayout:
+        """A layout where some tensors are already sharded (FSDP2's dim-0 shards, ``local_numel`` given) and the
+        others (``None``) are split as :meth:`split` splits them.
+
+        One ``all_gather`` of the local sizes gives every shard's offset: shard
+        ``r`` follows the shards of ranks ``0 .. r-1``, as ``torch.chunk`` orders them.
+        """
+        names = [n for n, size in local_numel.items() if size is not None]
+        mine = torch.tensor([local_numel[n] for n in names], dtype=torch.int64)
+        parts = [torch.zeros_like(mine) for _ in range(world)]
+        torch.distributed.all_gather(parts, mine, group=group)
+        sizes = torch.stack(parts)  # (world, tensors)
+        shards, all_sizes = {}, {}
+        for n, shape in shapes.items():
+            numel = math.prod(shape)
+            if local_numel[n] is None:
+                shards[n] = Shard(tuple(shape), *split_range(numel, rank, world))
+                continue
+            column = sizes[:, names.index(n)].tolist()
+            if sum(column) != numel:
+                raise ValueError(f"The shards of {n!r} hold {sum(column)} elements, the tensor {numel}.")
+            start = sum(column[:rank])
+            shards[n] = Shard(tuple(shape), start, start + column[rank], sharded=True)
+            all_sizes[n] = column
+        layout = cls(shards, rank, world, group)
+        layout._sizes = all_sizes
+        return layout
 
     @property
     def distributed(self) -> bool:
@@ -183,11 +215,12 @@ class ShardLayout:
             offset += n
 
     def _slice_sizes(self, name: str) -> list[int]:
+        """The number of elements of ``name`` on each rank, in rank order."""
         shard = self.shards[name]
-        if not shard.sharded:
-            return [split_range(shard.numel, r, self.world)[1] - split_range(shard.numel, r, self.world)[0] for r in range(self.world)]
-        cached = getattr(self, "_sizes", {})
-        return cached[name]
+        if shard.sharded:
+            return self._sizes[name]
+        ranges = [split_range(shard.numel, r, self.world) for r in range(self.world)]
+        return [stop - start for start, stop in ranges]
 
     def _global_rank(self, rank: int) -> int:
         if self.group is None:
@@ -195,13 +228,14 @@ class ShardLayout:
         return torch.distributed.get_global_rank(self.group, rank)
 
     def owners(self, cost: Mapping[str, float]) -> dict[str, int]:
-        """A rank per tensor, balancing ``cost`` (largest first, to the least-loaded rank; ties to the lower rank).
+        """A rank per item, balancing ``cost`` (largest first, to the least-loaded rank; ties to the lower rank).
 
-        A pure function of the names and costs, so every rank computes the same owners.
+        A pure function of the items (in ``cost``'s order) and their costs, so every rank computes the same owners.
         """
         load = [0.0] * self.world
         owner = {}
-        for name in sorted(cost, key=lambda n: (-cost[n], list(self.shards).index(n))):
+        order = {n: i for i, n in enumerate(cost)}
+        for name in sorted(cost, key=lambda n: (-cost[n], order[n])):
             r = min(range(self.world), key=lambda i: (load[i], i))
             owner[name] = r
             load[r] += cost[name]

@@ -46,6 +46,7 @@ from torch import Tensor
 from cl_plugin._checks import is_finite, tensor_norm
 from cl_plugin.errors import CheckpointError, ConfigError, NonFiniteError
 from cl_plugin.merging.base import Merger, check_fraction
+from cl_plugin.merging.layout import ShardLayout
 from cl_plugin.merging.registry import register_merger
 from cl_plugin.task_vectors import TaskVector
 
@@ -80,6 +81,22 @@ def project_out_merged_directions(merged: Tensor, task: Tensor, alpha: float) ->
     removed.diagonal().copy_(projected.diagonal())
     removed[:r, :r] = projected[:r, :r]
     return task - u @ removed @ vh
+
+
+def _projection_cost(shape: tuple[int, ...]) -> float:
+    """The relative cost of one tensor's update on its owner: an SVD for a matrix, a copy otherwise."""
+    if len(shape) == 2:
+        m, n = shape
+        return float(m) * n * min(m, n)
+    return float(math.prod(shape))
+
+
+def _combined_norm(norms: list[float]) -> float:
+    """The norm of a vector made of tensors with these norms, combined as :meth:`TaskVector.norm` does."""
+    squared = 0.0
+    for value in norms:
+        squared += value * value
+    return math.sqrt(squared) if math.isfinite(squared) else math.hypot(*norms)
 
 
 def _views_of_flat_buffers(like: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -144,6 +161,10 @@ class OPCMMerger(Merger):
         return float(self._scalars["lambda_t"])
 
     def _fold(self, tv: TaskVector) -> None:
+        layout = self.layout
+        if layout is not None and layout.distributed:
+            self._fold_sharded(tv, layout)
+            return
         merged = self._state["merged"]
         norm = tv.norm()
         if self.num_tasks == 0:
@@ -176,10 +197,7 @@ class OPCMMerger(Merger):
             norms.append(tensor_norm(new))
             if not math.isfinite(norms[-1]):
                 raise self._overflow(n, new.dtype)
-        squared = 0.0
-        for value in norms:
-            squared += value * value
-        merged_norm = math.sqrt(squared) if math.isfinite(squared) else math.hypot(*norms)
+        merged_norm = _combined_norm(norms)
         if merged_norm > 0.0:
             factor = mean_norm / merged_norm
             for t in new_merged.values():
@@ -189,6 +207,83 @@ class OPCMMerger(Merger):
             for n, t in new_merged.items():
                 if mean_norm * 1.001 >= torch.finfo(t.dtype).max and not is_finite(t):
                     raise self._overflow(n, t.dtype)
+        self._state["merged"] = new_merged
+        self._scalars.update(lambda_t=merged_norm / mean_norm if mean_norm > 0 else 0.0, norm_sum=norm_sum)
+
+    def _fold_sharded(self, tv: TaskVector, layout: ShardLayout) -> None:
+        """The same update on this rank's slices: each tensor has an owner rank that works on it whole.
+
+        The owner gathers the tensor's task vector and merged slices, projects
+        and adds exactly as :meth:`_fold` does, computes the whole tensor's
+        norms, and scatters the new merged rows back. The norms of every tensor
+        are then summed over the ranks (each comes from one owner, the others
+        add zero: exact) and combined in the unsharded order, so every rank
+        computes the same λ_t and the merge is bit-identical to the unsharded
+        one. Owners balance the SVD cost.
+        """
+        merged = self._state["merged"]
+        names = list(tv)
+        owners = layout.owners({n: _projection_cost(layout[n].shape) for n in names})
+        first = self.num_tasks == 0
+        previous_lambda = float(self._scalars["lambda_t"])
+        task_norms = torch.zeros(len(names), dtype=torch.float64)
+        new_norms = torch.zeros(len(names), dtype=torch.float64)
+        failed = torch.zeros(len(names), dtype=torch.float64)
+        new_merged = None if first else _views_of_flat_buffers(merged)
+        for i, n in enumerate(names):
+            owner = owners[n]
+            whole_task = layout.gather_whole(n, tv[n], owner)
+            whole_merged = None if first else layout.gather_whole(n, merged[n], owner)
+            new = None
+            if layout.rank == owner:
+                task_norms[i] = tensor_norm(whole_task)
+                if not first:
+                    try:
+                        task = whole_task.to(whole_merged.dtype)
+                        if whole_merged.dim() == 2 and bool(whole_merged.any()):
+                            added = project_out_merged_directions(whole_merged, task, self.alpha)
+                        else:
+                            added = task
+                        new = torch.add(added, whole_merged, alpha=previous_lambda)
+                        new_norms[i] = tensor_norm(new)
+                        failed[i] = 0.0 if math.isfinite(float(new_norms[i])) else 1.0
+                    except Exception:  # noqa: BLE001 - every rank must reach the collectives below
+                        failed[i] = 2.0
+                    if failed[i]:
+                        new = torch.zeros(layout[n].shape, dtype=merged[n].dtype, device=merged[n].device)
+            if not first:
+                layout.scatter_slices(n, new, owner, new_merged[n])
+        for values in (task_norms, new_norms, failed):
+            layout.all_reduce_(values)
+        bad = [(names[i], int(v)) for i, v in enumerate(failed.tolist()) if v]
+        if bad:
+            name, kind = bad[0]
+            if kind == 1:
+                raise self._overflow(name, merged[name].dtype)
+            raise NonFiniteError(
+                f"'opcm' merger, task {self.num_tasks + 1}: the projection of tensor {name!r} failed on its owner "
+                f"rank {owners[name]} (e.g. an SVD that did not converge). Nothing was changed."
+            )
+        norm = _combined_norm(task_norms.tolist())
+        if first:
+            for n, t in tv.items():
+                merged[n].copy_(t)
+            self._scalars.update(lambda_t=1.0, norm_sum=norm)
+            return
+        norm_sum = float(self._scalars["norm_sum"]) + norm
+        mean_norm = norm_sum / (self.num_tasks + 1)
+        merged_norm = _combined_norm(new_norms.tolist())
+        if merged_norm > 0.0:
+            factor = mean_norm / merged_norm
+            for t in new_merged.values():
+                t.mul_(factor)
+            overflowed = torch.tensor(
+                [float(mean_norm * 1.001 >= torch.finfo(t.dtype).max and not is_finite(t)) for t in new_merged.values()]
+            )
+            layout.all_reduce_(overflowed)
+            if bool(overflowed.any()):
+                name = names[int(overflowed.nonzero()[0])]
+                raise self._overflow(name, new_merged[name].dtype)
         self._state["merged"] = new_merged
         self._scalars.update(lambda_t=merged_norm / mean_norm if mean_norm > 0 else 0.0, norm_sum=norm_sum)
 

@@ -9,31 +9,34 @@ entry is replaced by τ_t's with probability 1/t. After T tasks every task is
 the source of an entry with probability 1/T, independently per entry, without
 keeping the earlier task vectors.
 
-The random stream of task t is a pure function of (``seed``, t): identical on
-every process of a DDP run, and a merger restored from :meth:`state_dict`
-continues exactly.
+The draw of each entry is a pure function of (``seed``, task, tensor name,
+the entry's index in the flattened tensor): a counter-based stream
+(:func:`~cl_plugin.merging._kernels.splitmix_draws`), so the merge is the
+same whether a tensor is drawn whole or as shards at any offset, on any
+number of processes, and a merger restored from :meth:`state_dict` continues
+exactly. (States written by cl-plugin before this scheme still load; their
+later tasks draw with it.)
 """
 
 from __future__ import annotations
 
+import hashlib
 import numbers
 
 import torch
 
 from cl_plugin.errors import ConfigError
-from cl_plugin.merging._kernels import random_fold_
+from cl_plugin.merging._kernels import DRAW_BITS, random_select_
 from cl_plugin.merging.base import Merger
 from cl_plugin.merging.registry import register_merger
 from cl_plugin.task_vectors import TaskVector
 
 __all__ = ["RandomMerger"]
 
-_GOLDEN = 0x9E3779B97F4A7C15
-
-
-def task_seed(seed: int, task_index: int) -> int:
-    """The generator seed for the ``task_index``-th update (0-based), in [0, 2**63)."""
-    return (seed * _GOLDEN + task_index + 1) % (1 << 63)
+def draw_key(seed: int, task_index: int, name: str) -> int:
+    """The 64-bit key of the draws of tensor ``name`` in the ``task_index``-th update (0-based)."""
+    text = f"{seed}\x00{task_index}\x00{name}".encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8, person=b"cl-plugin-rand").digest(), "little")
 
 
 @register_merger("random")
@@ -76,11 +79,12 @@ class RandomMerger(Merger):
             for n, t in tv.items():
                 merged[n].copy_(t)
             return
-        keep_probability = 1.0 / (self.num_tasks + 1)
-        device = self.device
-        generator = torch.Generator(device=device).manual_seed(task_seed(self.seed, self.num_tasks))
+        # Reservoir sampling: the new task takes each entry with probability 1/t.
+        threshold = (1 << DRAW_BITS) // (self.num_tasks + 1)
+        layout = self.layout
         for n, t in tv.items():
-            random_fold_(merged[n], t, keep_probability, generator)
+            offset = layout[n].start if layout is not None and layout.distributed else 0
+            random_select_(merged[n], t, threshold, draw_key(self.seed, self.num_tasks, n), offset)
 
     def _finalize(self):
         return {n: t.clone() for n, t in self._state["merged"].items()}

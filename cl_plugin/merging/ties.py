@@ -30,6 +30,7 @@ import torch
 from cl_plugin._checks import max_abs
 from cl_plugin.errors import CheckpointError
 from cl_plugin.merging._kernels import ties_fold_
+from cl_plugin.merging.layout import ShardLayout, kth_smallest_magnitude
 from cl_plugin.merging.base import Merger, check_fraction
 from cl_plugin.merging.registry import register_merger
 from cl_plugin.task_vectors import TaskVector
@@ -37,18 +38,20 @@ from cl_plugin.task_vectors import TaskVector
 __all__ = ["TiesMerger", "trim_threshold"]
 
 
-def trim_threshold(tv: TaskVector, top_k: float) -> float:
+def trim_threshold(tv: TaskVector, top_k: float, layout: ShardLayout | None = None) -> float:
     """The magnitude at or above which TIES keeps an entry of ``tv``.
 
     The k-th smallest |entry| over all tensors flattened together, with
-    k = d − ⌊d·top_k⌋; ``top_k = 1`` keeps everything (threshold 0).
+    k = d − ⌊d·top_k⌋; ``top_k = 1`` keeps everything (threshold 0). With a
+    distributed ``layout``, ``tv`` holds this rank's slices and the selection
+    runs over every rank's (:func:`~cl_plugin.merging.layout.kth_smallest_magnitude`,
+    exact: the same value as on the whole vector).
     """
-    numel = tv.numel()
+    numel = sum(layout[n].numel for n in tv) if layout is not None and layout.distributed else tv.numel()
     k = numel - int(numel * top_k)
     if k <= 0:
         return 0.0
-    magnitudes = torch.cat([t.detach().abs().reshape(-1).float() for t in tv.values()])
-    return float(torch.kthvalue(magnitudes, k).values)
+    return kth_smallest_magnitude(tv.values(), k, layout if layout is not None and layout.distributed else None)
 
 
 @register_merger("ties")
@@ -85,8 +88,20 @@ class TiesMerger(Merger):
     def options(self):
         return {"top_k": self.top_k}
 
+    def _prepare(self, tv: TaskVector) -> None:
+        # Once per update, on every rank (a collective when sharded), before the
+        # overflow check and the fold, which both need it.
+        self._threshold = (tv, trim_threshold(tv, self.top_k, self.layout))
+
+    def _trim_threshold(self, tv: TaskVector) -> float:
+        cached = getattr(self, "_threshold", None)
+        if cached is not None and cached[0] is tv:
+            return cached[1]
+        return trim_threshold(tv, self.top_k, self.layout)
+
     def _fold(self, tv: TaskVector) -> None:
-        threshold = trim_threshold(tv, self.top_k)
+        threshold = self._trim_threshold(tv)
+        self._threshold = None
         s = self._state
         for n, t in tv.items():
             ties_fold_(s["pos_sum"][n], s["neg_sum"][n], s["pos_count"][n], s["neg_count"][n], t, threshold)
@@ -94,7 +109,7 @@ class TiesMerger(Merger):
     def _fold_max_abs(self, tv, keys):
         # The kept entries only, selected as ties_fold_ selects them: in the
         # sum's dtype, |x| >= threshold, positive ones into pos_sum.
-        threshold = trim_threshold(tv, self.top_k)
+        threshold = self._trim_threshold(tv)
         out = {}
         for role, n in keys:
             s = self._state[role][n]
@@ -133,7 +148,11 @@ class TiesMerger(Merger):
         s = self._state
         signs = {n: torch.sign(s["pos_sum"][n] + s["neg_sum"][n]) for n in s["pos_sum"]}
         # Counted in integers: a float sum of ±1 over ~10^8 entries is inexact.
-        balance = sum(int((g > 0).sum()) - int((g < 0).sum()) for g in signs.values())
+        balance = torch.tensor([sum(int((g > 0).sum()) - int((g < 0).sum()) for g in signs.values())])
+        layout = self.layout
+        if layout is not None and layout.distributed:
+            layout.all_reduce_(balance)  # the majority sign is the whole vector's
+        balance = int(balance)
         majority = torch.tensor(float((balance > 0) - (balance < 0)))
         out = {}
         for n, g in signs.items():

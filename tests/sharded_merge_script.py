@@ -1,0 +1,199 @@
+"""Run by test_sharded_merge.py: the boundary core sharded over W gloo processes against the unsharded merge.
+
+``python sharded_merge_script.py OUT W MODE`` starts W processes. Each builds
+the same seeded model and the same sequence of fine-tuned weights, merges them
+with :class:`ContinualMerge` on its slice of every tensor (MODE ``split``: the
+replicated weights split by the core, as under DDP; ``fsdp2``: parameters
+sharded by FSDP2's ``fully_shard``), and rank 0 writes, per method, whether
+the merged weights equal the unsharded merge of the same task vectors bit for
+bit, and the same after a state saved by the sharded core is loaded into a
+new one mid-stream. A negative control (TIES with a per-rank threshold) must
+differ.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cl_plugin.merging import get_merger
+from cl_plugin.merging.continual import ContinualMerge
+from cl_plugin.merging.layout import ShardLayout
+
+METHODS = {
+    "magmax": {},
+    "average": {},
+    "task_arithmetic": {},
+    "random": {"seed": 3},
+    "ties": {"top_k": 0.3},
+    "opcm": {"alpha": 0.5},
+    "dop": {"num_steps": 3},
+    "task_arithmetic+dare": {"dare": 0.3, "dare_seed": 1},
+}
+N_TASKS = 4
+
+
+class Net(nn.Module):
+    """Uneven shapes: rows not divisible by 2 or 3, a tensor smaller than the world (empty shards), a BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(7, 11)
+        self.norm = nn.BatchNorm1d(11)
+        self.b = nn.Linear(11, 5)
+        self.tiny = nn.Parameter(torch.zeros(2))
+        self.wide = nn.Parameter(torch.zeros(3, 13))
+
+
+def fine_tuned(model: nn.Module, task: int) -> dict[str, torch.Tensor]:
+    """The weights after task ``task``: θ₀ plus a seeded, per-tensor-scaled change (the same on every rank)."""
+    g = torch.Generator().manual_seed(100 + task)
+    out = {}
+    for i, (n, t) in enumerate(model.state_dict().items()):
+        if not t.is_floating_point():
+            out[n] = t.clone()
+            continue
+        delta = torch.randn(t.shape, generator=g) * (0.1 + 0.05 * i)
+        if n.endswith("running_var"):
+            delta = delta.abs()
+        out[n] = t + delta
+    return out
+
+
+def write_full(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Set every rank's part of the model to ``weights`` (whole tensors)."""
+    from torch.distributed.tensor import DTensor
+
+    state = model.state_dict()
+    with torch.no_grad():
+        for n, t in state.items():
+            if isinstance(t, DTensor):
+                local = t.to_local()
+                rows = local.shape[0]
+                start = _row_offset(t)
+                local.copy_(weights[n][start : start + rows])
+            else:
+                t.copy_(weights[n])
+
+
+def _row_offset(t) -> int:
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(t.device_mesh.size(0))]
+    dist.all_gather(sizes, torch.tensor([t.to_local().shape[0]]), group=t.device_mesh.get_group(0))
+    return int(sum(s for s in sizes[: t.device_mesh.get_local_rank(0)]))
+
+
+def whole(core: ContinualMerge, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Whole tensors on every rank from this rank's slices."""
+    out = {}
+    for n, t in tensors.items():
+        shard = core.layout[n]
+        buf = torch.empty(shard.numel, dtype=t.dtype)
+        core.layout.all_gather_into(n, t.reshape(-1), buf)
+        out[n] = buf.reshape(shard.shape)
+    return out
+
+
+def reference(method: str, options: dict, theta0: dict, tasks: list[dict], statistics: list[str]) -> dict:
+    core = ContinualMerge(method.split("+")[0], method_options=options)
+    weights = {n: t for n, t in theta0.items() if t.is_floating_point()}
+    core.names = [n for n in weights if n not in statistics]
+    core.statistic_names = [n for n in weights if n in statistics]
+    core.theta0 = {n: weights[n].clone() for n in core.all_names}
+    from cl_plugin.task_vectors import TaskVector
+
+    for t in tasks:
+        core.fold(TaskVector.between({n: t[n] for n in core.all_names}, core.theta0))
+    return core.merged_tensors()
+
+
+def make_model(mode: str, world: int):
+    torch.manual_seed(0)
+    model = Net()
+    if mode == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for sub in (model.a, model.b):
+            fully_shard(sub, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    return model
+
+
+def run(rank: int, world: int, out: str, mode: str, store: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    results = {}
+    try:
+        plain = Net.__new__(Net)
+        torch.manual_seed(0)
+        plain = Net()
+        theta0 = {n: t.clone() for n, t in plain.state_dict().items()}
+        tasks = [fine_tuned(plain, k) for k in range(N_TASKS)]
+        statistics = ["norm.running_mean", "norm.running_var"]
+        for method, options in METHODS.items():
+            expected = reference(method, options, theta0, tasks, statistics)
+            model = make_model(mode, world)
+            write_full(model, theta0)
+            core = ContinualMerge(method.split("+")[0], method_options=options)
+            core.bind(model, shard=(rank, world, None))
+            core.capture_theta0(model)
+            saved = None
+            for k, weights in enumerate(tasks):
+                write_full(model, weights)
+                core.fold(model)
+                if k == 1:
+                    saved = core.state_dict()  # whole on rank 0
+                    saved = [saved]
+                    dist.broadcast_object_list(saved, src=0)
+                    saved = saved[0]
+            got = whole(core, core.merged_tensors())
+            same = all(torch.equal(got[n], expected[n]) for n in expected)
+            # resume from the state saved after task 2, in a new core on the same ranks
+            resumed = ContinualMerge(method.split("+")[0], method_options=options)
+            resumed.bind(model, shard=(rank, world, None))
+            layout = {n: (core.layout[n].shape, theta0[n].dtype) for n in core.all_names}
+            resumed.prepare_load(saved, "test", layout=layout)()
+            for weights in tasks[2:]:
+                write_full(model, weights)
+                resumed.fold(model)
+            got_resumed = whole(resumed, resumed.merged_tensors())
+            same_resumed = all(torch.equal(got_resumed[n], expected[n]) for n in expected)
+            # the merged weights written back into the module
+            resumed.write(model, resumed.merged_tensors())
+            results[method] = {"equal": same, "resumed_equal": same_resumed, "sharded": core.layout is not None}
+        # Negative control: TIES thresholds taken per rank (each on its own slices) are not the exact ones.
+        layout = ShardLayout.split({"w": (1000,)}, rank, world)
+        g = torch.Generator().manual_seed(rank)
+        local = torch.randn(layout["w"].local_numel, generator=g) * (1 + 3 * rank)
+        from cl_plugin.merging.ties import trim_threshold
+        from cl_plugin.task_vectors import TaskVector
+
+        exact = trim_threshold(TaskVector({"w": local}), 0.2, layout)
+        per_rank = trim_threshold(TaskVector({"w": local}), 0.2, None)
+        values = torch.tensor([exact, per_rank])
+        gathered = [torch.zeros(2, dtype=values.dtype) for _ in range(world)]
+        dist.all_gather(gathered, values)
+        results["negative_control"] = {
+            "exact_same_on_ranks": len({float(v[0]) for v in gathered}) == 1,
+            "per_rank_differs": len({float(v[1]) for v in gathered}) > 1,
+        }
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(results, f)
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    out, world, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    store = out + ".store"
+    if os.path.exists(store):
+        os.remove(store)
+    torch.multiprocessing.spawn(run, args=(world, out, mode, store), nprocs=world, join=True)
