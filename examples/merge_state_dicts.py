@@ -18,6 +18,7 @@ from torch import nn
 
 from cl_plugin import TaskVector
 from cl_plugin.merging import MERGERS, get_merger
+from cl_plugin.merging.fisher import diagonal_fisher
 
 
 def build_model() -> nn.Module:
@@ -72,10 +73,22 @@ def main() -> None:
         print(f"fine-tuned on task {task}: accuracy on it {accuracy(model, task):.2f}")
     print(f"pretrained: accuracy per task {' '.join(f'{accuracy(pretrained, t):.2f}' for t in range(3))}")
 
+    # Fisher merging weighs each task by its diagonal Fisher, estimated on the task's own data
+    # (buffers such as BatchNorm statistics have no gradient: they are weighed uniformly).
+    fishers = []
+    for task, weights in enumerate(finetuned):
+        model = build_model()
+        model.load_state_dict(weights)
+        generator = torch.Generator().manual_seed(500 + task)
+        batches = [task_batch(task, generator) for _ in range(4)]
+        fisher = diagonal_fisher(model.eval(), batches, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]))
+        fishers.append({n: fisher[n] if n in fisher else torch.ones_like(t) for n, t in task_vectors[task].items()})
+
     for name, cls in MERGERS.items():
         merger = get_merger(name)
-        for tv in task_vectors:
-            merger.update(tv)  # streaming: one task at a time, constant memory
+        for tv, fisher in zip(task_vectors, fishers):
+            # streaming: one task at a time, constant memory
+            merger.update(tv, **({"fisher": fisher} if cls.requires_fisher else {}))
         merged_weights = merger.apply_to(base)  # base + default scale * merged
         model = build_model()
         model.load_state_dict(merged_weights)
