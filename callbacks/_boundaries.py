@@ -118,13 +118,20 @@ def parameter_fingerprint(module: LightningModule) -> list[float]:
     in every forward pass, with or without an optimizer step. The reductions
     read each parameter once and allocate nothing of its size.
     """
-    total, norms = 0.0, 0.0
+    from cl_plugin.merging.continual import is_dtensor
+
+    sums = torch.zeros(2, dtype=torch.float64)
+    sharded = False
     with torch.no_grad():
         for p in module.parameters():
             if p.requires_grad and p.is_floating_point():
-                total += float(torch.sum(p, dtype=torch.float64))
-                norms += float(torch.linalg.vector_norm(p))
-    return [total, norms]
+                if is_dtensor(p):  # an FSDP2 shard: this rank's part, summed over the ranks below
+                    p, sharded = p.to_local(), True
+                sums[0] += float(torch.sum(p, dtype=torch.float64))
+                sums[1] += float(torch.linalg.vector_norm(p))
+    if sharded:
+        torch.distributed.all_reduce(sums)
+    return sums.tolist()
 
 
 def broadcast_buffers(trainer: Trainer, module: LightningModule) -> None:
@@ -140,6 +147,33 @@ def broadcast_buffers(trainer: Trainer, module: LightningModule) -> None:
     with torch.no_grad():
         for buffer in module.buffers():
             torch.distributed.broadcast(buffer, src=0)
+
+
+def merge_shard(trainer: Trainer) -> tuple[int, int, None] | None:
+    """How the boundary core splits the merge of replicated weights: ``(rank, world, None)`` over the ranks, or None.
+
+    Every rank folds 1/W of each tensor and holds 1/W of θ₀ and of the
+    merger's state; the merged weights are all-gathered back into the
+    replicated parameters. FSDP2 parameters (``DTensor``) are split as they
+    are sharded, whatever this returns.
+    """
+    if trainer.world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return None
+    return (trainer.global_rank, trainer.world_size, None)
+
+
+def refuse_unsupported_strategy(trainer: Trainer, owner: str) -> None:
+    """Raise for Lightning's FSDP1 and DeepSpeed strategies: their flat parameters are not supported (yet)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    strategy = getattr(trainer, "strategy", None)
+    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)):
+        raise ConfigError(
+            f"{owner} does not run under {type(strategy).__name__}: its flattened parameter shards do not say which "
+            "part of each tensor a rank holds, and a merge on them would be silently wrong. Shard with FSDP2 "
+            "instead: Trainer(strategy=ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)) with "
+            "`fully_shard` in your `configure_model`, or use strategy='ddp'."
+        )
 
 
 def launches_by_spawning(trainer: Trainer) -> bool:
@@ -261,6 +295,7 @@ class TaskBoundaryCallback(Callback):
                 "the next `fit` would silently start the stream over. Use strategy='ddp' (it re-runs your script in "
                 "each process; guard it with `if __name__ == '__main__':`)."
             )
+        refuse_unsupported_strategy(trainer, type(self).__name__)
         same = [cb for cb in trainer.callbacks if isinstance(cb, TaskBoundaryCallback) and cb.state_key == self.state_key]
         if len(same) > 1:
             raise ConfigError(self._second_instance_message(same))

@@ -29,15 +29,15 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
-from cl_plugin._checkpoint import check_tensor_dict, layout_of, read
+from cl_plugin._checkpoint import check_tensor_dict, read
 from cl_plugin._checks import check_bool, check_scale
 from cl_plugin._io import atomic_output
 from cl_plugin.errors import CheckpointError, ConfigError, did_you_mean
 from cl_plugin.merging import MERGERS, get_merger
-from cl_plugin.merging.continual import ContinualMerge
+from cl_plugin.merging.continual import ContinualMerge, is_dtensor
 from cl_plugin.metrics import AccuracyMatrix
 from cl_plugin.metrics.task_aware import mask_to_classes
-from cl_plugin.callbacks._boundaries import TaskBoundaryCallback, write_into
+from cl_plugin.callbacks._boundaries import TaskBoundaryCallback, merge_shard
 from cl_plugin.callbacks.model_merging import ModelMerging
 
 __all__ = ["ContinualEvaluation", "default_predict", "default_target", "training_weights_name"]
@@ -270,9 +270,9 @@ class ContinualEvaluation(TaskBoundaryCallback):
                     name, scale=self._scale(name), exclude=exclude, statistics=statistics, method_options=options
                 )
         for core in self._cores.values():
-            core.bind(pl_module)
+            core.bind(pl_module, shard=merge_shard(trainer))
         state = pl_module.state_dict()
-        self._layout = layout_of({n: state[n] for n in self._tensor_names()})
+        self._layout = {n: (tuple(state[n].shape), state[n].dtype) for n in self._tensor_names()}
         names = ([self._training_name] if self.evaluate_training_weights else []) + methods
         for name in names:
             if name not in self.matrices:
@@ -289,23 +289,31 @@ class ContinualEvaluation(TaskBoundaryCallback):
             return self._merging.scale
         return None
 
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if any(is_dtensor(p) for p in pl_module.parameters()):  # FSDP2 shards in configure_model, after setup
+            for core in self._cores.values():
+                core.bind(pl_module, shard=merge_shard(trainer))
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        if self._cores and self._base() is None:
-            self._theta0 = {n: t.detach().to("cpu", copy=True) for n, t in pl_module.state_dict().items() if n in set(self._tensor_names())}
-        base = self._base()
-        for core in self._cores.values():
-            core.theta0 = base
+        if self._cores and self._theta0 is None and not self._shares_theta0():
+            # Its own θ₀ only when the ModelMerging callback (which takes θ₀ in this same
+            # hook, after this one) does not merge every tensor compared here.
+            self._theta0 = next(iter(self._cores.values())).snapshot(pl_module)
         pending = [m for m in self.matrices.values() if bool(torch.isnan(m.initial_accuracies()).all())]
         if self.evaluate_initial and pending and not self._experiences_finished and self._training_experience is None:
             self._evaluate(trainer, pl_module, pending, row=None)  # θ₀, once: forward transfer needs it
 
+    def _shares_theta0(self) -> bool:
+        """True when the ModelMerging callback merges every tensor compared here (its θ₀ serves both)."""
+        merging = self._merging
+        return merging is not None and merging.core.names is not None and set(self._tensor_names()) <= set(merging.core.all_names)
+
     def _base(self) -> dict[str, Tensor] | None:
         """θ₀ over the compared tensors: the ModelMerging callback's when it holds them all, else this callback's."""
-        names = self._tensor_names()
-        merging = self._merging
-        if merging is not None and merging.base_weights is not None and all(n in merging.base_weights for n in names):
-            return {n: merging.base_weights[n] for n in names}
+        if self._shares_theta0() and self._merging.base_weights is not None:
+            return {n: self._merging.base_weights[n] for n in self._tensor_names()}
         return self._theta0
 
     # -- evaluation ----------------------------------------------------------------------------
@@ -395,16 +403,20 @@ class ContinualEvaluation(TaskBoundaryCallback):
         if self.evaluate_training_weights:
             self._evaluate(trainer, pl_module, [self.matrices[self._training_name]], row)
         if self._cores:
+            base = self._base()
+            for core in self._cores.values():
+                core.theta0 = base
             cores = list(self._cores.items())
-            task_vector = cores[0][1].task_vector(pl_module)
-            current = {n: t.clone() for n, t in pl_module.state_dict().items() if n in task_vector}
+            first = cores[0][1]
+            task_vector = first.task_vector(pl_module)
+            current = first.snapshot(pl_module)
             try:
                 for name, core in cores:
                     core.fold(task_vector)
-                    write_into(pl_module, core.merged_tensors())
+                    core.write(pl_module, core.merged_tensors())
                     self._evaluate(trainer, pl_module, [self.matrices[name]], row)
             finally:
-                write_into(pl_module, current)
+                first.write(pl_module, current)
         self._summarise(trainer, row)
         if at_fit_end:
             self._save(trainer)
@@ -450,11 +462,16 @@ class ContinualEvaluation(TaskBoundaryCallback):
     # -- checkpointing -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
+        cores = {name: core.state_dict(with_theta0=False) for name, core in self._cores.items()}
+        first = next(iter(self._cores.values()), None)
+        theta0 = self._theta0
+        if theta0 is not None and first is not None and first.layout is not None and first.layout.distributed:
+            theta0 = {n: first._whole(n, t) for n, t in theta0.items()}  # whole on rank 0, as the cores' states
         state.update(
-            theta0=self._theta0,
-            mergers={name: core.merger.state_dict() for name, core in self._cores.items()},
+            theta0=theta0,
+            mergers={name: core_state["merger"] for name, core_state in cores.items()},
             statistics_mergers={
-                name: core.state_dict()["statistics_merger"] for name, core in self._cores.items() if core.statistic_names
+                name: core_state["statistics_merger"] for name, core_state in cores.items() if core_state["statistic_names"]
             },
             matrices={name: m.state_dict() for name, m in self.matrices.items()},
         )
@@ -466,6 +483,9 @@ class ContinualEvaluation(TaskBoundaryCallback):
         theta0 = state.get("theta0")
         if theta0 is not None:
             theta0 = check_tensor_dict(theta0, "theta0", owner, self._layout, device=torch.device("cpu"))
+            first = next(iter(self._cores.values()), None)
+            if first is not None and first.layout is not None and first.layout.distributed:
+                theta0 = {n: first._slice(n, t, f"theta0[{n!r}]", owner) for n, t in theta0.items()}
         saved_mergers = read(state, "mergers", owner)
         if not isinstance(saved_mergers, Mapping):
             raise CheckpointError(f"The checkpoint's {owner} state has mergers of type {type(saved_mergers).__name__}; expected a mapping.")

@@ -22,15 +22,14 @@ from torch import Tensor
 
 from cl_plugin._checks import check_bool, check_same_layout, check_scale, is_finite
 from cl_plugin.errors import CheckpointError, ConfigError, DtypeMismatchError, NonFiniteError, did_you_mean
-from cl_plugin.merging.continual import ContinualMerge, check_exclude, merge_method_options
+from cl_plugin.merging.continual import ContinualMerge, check_exclude, is_dtensor, merge_method_options
 from cl_plugin.task_vectors import TaskVector
 from cl_plugin.callbacks._boundaries import (
     TaskBoundaryCallback,
     check_base_weights,
     load_base_weights,
+    merge_shard,
     reset_optimizer_state,
-    snapshot,
-    write_into,
 )
 from cl_plugin._checkpoint import check_bool_field, check_tensor_dict, layout_of
 
@@ -237,12 +236,15 @@ class ModelMerging(TaskBoundaryCallback):
         module's current ones; the names of a tied tensor all hold the merged
         value; normalisation statistics are merged as ``statistics`` says.
 
+        Under DDP or FSDP2 every rank must call it (the merge is sharded: the
+        tensors are gathered), and every rank gets whole tensors.
+
         Raises:
             ConfigError: no experience has been folded yet.
         """
         out = dict(pl_module.state_dict())
-        for n, t in self.core.merged_tensors().items():
-            out[n] = t.to(device=out[n].device, dtype=out[n].dtype)
+        for n, t in self.core.whole(self.core.merged_tensors()).items():
+            out[n] = t.to(device=out[n].device if not is_dtensor(out[n]) else t.device, dtype=out[n].dtype)
         for alias, n in self.core.aliases.items():
             out[alias] = out[n]
         return out
@@ -257,12 +259,12 @@ class ModelMerging(TaskBoundaryCallback):
                 trainer.test(model, datamodule=dm)
         """
         merged = self.core.merged_tensors()
-        saved = snapshot(pl_module, self.core.all_names, self.snapshot_device)
-        write_into(pl_module, merged)
+        saved = self.core.snapshot(pl_module)
+        self.core.write(pl_module, merged)
         try:
             yield pl_module
         finally:
-            write_into(pl_module, saved)
+            self.core.write(pl_module, saved)
 
     # -- Lightning hooks ----------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -270,20 +272,32 @@ class ModelMerging(TaskBoundaryCallback):
         if stage != "fit":
             return
         check_snapshot_device(self.snapshot_device, "ModelMerging")
-        self.core.bind(pl_module)
+        self._bind(trainer, pl_module)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        # FSDP2 (ModelParallelStrategy) shards the parameters in `configure_model`, after
+        # `setup`: take each rank's slices again, now that the strategy has wrapped the
+        # model (a sharded checkpoint is restored after this hook).
+        if any(is_dtensor(p) for p in pl_module.parameters()):
+            self._bind(trainer, pl_module)
+
+    def _bind(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Choose the tensors and this rank's slices of them; check θ₀ (or ``base_weights``) against the model."""
+        self.core.bind(pl_module, shard=merge_shard(trainer))
         state = pl_module.state_dict()
-        model = {n: state[n] for n in self.core.all_names}
-        self._layout = layout_of(model)
+        self._layout = {n: (tuple(state[n].shape), state[n].dtype) for n in self.core.all_names}
         if self.core.theta0 is not None:
             # A reshaped or re-typed parameter would only surface at the next boundary,
             # after a whole experience of training: catch it before the first step.
+            model = {n: self.core.local(state[n], n) for n in self.core.all_names}
             self._check_theta0(self.core.theta0, "θ₀ (from the earlier experiences)", model)
-        if self.core.theta0 is None and self._base_weights_source is not None:
+        elif self._base_weights_source is not None:
+            # Checked whole now; cut to this rank's slices when training starts (after any sharding).
             base = load_base_weights(self._base_weights_source)
             check_base_weights(base, pl_module, self.core.all_names)
-            theta0 = {n: base[n].detach().to(self.snapshot_device, copy=True) for n in self.core.all_names}
-            self._check_theta0(theta0, "θ₀ (`base_weights`)", model)
-            self.core.theta0 = theta0
+            whole = {n: state[n].full_tensor() if is_dtensor(state[n]) else state[n] for n in self.core.all_names}
+            self._check_theta0({n: base[n] for n in self.core.all_names}, "θ₀ (`base_weights`)", whole)
 
     def _check_theta0(self, theta0: Mapping[str, Tensor], what: str, model: Mapping[str, Tensor]) -> None:
         """Raise unless θ₀ has the ``model``'s names, shapes and dtypes and holds finite values."""
@@ -303,7 +317,10 @@ class ModelMerging(TaskBoundaryCallback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        if self.core.theta0 is None:
+        if self.core.theta0 is None and self._base_weights_source is not None:
+            base = load_base_weights(self._base_weights_source)
+            self.core.theta0 = {n: self.core.local(base[n], n).to(self.snapshot_device, copy=True) for n in self.core.all_names}
+        elif self.core.theta0 is None:
             # θ₀ may already have come back from a checkpoint (load_state_dict
             # runs before this hook); only a fresh run captures it.
             self.core.capture_theta0(pl_module, "ModelMerging: θ₀ (the weights when training starts)")
@@ -340,7 +357,7 @@ class ModelMerging(TaskBoundaryCallback):
         except NonFiniteError:
             self.on_experience_diverged(trainer, pl_module, experience, at_fit_end)
         keep_current = at_fit_end and self.start_from == "finetuned"
-        kept = snapshot(pl_module, self.core.all_names, self.snapshot_device) if keep_current else None
+        kept = self.core.snapshot(pl_module) if keep_current else None
         self.core.fold(task_vector)
         elapsed = time.perf_counter() - start
         norm = self.merger.merged_norm()
@@ -400,7 +417,7 @@ class ModelMerging(TaskBoundaryCallback):
         """Write θ₀ + scale·merged into the module; keep what the next fit starts from."""
         if not kept_is_set:
             self._kept_weights = (
-                snapshot(pl_module, self.core.all_names, self.snapshot_device) if self.start_from == "finetuned" else None
+                self.core.snapshot(pl_module) if self.start_from == "finetuned" else None
             )
         try:
             merged = self.core.merged_tensors()
@@ -408,31 +425,31 @@ class ModelMerging(TaskBoundaryCallback):
             if kept_is_set:
                 self._experiences_finished += 1  # the fold is done and stays counted: a retry must not fold it twice
             raise
-        write_into(pl_module, merged)
+        self.core.write(pl_module, merged)
         self._holds_merged = True
 
     def _install_start_weights(self, pl_module: LightningModule) -> None:
         """Set the weights the next experience trains from, as ``start_from`` says."""
         if self.start_from == "finetuned":
             if self._holds_merged:
-                write_into(pl_module, self._kept_weights)
+                self.core.write(pl_module, self._kept_weights)
             # otherwise the module already holds the fine-tuned weights
         elif self.start_from == "pretrained":
-            write_into(pl_module, self.core.theta0)
+            self.core.write(pl_module, self.core.theta0)
         else:
-            write_into(pl_module, self.core.merged_tensors())
+            self.core.write(pl_module, self.core.merged_tensors())
 
     def on_experience_diverged(self, trainer: Trainer, pl_module: LightningModule, experience: int, at_fit_end: bool) -> None:
         """The weights after ``experience`` are not finite: put the module back as it was, then raise."""
         state = pl_module.state_dict()
-        bad = [n for n in self.core.all_names if not is_finite(state[n])]
+        bad = [n for n in self.core.all_names if not is_finite(self.core.local(state[n], n))]
         if self.merger.num_tasks:
-            write_into(pl_module, self.core.merged_tensors())
+            self.core.write(pl_module, self.core.merged_tensors())
             restored = f"θ₀ + {self.scale}·merged of the {self.merger.num_tasks} experience(s) folded so far"
             self._holds_merged = True
             retry_ready = self.start_from != "finetuned" or self._kept_weights is not None
         else:
-            write_into(pl_module, self.core.theta0)
+            self.core.write(pl_module, self.core.theta0)
             restored = "θ₀"
             retry_ready = True
         if at_fit_end and retry_ready:
@@ -457,7 +474,7 @@ class ModelMerging(TaskBoundaryCallback):
         if trainer.world_size <= 1:
             return
         state = pl_module.state_dict()
-        names = self.core.all_names
+        names = [n for n in self.core.all_names if not is_dtensor(state[n])]  # FSDP2 shards differ by design
         checksum = torch.stack(
             [state[n].detach().double().sum() for n in names] + [state[n].detach().double().abs().sum() for n in names]
         ).sum()
@@ -550,6 +567,8 @@ def refresh_last_checkpoints(trainer: Trainer, owner: str) -> None:
 
 def _checkpoint_step(path: str) -> int | None:
     try:
+        if os.path.isdir(path):  # a distributed checkpoint: its metadata file holds the step
+            path = os.path.join(path, "meta.pt")
         return int(torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("global_step", -1))
     except Exception:  # noqa: BLE001 - an unreadable file is simply not refreshed
         return None

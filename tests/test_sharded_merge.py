@@ -40,3 +40,44 @@ def test_sharded_merge_equals_the_unsharded_one(tmp_path, world, mode):
     assert set(results) >= {"magmax", "average", "task_arithmetic", "random", "ties", "opcm", "dop", "task_arithmetic+dare"}
     for method, outcome in results.items():
         assert outcome == {"equal": True, "resumed_equal": True, "sharded": True}, method
+
+
+@pytest.fixture(scope="module")
+def trainer_runs(tmp_path_factory):
+    """The Trainer script under DDP and under FSDP2 (ModelParallelStrategy), 2 processes each."""
+    if not _gloo_available():
+        pytest.fail("torch.distributed with gloo is required for the sharded tests and is not available")
+    out = tmp_path_factory.mktemp("sharded-trainer")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    for mode in ("ddp", "fsdp2"):
+        result = subprocess.run(
+            [sys.executable, str(HERE / "sharded_trainer_script.py"), str(out), mode],
+            capture_output=True, text=True, timeout=900, env=env, cwd=out,
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_model_merging_in_a_sharded_trainer_equals_the_unsharded_merge(trainer_runs, mode):
+    results = json.loads((trainer_runs / f"{mode}.json").read_text())
+    resumed = results.pop("resumed_ties", None)
+    assert set(results) == {"magmax", "ties", "opcm"}
+    for method, outcome in results.items():
+        assert outcome == {"equals_unsharded_merge": True, "num_tasks": 3, "sharded": True}, method
+    if mode == "fsdp2":
+        # The state each rank restored from the distributed checkpoint is what was saved, and the stream goes on.
+        assert resumed == {"restored_equals_saved": True, "folded_at_restore": 1, "num_tasks": 3}
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["magmax", "ties", "opcm"])
+def test_fsdp2_and_ddp_end_with_the_same_weights(trainer_runs, method):
+    ddp = torch.load(trainer_runs / f"ddp-{method}.pt", weights_only=True)
+    fsdp2 = torch.load(trainer_runs / f"fsdp2-{method}.pt", weights_only=True)
+    assert ddp.keys() == fsdp2.keys()
+    for n in ddp:
+        assert torch.equal(ddp[n], fsdp2[n]), n

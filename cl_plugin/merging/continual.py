@@ -307,6 +307,18 @@ class ContinualMerge:
         with torch.no_grad():
             return {n: self.local(state[n], n).to(device=self.device, copy=True) for n in (names or self.all_names)}
 
+    def whole(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Whole tensors, on every rank, from every rank's parts ``tensors`` (a collective when sharded)."""
+        if self.layout is None or not self.layout.distributed:
+            return dict(tensors)
+        out = {}
+        for n, t in tensors.items():
+            shard = self.layout[n]
+            buffer = t.new_empty(shard.numel)
+            self.layout.all_gather_into(n, t.reshape(-1), buffer)
+            out[n] = buffer.reshape(shard.shape)
+        return out
+
     def write(self, module: nn.Module, tensors: Mapping[str, Tensor]) -> None:
         """Write this rank's parts ``tensors`` into the module in place; replicated tensors are completed on every rank.
 
@@ -417,15 +429,15 @@ class ContinualMerge:
         return out
 
     # -- checkpointing ----------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """``names``, ``statistic_names``, ``theta0``, ``merger`` and ``statistics_merger``.
+    def state_dict(self, *, with_theta0: bool = True) -> dict[str, Any]:
+        """``names``, ``statistic_names``, ``theta0`` (None without ``with_theta0``), ``merger`` and ``statistics_merger``.
 
         Unsharded: the live tensors. Sharded: every rank must call it; rank 0
         gets whole tensors, gathered one at a time (the format of an unsharded
         state, so a checkpoint resumes on any number of ranks), the other ranks
         get None in their place.
         """
-        theta0 = self.theta0
+        theta0 = self.theta0 if with_theta0 else None
         merger = self.merger.state_dict()
         statistics = self._statistics_merger.state_dict() if self.statistic_names else None
         if self.layout is not None and self.layout.distributed:
