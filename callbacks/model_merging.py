@@ -420,12 +420,11 @@ class ModelMerging(TaskBoundaryCallback):
                 self.core.snapshot(pl_module) if self.start_from == "finetuned" else None
             )
         try:
-            merged = self.core.merged_tensors()
+            self.core.write_merged(pl_module)
         except NonFiniteError:
             if kept_is_set:
                 self._experiences_finished += 1  # the fold is done and stays counted: a retry must not fold it twice
             raise
-        self.core.write(pl_module, merged)
         self._holds_merged = True
 
     def _install_start_weights(self, pl_module: LightningModule) -> None:
@@ -437,14 +436,14 @@ class ModelMerging(TaskBoundaryCallback):
         elif self.start_from == "pretrained":
             self.core.write(pl_module, self.core.theta0)
         else:
-            self.core.write(pl_module, self.core.merged_tensors())
+            self.core.write_merged(pl_module)
 
     def on_experience_diverged(self, trainer: Trainer, pl_module: LightningModule, experience: int, at_fit_end: bool) -> None:
         """The weights after ``experience`` are not finite: put the module back as it was, then raise."""
         state = pl_module.state_dict()
         bad = [n for n in self.core.all_names if not is_finite(self.core.local(state[n], n))]
         if self.merger.num_tasks:
-            self.core.write(pl_module, self.core.merged_tensors())
+            self.core.write_merged(pl_module)
             restored = f"θ₀ + {self.scale}·merged of the {self.merger.num_tasks} experience(s) folded so far"
             self._holds_merged = True
             retry_ready = self.start_from != "finetuned" or self._kept_weights is not None

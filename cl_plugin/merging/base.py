@@ -718,6 +718,18 @@ class Merger:
                 out[n] = cast
         return TaskVector(out, aliases=self._aliases, check_finite=False)
 
+    def merged_view(self) -> Mapping[str, Tensor]:
+        """The merged task vector without copying it where the state already is it (MagMax, OPCM, random, DOP
+        with the inputs' dtypes): read-only views of the live state, valid until the next update. Other methods
+        (and 16-bit inputs kept in float32) return :meth:`merged`.
+        """
+        if not self.num_tasks:
+            raise ConfigError(f"The {self.name!r} merger has no task yet; call update(task_vector) first.")
+        state = self._state.get(self.merged_role) if self.merged_role else None
+        if state is not None and all(state[n].dtype == self._layout[n][1] for n in state):
+            return state
+        return self.merged()
+
     def merged_norm(self) -> float:
         """‖merged()‖ over all tensors (a tied tensor once), without copying the state where the method allows it."""
         if not self.num_tasks:

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from cl_plugin._checkpoint import check_tensor_dict, read
-from cl_plugin._checks import check_scale, is_finite
+from cl_plugin._checks import check_same_layout, check_scale, is_finite, max_abs
 from cl_plugin.errors import CheckpointError, ConfigError, NonFiniteError, did_you_mean, preview
 from cl_plugin.merging.layout import ShardLayout
 from cl_plugin.merging.registry import MERGERS, get_merger
@@ -373,15 +373,20 @@ class ContinualMerge:
         Raises:
             NonFiniteError: the module's weights hold NaN/inf (the message names them).
         """
-        current = self.snapshot(module)
+        state = module.state_dict()
+        live = {n: self.local(state[n], n) for n in self.all_names}
         self._agree(
-            _first_not_finite(current),
+            _first_not_finite(live),
             lambda n: NonFiniteError(
                 f"The weights hold NaN or infinite values ({'in ' + repr(n) if n else 'on another rank'}): training "
                 "diverged, and there is no task vector to fold."
             ),
         )
-        return TaskVector.between(current, self.theta0)
+        check_same_layout(self.theta0, live, "The model against θ₀")
+        with torch.no_grad():
+            # One new tensor per name: the live weights are read in place, not copied first.
+            tau = {n: torch.sub(t.to(self.theta0[n].device), self.theta0[n]) for n, t in live.items()}
+        return TaskVector(tau, check_finite=False)
 
     def fold(self, module: nn.Module | TaskVector) -> TaskVector:
         """Fold ``module``'s task vector (or a given one) into the merge; return it.
@@ -403,6 +408,56 @@ class ContinualMerge:
                 self._statistics_merger.load_state_dict(saved)
             raise
         return tv
+
+    def write_merged(self, module: nn.Module, scale: float | None = None) -> None:
+        """Write θ₀ + λ·merged into the module in place, one tensor at a time, without materialising the merge.
+
+        Every value is known to be finite before the first is written: a bound
+        (max |θ₀| + λ·max |merged| below the dtype's maximum) settles almost
+        every tensor with two reads; only a tensor whose bound fails is
+        computed in full to check it. Replicated tensors of a sharded merge are
+        completed on every rank (all ranks must call it).
+
+        Raises:
+            ConfigError: nothing folded yet.
+            NonFiniteError: a merged value overflows its dtype (nothing is written).
+        """
+        if self.theta0 is None or not self.num_tasks:
+            raise ConfigError("No experience has been merged yet: train at least one experience first.")
+        value = self.scale if scale is None else scale
+        merged = dict(self.merger.merged_view())
+        if self.statistic_names:
+            averaged = self._statistics_merger.merged_view()
+            merged.update({n: averaged[n] for n in self.statistic_names})
+        scales = {n: (value if n in set(self.names) else 1.0) for n in merged}
+        state = module.state_dict()
+        bad = None
+        for n, m in merged.items():
+            dtype = state[n].dtype
+            if max_abs(self.theta0[n]) + scales[n] * max_abs(m) < torch.finfo(dtype).max:
+                continue
+            if not is_finite(torch.add(self.theta0[n], m.to(dtype), alpha=scales[n])):
+                bad = n
+                break
+        self._agree(
+            bad,
+            lambda n: NonFiniteError(
+                f"θ₀ + {value}·merged overflows its dtype in tensor {n!r} (on this or another rank). Use a smaller "
+                "`scale`, or train in a wider dtype."
+            ),
+        )
+        if self._module_statistics:
+            _warn_invalid_statistics(
+                {n: torch.add(self.theta0[n], merged[n], alpha=scales[n]) for n in merged if n in self._module_statistics},
+                self._module_statistics,
+            )
+        with torch.no_grad():
+            for n, m in merged.items():
+                dest = state[n]
+                local = self.local(dest, n)
+                local.copy_(self.theta0[n]).add_(m.to(device=local.device, dtype=local.dtype), alpha=scales[n])
+                if self.layout is not None and not is_dtensor(dest):
+                    self.layout.all_gather_into(n, local, dest.view(-1))
 
     def merged_tensors(self, scale: float | None = None) -> dict[str, Tensor]:
         """θ₀ + λ·merged over the merged names, and θ₀ + mean(τ) over the statistics; checked before returned.
