@@ -250,3 +250,37 @@ def test_the_demo_runs_on_split_mnist_from_a_folder(mnist_root, tmp_path, monkey
     assert results["joint"]["average_accuracy"] > 0.2  # above chance (0.1) after one short epoch on 8x8 images
     assert (out / "cache" / "digits_vit_digits_e1_seed0.safetensors").exists()
     assert files_under(mnist_root) == EXPECTED_FILES
+
+
+def test_a_multi_head_classifier_gets_a_head_per_task_without_any_user_code():
+    import lightning as L
+    import torch
+    from avalanche.models import MultiHeadClassifier
+    from torch import nn
+
+    from cl_plugin.benchmarks import ContinualDataModule, split_digits
+    from cl_plugin.callbacks import ModelMerging
+
+    class MultiHead(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU())
+            self.head = MultiHeadClassifier(16, 2)
+
+        def training_step(self, batch, batch_idx):
+            x, y, t = batch
+            return nn.functional.cross_entropy(self.head(self.body(x), t), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    dm = ContinualDataModule(split_digits(5, seed=0, task_labels=True), batch_format="avalanche")
+    model = MultiHead()
+    merging = ModelMerging("magmax")
+    trainer = L.Trainer(
+        max_epochs=dm.total_epochs, reload_dataloaders_every_n_epochs=1, callbacks=[merging], accelerator="cpu",
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_train_batches=2,
+    )
+    trainer.fit(model, datamodule=dm)  # before: KeyError: '1' at the first batch of task 1
+    assert len(model.head.classifiers) == 5 and merging.merger.num_tasks == 5

@@ -681,10 +681,31 @@ class ContinualDataModule(LightningDataModule):
     @override
     def setup(self, stage: str) -> None:
         trainer = self.trainer
+        if stage == "fit" and trainer is not None:
+            self._adapt_dynamic_modules(trainer.lightning_module)
         if stage != "fit" or trainer is None or self._fixed is not None:
             return
         self._check_reload(trainer)
         self._check_max_epochs(trainer)
+
+    def _adapt_dynamic_modules(self, module: Any) -> None:
+        """Give Avalanche's dynamic modules (``MultiHeadClassifier``, ...) their parts for every training experience.
+
+        Avalanche's strategies call ``avalanche_model_adaptation`` at each
+        experience; Lightning never does, so a ``MultiHeadClassifier`` would have
+        no head for task 1 (``KeyError: '1'``). Here every experience's parts
+        are made once, in ``setup``, before Lightning builds the optimizer and
+        before any merging callback takes θ₀, so the parameters never change
+        during the stream.
+        """
+        if module is None:
+            return
+        from avalanche.models.dynamic_modules import DynamicModule, avalanche_model_adaptation
+
+        if not any(isinstance(m, DynamicModule) for m in module.modules()):
+            return
+        for experience in _stream(self.benchmark, "train_stream"):
+            avalanche_model_adaptation(module, experience)
 
     def _world(self) -> tuple[int, int]:
         trainer = self.trainer
