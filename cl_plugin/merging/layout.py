@@ -208,7 +208,9 @@ class ShardLayout:
         padded = local.new_zeros(width)
         padded[: local.numel()] = local.reshape(-1)
         gathered = local.new_empty(width * self.world)
-        torch.distributed.all_gather_into_tensor(gathered, padded, group=self.group)
+        # all_gather_single is all_gather_into_tensor's new name (the old one warns from torch 2.14).
+        gather = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor
+        gather(gathered, padded, group=self.group)
         offset = 0
         for r, n in enumerate(sizes):
             whole[offset : offset + n].copy_(gathered[r * width : r * width + n])
