@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -218,6 +219,12 @@ def reset_optimizer_state(trainer: Trainer) -> None:
         optimizer.state.clear()
 
 
+#: The attribute of a LightningModule naming, per callback key, the instance that folds its stream.
+_STREAM_MARK = "_cl_plugin_streams"
+#: token -> the callback instance (weakly held: a callback dropped by the user is not kept alive).
+_STREAMS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
 class TaskBoundaryCallback(Callback):
     """Finds task boundaries in both ways of running a stream and calls two hooks.
 
@@ -335,7 +342,42 @@ class TaskBoundaryCallback(Callback):
         if legacy:
             states[self.state_key] = states.pop(legacy[0])
 
+    def _check_same_callback(self, pl_module: LightningModule) -> None:
+        """Raise when an earlier ``fit`` of this module folded experiences with another instance of this callback.
+
+        A loop that creates a new callback for every ``fit`` would otherwise
+        start the stream over at each one (θ₀ re-taken from the fine-tuned
+        weights), silently.
+        """
+        token = pl_module.__dict__.get(_STREAM_MARK, {}).get(self.state_key)
+        if token is None or self._experiences_finished or self._restored_in_fit or self._starts_a_new_stream():
+            return
+        if _STREAMS.get(token) is not self:
+            name = type(self).__name__
+            raise ConfigError(
+                f"This module was trained in an earlier `fit` under another {name} instance, which folded its "
+                f"experiences; this new {name} would start the stream over from the current weights and lose them. "
+                f"Pass the same {name} object to every `fit` of your loop"
+                + (
+                    ", or, to start a new stream from the current weights on purpose, give them as θ₀: "
+                    f"{name}(..., base_weights=model.state_dict())."
+                    if name == "ModelMerging"
+                    else "."
+                )
+            )
+
+    def _starts_a_new_stream(self) -> bool:
+        """True when the callback was told to start a new stream on a module trained before (e.g. ``base_weights``)."""
+        return False
+
+    def _mark(self, pl_module: LightningModule) -> None:
+        """Record on the module that this instance folds its stream (an integer token: the module stays copyable)."""
+        token = id(self)
+        _STREAMS[token] = self
+        pl_module.__dict__.setdefault(_STREAM_MARK, {})[self.state_key] = token
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._check_same_callback(pl_module)
         if trainer.ckpt_path is None:
             return
         if not self._restored_in_fit and trainer.global_step > 0:
@@ -407,6 +449,7 @@ class TaskBoundaryCallback(Callback):
         # the count as it was, so a retried `fit` trains the same experience again.
         self.on_experience_end(trainer, pl_module, experience, at_fit_end)
         self._experiences_finished += 1
+        self._mark(pl_module)
 
     # -- checkpointing -----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -296,3 +296,18 @@ def test_a_mid_epoch_resume_with_a_loader_that_cannot_continue_the_epoch_warns(t
     resumed = L.Trainer(max_epochs=4, reload_dataloaders_every_n_epochs=1, callbacks=[ModelMerging()], **kwargs)
     with pytest.warns(UserWarning, match=r"written in the middle of an epoch \(3 batches done\).*not end bit-identical"):
         resumed.fit(TinyClassifier(), datamodule=ToyStream(2, 2), ckpt_path=str(tmp_path / "step=3.ckpt"))
+
+
+# -- a new callback per fit ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [lambda: ModelMerging("magmax"), lambda: ContinualEvaluation()], ids=["merging", "evaluation"])
+def test_a_new_callback_in_a_later_fit_of_the_same_module_is_refused(make):
+    model = TinyClassifier()
+    dm = EvalStream(2, 1)
+    dm.set_experience(0)
+    L.Trainer(max_epochs=1, callbacks=[make()], **trainer_kwargs()).fit(model, datamodule=dm)
+    dm.set_experience(1)
+    second = make()
+    trainer = L.Trainer(max_epochs=1, callbacks=[second], **trainer_kwargs())
+    with pytest.raises(ConfigError, match=r"trained in an earlier `fit` under another .* Pass the same"):
+        trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == 0
