@@ -35,7 +35,6 @@ from cl_plugin._checkpoint import (
 )
 from cl_plugin.errors import CheckpointError, ConfigError, NonFiniteError, StateDictMismatchError, preview
 from cl_plugin.merging.continual import snapshot, write_into  # noqa: F401  (re-exported for the callbacks)
-from cl_plugin.task_vectors import select_names, tied_aliases
 
 
 def experience_of(trainer: Trainer, finished: int) -> int:
@@ -49,33 +48,6 @@ def experience_of(trainer: Trainer, finished: int) -> int:
     if index is None:
         return finished
     return int(index)
-
-
-def floating_names(module: LightningModule, exclude: Iterable[str]) -> list[str]:
-    """Names of the module's floating-point tensors to merge: one name per tensor, minus ``exclude`` globs.
-
-    A tensor that several names share (tied weights, e.g. a language model's
-    output layer and its embedding) is listed once, under its first name, so it
-    is snapshotted, folded and written once; it is left out when ``exclude``
-    matches any of its names.
-    """
-    state = module.state_dict()
-    names = [n for n, t in state.items() if t.is_floating_point()]
-    if not names:
-        raise ConfigError(
-            f"{type(module).__name__} has no floating-point parameters or buffers: there is nothing to merge."
-        )
-    selected = set(select_names(names, exclude=tuple(exclude) or None))
-    aliases = tied_aliases({n: state[n] for n in names})
-    excluded_tensors = {aliases.get(n, n) for n in names if n not in selected}
-    return [n for n in names if n not in aliases and n not in excluded_tensors]
-
-
-def tied_names(module: LightningModule, names: Iterable[str]) -> dict[str, str]:
-    """alias -> name, for every other state-dict name of a tensor in ``names`` (see :func:`floating_names`)."""
-    state = module.state_dict()
-    kept = set(names)
-    return {a: n for a, n in tied_aliases({k: t for k, t in state.items() if t.is_floating_point()}).items() if n in kept}
 
 
 def load_base_weights(source: Mapping[str, Tensor] | str | os.PathLike) -> dict[str, Tensor]:
