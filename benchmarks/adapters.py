@@ -56,11 +56,16 @@ Run it from the repository root::
     .venv/bin/python benchmarks/adapters.py              # the figures, 3 seeds: about 2 minutes, plus
                                                          # 1-2 minutes the first time (pretraining)
     .venv/bin/python benchmarks/adapters.py --seeds 1 --no-write   # a smoke test
+    .venv/bin/python benchmarks/adapters.py --mixed-batch      # a batch with several task labels against PEFT's: ~2 minutes
+    .venv/bin/python benchmarks/adapters.py --checkpoint-bytes # checkpoint bytes per task, before and after: ~20 s
 
 The default run prints the tables and writes them between the markers
 ``adapters`` of ``docs/results.md`` and ``docs/adapters.md``, and the storage
 figures between ``adapters_storage`` of ``docs/performance.md``; nothing else
-in those files is touched. The pretrained backbones are cached under ``.cache/``.
+in those files is touched. ``--mixed-batch`` and ``--checkpoint-bytes`` only
+take their own measurement and write it between the markers
+``adapters_mixed_batch`` and ``adapters_checkpoint_bytes`` of
+``docs/performance.md``. The pretrained backbones are cached under ``.cache/``.
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ import argparse
 import datetime
 import json
 import logging
+import os
 import platform
 import shlex
 import statistics
@@ -298,6 +304,195 @@ def pretrained_weights(cache_dir: Path, stream: str) -> Path:
     return pretrain_digits_backbone(path, recipe.pretraining, epochs=recipe.pretraining_epochs, seed=0)
 
 
+# -- checkpoint bytes per task (--checkpoint-bytes) ------------------------------------------------
+#: Measured with this function at commit 87a3460 (before Share's tensors left the callback state):
+#: method -> {"callback": callback-state bytes after each task, "checkpoint": checkpoint file bytes}.
+CHECKPOINT_BYTES_BEFORE: dict[str, dict[str, list[int]]] = {
+    "Share": {"callback": [320461, 337151, 353651, 370303, 386955], "checkpoint": [1373551, 1349675, 1379847, 1410019, 1440255]},
+    "per-task LoRA": {"callback": [5349, 8349, 11349, 14349, 17349], "checkpoint": [848131, 956939, 1065815, 1174627, 1283503]},
+    "LoRA + MagMax": {"callback": [1303617] * 5, "checkpoint": [2147735] * 5},
+}
+
+
+def checkpoint_bytes(methods=("Share", "per-task LoRA", "LoRA + MagMax"), n_experiences: int = N_EXPERIENCES) -> dict[str, dict[str, list[int]]]:
+    """Bytes of the Lightning checkpoint, and of the adapter callback's state in it, after each task.
+
+    One ``fit`` per experience of rotated digits (two training batches each, a
+    randomly initialised digits ViT: the sizes do not depend on the values),
+    ``trainer.save_checkpoint`` after each; the callback's share is its state
+    serialised on its own with ``torch.save``.
+    """
+    import io
+    import tempfile
+
+    from cl_plugin.benchmarks import ContinualDataModule, rotated_digits
+    from cl_plugin.callbacks.adapters import LoRAAdapters, SharedSubspaceAdapters
+    from cl_plugin.demo import ImageClassifier
+    from cl_plugin.models import create_digits_vit
+
+    makers = {
+        "Share": lambda: SharedSubspaceAdapters(TARGET_MODULES, k=24, p=3, temporary_directions=TEMPORARY_DIRECTIONS, trainable=[HEAD], trainable_per_task=True, **LORA),
+        "per-task LoRA": lambda: LoRAAdapters(TARGET_MODULES, trainable=[HEAD], trainable_per_task=True, mode="per_task", **LORA),
+        "LoRA + MagMax": lambda: LoRAAdapters(TARGET_MODULES, trainable=[HEAD], mode="merge", method="magmax", start_from="finetuned", **LORA),
+    }
+    out: dict[str, dict[str, list[int]]] = {}
+    for name in methods:
+        L.seed_everything(0, verbose=False)
+        datamodule = ContinualDataModule(rotated_digits(n_experiences=n_experiences, seed=0), batch_size=BATCH_SIZE, epochs_per_experience=1, seed=0)
+        module = ImageClassifier(create_digits_vit(num_classes=10), lr=1e-2, frozen=())
+        callback = makers[name]()
+        sizes = {"callback": [], "checkpoint": []}
+        with tempfile.TemporaryDirectory() as tmp:
+            for experience in range(n_experiences):
+                datamodule.set_experience(experience)
+                trainer = L.Trainer(
+                    max_epochs=1, limit_train_batches=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                    enable_model_summary=False, enable_progress_bar=False, callbacks=[callback], default_root_dir=tmp,
+                )
+                trainer.fit(module, datamodule=datamodule)
+                path = Path(tmp) / f"after_{experience}.ckpt"
+                trainer.save_checkpoint(path)
+                buffer = io.BytesIO()
+                torch.save(callback.state_dict(), buffer)
+                sizes["callback"].append(buffer.getbuffer().nbytes)
+                sizes["checkpoint"].append(path.stat().st_size)
+        out[name] = sizes
+    return out
+
+
+# -- a mixed-label batch against PEFT's (--mixed-batch) ---------------------------------------------------
+MIXED_TASKS = (5, 32)
+MIXED_BATCH = 64
+#: LoRA on every attention and MLP Linear of the ViT blocks, and not on the patch embedding (a Conv2d whose
+#: name also ends in "proj"): one full-match regex, the same for PEFT and cl-plugin.
+MIXED_TARGETS = r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
+
+
+def _timed_ms(fns: dict[str, Any], repeats: int) -> dict[str, tuple[float, float]]:
+    """(median, min) milliseconds per call of each function, timed in turns so a busy moment hits all alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            started = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - started)
+    return {name: (1000 * statistics.median(t), 1000 * min(t)) for name, t in times.items()}
+
+
+def mixed_batch_timing(repeats: int = 25) -> dict[str, Any]:
+    """Time per batch of a batch with several task labels through per-task LoRA, against PEFT's mixed batch.
+
+    One timm ViT (``vit_tiny_patch16_224`` at 32x32 with 4x4 patches: 65 tokens of width 192, 6 blocks), LoRA
+    r=8 on the 24 block Linears, one adapter per task with random non-zero factors, copied from PEFT's adapters
+    into cl-plugin's so both compute the same function; a batch of 64 images whose labels cycle over 5, then
+    32, tasks. Rows: cl-plugin's ``forward_by_task`` (one pass, each adapter on its rows), the same batch run
+    one pass per label (what ``forward_by_task`` did before), PEFT's ``model(x, adapter_names=...)``, and both
+    libraries with one adapter for the whole batch (no routing by row). The five are timed in turns on one
+    intra-op thread, under ``torch.no_grad`` in eval mode; median (and fastest) ms per batch.
+    """
+    import copy
+
+    import peft
+    import timm
+
+    from cl_plugin.adapters import add_adapter, forward_by_task, inject_lora, lora_layers, use_adapter
+
+    torch.manual_seed(0)
+    base = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, depth=6, num_classes=10).eval()
+    config = peft.LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules=MIXED_TARGETS)
+    names = [str(t) for t in range(max(MIXED_TASKS))]
+    theirs = peft.get_peft_model(copy.deepcopy(base), config, adapter_name=names[0])
+    for name in names[1:]:
+        theirs.add_adapter(name, config)
+    theirs.eval()
+    ours = copy.deepcopy(base)
+    inject_lora(ours, MIXED_TARGETS, r=LORA["r"], alpha=LORA["alpha"], adapter_name=names[0])
+    for name in names[1:]:
+        add_adapter(ours, name)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module_name, layer in lora_layers(ours).items():
+            peft_layer = theirs.base_model.model.get_submodule(module_name)
+            for name in names:
+                peft_layer.lora_B[name].weight.copy_(torch.randn(peft_layer.lora_B[name].weight.shape, generator=generator) * 0.05)
+                layer.lora_A[name].copy_(peft_layer.lora_A[name].weight)
+                layer.lora_B[name].copy_(peft_layer.lora_B[name].weight)
+    x = torch.randn(MIXED_BATCH, 3, 32, 32, generator=generator)
+    out: dict[str, Any] = {"columns": {}, "agreement": 0.0, "split_gap": 0.0, "peft": peft.__version__, "repeats": repeats}
+    for n_tasks in MIXED_TASKS:
+        labels = torch.arange(MIXED_BATCH) % n_tasks
+        label_names = [str(int(t)) for t in labels]
+
+        def per_label_passes(labels=labels):  # one pass per distinct label, as forward_by_task ran before
+            result = None
+            for label in labels.unique().tolist():
+                index = (labels == label).nonzero().flatten()
+                with use_adapter(ours, str(label)):
+                    part = ours(x.index_select(0, index))
+                result = part.new_empty((MIXED_BATCH, *part.shape[1:])) if result is None else result
+                result[index] = part
+            return result
+
+        def one_adapter_ours():
+            with use_adapter(ours, names[0]):
+                return ours(x)
+
+        def one_adapter_peft():
+            theirs.set_adapter(names[0])
+            return theirs(x)
+
+        with torch.no_grad():
+            mixed_ours = forward_by_task(ours, x, labels)
+            out["agreement"] = max(out["agreement"], float((mixed_ours - theirs(x, adapter_names=label_names)).abs().max()))
+            out["split_gap"] = max(out["split_gap"], float((per_label_passes() - mixed_ours).abs().max()))
+            out["columns"][n_tasks] = _timed_ms(
+                {
+                    "cl-plugin `forward_by_task`: one pass, each adapter on its rows": lambda: forward_by_task(ours, x, labels),
+                    "cl-plugin, one pass per label (the earlier `forward_by_task`)": per_label_passes,
+                    "PEFT `model(x, adapter_names=...)`": lambda: theirs(x, adapter_names=label_names),
+                    "cl-plugin, one adapter for the whole batch": one_adapter_ours,
+                    "PEFT, one adapter for the whole batch": one_adapter_peft,
+                },
+                repeats,
+            )
+    return out
+
+
+def format_mixed_batch(result: dict[str, Any]) -> str:
+    columns = result["columns"]
+    header = "| forward of a batch of 64 | " + " | ".join(f"{n} task labels: ms per batch, median (fastest)" for n in columns) + " |"
+    lines = [header, "|---|" + "---|" * len(columns)]
+    for row in next(iter(columns.values())):
+        cells = [f"{columns[n][row][0]:.0f} ({columns[n][row][1]:.0f})" for n in columns]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_checkpoint_bytes(now: dict[str, dict[str, list[int]]]) -> str:
+    lines = [
+        "| method | callback state after task 1 → 5, before | after | checkpoint file after task 1 → 5, before | after | checkpoint growth per task, before → after |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, sizes in now.items():
+        before = CHECKPOINT_BYTES_BEFORE.get(name)
+        if before is None:
+            continue
+
+        def span(values: list[int]) -> str:
+            return f"{values[0]:,} → {values[-1]:,}"
+
+        def growth(values: list[int]) -> str:
+            return f"{(values[-1] - values[1]) / (len(values) - 2):,.0f}"
+
+        lines.append(
+            f"| {name} | {span(before['callback'])} | {span(sizes['callback'])} | {span(before['checkpoint'])} | "
+            f"{span(sizes['checkpoint'])} | {growth(before['checkpoint'])} → {growth(sizes['checkpoint'])} B |"
+        )
+    return "\n".join(lines)
+
+
 # -- tables and docs -------------------------------------------------------------------------------------
 def _size(n: int) -> str:
     if n == 0:
@@ -427,6 +622,12 @@ def tune(cache_dir: Path, seeds: int = TUNING_SEEDS, streams=STREAMS) -> tuple[d
     return chosen, "\n".join(lines)
 
 
+def _doc_text(fn) -> str:
+    """A function's docstring after its first line, as one markdown paragraph."""
+    body = (fn.__doc__ or "").split("\n", 2)[2]
+    return " ".join(line.strip() for line in body.splitlines() if line.strip()).replace("``", "`")
+
+
 def _measured(elapsed: float) -> str:
     when = datetime.date.today().isoformat()
     return f"Measured {when} in {elapsed:.0f} s on one intra-op thread (torch {torch.__version__}, {platform.machine()})."
@@ -439,6 +640,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     parser.add_argument("--tune", action="store_true", help=f"choose the settings on the validation split and write {TUNING_FILE.name}")
     parser.add_argument("--cache-dir", default=str(REPO / ".cache"), help="where the pretrained backbones are cached")
     parser.add_argument("--no-write", action="store_true", help="print only; write neither docs/ nor the tuning file")
+    parser.add_argument(
+        "--mixed-batch", action="store_true", help="only time a mixed-label batch against PEFT's (section adapters_mixed_batch)"
+    )
+    parser.add_argument(
+        "--checkpoint-bytes", action="store_true", help="only measure checkpoint bytes per task (section adapters_checkpoint_bytes)"
+    )
     args = parser.parse_args(argv)
     command = shlex.join([".venv/bin/python", "benchmarks/adapters.py", *(sys.argv[1:] if argv is None else argv)])
 
@@ -449,6 +656,45 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     warnings.filterwarnings("ignore", message=".*val_dataloader.*")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     started = time.perf_counter()
+    if args.mixed_batch:
+        with single_thread():
+            result = mixed_batch_timing()
+        table = format_mixed_batch(result)
+        print(f"\n{table}\n\nlargest |cl-plugin - PEFT| {result['agreement']:.1e}; one pass against per-label passes {result['split_gap']:.1e}")
+        if not args.no_write:
+            write_section(
+                PERFORMANCE_DOC,
+                "adapters_mixed_batch",
+                f"## Adapters: a batch with several task labels, against PEFT\n\nCommand: `{command}`\n\n"
+                f"{_doc_text(mixed_batch_timing)} PEFT {result['peft']}, {result['repeats']} batches per row. The "
+                f"outputs of cl-plugin's one pass and PEFT's differ by at most {result['agreement']:.1e}, and from "
+                f"the per-label passes by at most {result['split_gap']:.1e}. The machine's 2 cores were shared "
+                f"with other work (load average {os.getloadavg()[0]:.1f} at the end), so the medians carry noise of "
+                f"tens of percent; compare rows within a column. {_measured(time.perf_counter() - started)}"
+                f"\n\n{table}\n",
+            )
+            print(f"Updated {PERFORMANCE_DOC.relative_to(REPO)}.")
+        return result
+    if args.checkpoint_bytes:
+        with single_thread():
+            sizes = checkpoint_bytes()
+        table = format_checkpoint_bytes(sizes)
+        print(f"\n{table}")
+        if not args.no_write:
+            write_section(
+                PERFORMANCE_DOC,
+                "adapters_checkpoint_bytes",
+                f"## Adapters: checkpoint bytes per task\n\nCommand: `{command}`\n\n"
+                f"{_doc_text(checkpoint_bytes)} The digits ViT with the default run's "
+                "settings (LoRA r=8 on qkv/proj/fc1/fc2, Share K=24, p=3 with 2 temporary directions, one head per "
+                "task). *Before*: cl-plugin at commit 87a3460, where the Share callback saved Share's basis and "
+                "coefficients in its own state although the module's state dict holds them too, and LoRAAdapters "
+                "kept its own θ₀ and merger; *after*: the callback state holds Share's bookkeeping only, and merge "
+                "mode saves the boundary core's state (the same θ₀ and merger). "
+                f"{_measured(time.perf_counter() - started)}\n\n{table}\n",
+            )
+            print(f"Updated {PERFORMANCE_DOC.relative_to(REPO)}.")
+        return sizes
     if args.tune:
         seeds = TUNING_SEEDS if args.seeds is None else args.seeds
         with single_thread():  # the models are tiny: one intra-op thread is much faster on busy cores

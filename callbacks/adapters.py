@@ -1,114 +1,32 @@
 """``LoRAAdapters`` and ``SharedSubspaceAdapters``: adapters managed at task boundaries.
 
-Both callbacks inject adapters into the LightningModule when ``fit`` sets up,
-so that only the adapters and the modules named in ``trainable=`` train, and
-act at every task boundary that :class:`TaskBoundaryCallback` finds (one
-``fit`` over a :class:`~cl_plugin.benchmarks.ContinualDataModule`, or one
-``fit`` per experience). The algorithms are those of :mod:`cl_plugin.adapters`;
-the callbacks only decide when to call them.
+Both callbacks inject LoRA into the LightningModule when ``fit`` sets up, so
+that only the adapters and the modules named in ``trainable=`` train, and act
+at every task boundary that :class:`TaskBoundaryCallback` finds (one ``fit``
+over a :class:`~cl_plugin.benchmarks.ContinualDataModule`, or one ``fit`` per
+experience):
 
-:class:`LoRAAdapters`, ``mode="merge"``
-    The adapter's ΔW = (alpha/r)·B A of every wrapped layer, plus the change of
-    the ``trainable`` modules, is a task vector τ = θ − θ₀ over those weights
-    (:func:`~cl_plugin.adapters.lora_delta`); it folds into a streaming merger
-    of :mod:`cl_plugin.merging` (MagMax by default). The next experience
-    starts from a fresh adapter (``start_from="fresh"``), from the same
-    adapter (``"finetuned"``) or from the merged weights (``"merged"``).
+* ``LoRAAdapters(mode="merge")`` folds each experience's task vector (the
+  adapter's ΔW, the base weights' change and the ``trainable`` modules' change)
+  through the boundary core :class:`~cl_plugin.merging.continual.ContinualMerge`,
+  the one ``ModelMerging`` runs on;
+* ``LoRAAdapters(mode="per_task")`` keeps one adapter per experience and picks
+  it by task label;
+* ``SharedSubspaceAdapters`` trains a LoRA on the first experience, builds
+  Share's basis from it, and then trains a few coefficients per experience.
 
-    *Where the merged model lives.* When ``fit`` ends, the base weights of the
-    wrapped layers (and the ``trainable`` modules) hold θ₀ + scale·merged,
-    written exactly, and the adapter's B is zero, so its ΔW is zero. The
-    module is therefore the merged model whatever adapter is active, its
-    ``state_dict`` loads into any copy of the architecture (with or without
-    adapters, e.g. after :func:`~cl_plugin.adapters.unload_lora`), and plain
-    ``model(x)`` evaluates it. The trained adapter is kept aside in the
-    callback when the next ``fit`` continues from it (``"finetuned"``).
-    ``start_from="merged"`` likewise writes θ₀ + scale·merged into the base
-    weights (exact) rather than a rank-r fit into the adapter.
-
-:class:`LoRAAdapters`, ``mode="per_task"``
-    One adapter per experience, named by the experience index: experience k
-    trains adapter ``"k"``, which Avalanche's ``task_labels=True`` streams
-    label ``k``. Earlier adapters are frozen and kept. At inference the task
-    label picks the adapter: :meth:`LoRAAdapters.forward_by_task` (inputs and
-    labels) or :meth:`LoRAAdapters.predict` (a batch ``(x, y, task_labels)``,
-    usable as ``ContinualEvaluation(predict=...)``); inside your own code,
-    ``with use_adapter(model, k): model(x)`` (the adapter only: with
-    ``trainable_per_task=True`` use ``forward_by_task``, which also puts in
-    the task's copy of the ``trainable`` modules). A label with no adapter (a
-    task not trained yet) uses the base model.
-
-``trainable_per_task=True`` (per-task LoRA and Share)
-    One copy of the ``trainable`` modules (the head) per task, stored at each
-    boundary, like PEFT's ``modules_to_save``. ``forward_by_task`` runs each
-    label's samples with that task's copy through
-    ``torch.func.functional_call``: nothing is written into the module, and
-    the pass stays differentiable.
-
-:class:`SharedSubspaceAdapters`
-    Share (Kaushik et al., 2026, arXiv:2602.06043): the first experience
-    trains a LoRA; at its end :meth:`SharedSubspace.inject` builds the shared
-    basis from it (alpha/r folded into B) and stores it as the first task;
-    every later experience trains that task's coefficients (and optional
-    temporary directions) only, and its end calls
-    :meth:`SharedSubspace.finish_task` (basis update, every task re-projected).
-    Inference: the task label selects that task's coefficients, and without
-    labels the mean update of all stored tasks is used.
-
-New Parameters and the optimizer
-    ``mode="per_task"`` (a new adapter) and Share (new coefficients at every
-    experience, new layers after the first) create Parameters at task
-    boundaries; ``mode="merge"`` never does (adapters are reset in place).
-    Parameters made in ``setup`` exist before Lightning builds the optimizer,
-    so one ``fit`` per experience needs nothing more. Inside one ``fit`` over
-    several experiences, the callback rebuilds the optimizers with
-    ``trainer.strategy.setup_optimizers(trainer)`` right after creating them:
-    your ``configure_optimizers`` runs again (build it from the parameters
-    that require gradients, or from all of them: frozen ones get no gradient),
-    with fresh optimizer state, and learning-rate schedulers restart.
-
-DDP
-    Only the adapter being trained requires gradients; every other adapter
-    (and every stored Share coefficient) is frozen, so DDP's reducer never
-    waits for a gradient that cannot come. DDP records the trainable
-    Parameters when it wraps the model at the start of ``fit``, so new
-    Parameters in the middle of a ``fit`` cannot reach it: under DDP,
-    ``mode="per_task"`` and Share need one ``fit`` per experience with
-    ``strategy="ddp"`` (the new Parameters are then made in ``setup``, before
-    DDP wraps the model), and raise a ConfigError when one ``fit`` spans
-    several experiences. ``mode="merge"`` works in both stream styles. Every
-    random draw (fresh adapters, Share's completions) uses generators seeded
-    by ``seed``, the layer and the task, and Share's basis maths runs in
-    float64 on the CPU, so all ranks end each boundary with identical
-    weights; ``check_ranks=True`` verifies it with one all-gather per boundary.
-    With ``ddp_spawn``, only rank 0's *weights* come back to the main process
-    (loaded non-strictly into the un-adapted module there): the merged
-    weights of ``mode="merge"`` arrive, per-task adapters and Share's
-    coefficients do not, and a callback's state never comes back, so use
-    ``strategy="ddp"`` for one ``fit`` per experience.
-
-Resume
-    Callback state (θ₀, the merger, the kept adapter, the adapter and task
-    bookkeeping, Share's basis and coefficients, the per-task copies of the
-    ``trainable`` modules) is in ``state_dict``; the
-    adapters themselves are in the module's ``state_dict``. Lightning restores
-    the module before the callbacks, into a module whose adapters this
-    callback injected in ``setup``: per-task adapters are created by
-    :class:`~cl_plugin.adapters.LoRALinear` when the checkpoint names them,
-    and for Share a load-state-dict pre-hook on the module (registered in
-    ``setup``, removed in ``teardown``) turns the LoRA layers into Share
-    layers when the checkpoint holds Share's tensors. A run killed and resumed
-    from a checkpoint ends with the same weights as an uninterrupted one.
+The algorithms are those of :mod:`cl_plugin.adapters`; the callbacks decide
+when to call them. The user guide (stream styles, the head per task, DDP,
+resume, which to choose) is ``docs/adapters.md``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import numbers
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -116,37 +34,25 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 from typing_extensions import override
 
-from cl_plugin._checks import check_bool, check_scale
-from cl_plugin.adapters.lora import (
-    add_adapter,
-    adapter_key,
-    check_float,
-    check_int,
-    delete_adapter,
-    InjectionSummary,
-    inject_lora,
-    lora_delta,
-    lora_layers,
-    reset_lora,
-    set_active_adapter,
-    use_adapter,
-)
-from cl_plugin.adapters.matching import Patterns, _normalise, match_modules
-from cl_plugin.adapters.share import SharedLinear, SharedSubspace
-from cl_plugin.errors import CheckpointError, ConfigError, did_you_mean, preview
-from cl_plugin.merging import MERGERS, get_merger
-from cl_plugin.task_vectors import TaskVector
+from cl_plugin._checkpoint import check_bool_field, check_count, check_tensor_dict, layout_of
+from cl_plugin._checks import check_bool
+from cl_plugin.adapters.config import DEFAULT_LAYER_TYPES, LoRAConfig, ShareConfig, adapter_key
+from cl_plugin.adapters.layer import adapter_layers, forward_routed, labels_to_keys, use_adapter
+from cl_plugin.adapters.lora import add_adapter, delete_adapter, inject, lora_delta, lora_layers, reset_lora, set_active_adapter, weight_key
+from cl_plugin.adapters.matching import Patterns, match_modules
+from cl_plugin.adapters.share import SharedLinear, SharedSubspace, wrap_for_loading
 from cl_plugin.callbacks._boundaries import TaskBoundaryCallback, experience_of, reset_optimizer_state, snapshot, write_into
-from cl_plugin._checkpoint import check_bool_field, check_tensor_dict, layout_of, read
 from cl_plugin.callbacks.model_merging import ModelMerging
-from cl_plugin.merging.continual import merge_method_options
+from cl_plugin.errors import CheckpointError, ConfigError, did_you_mean, preview
+from cl_plugin.merging.continual import ContinualMerge, merge_method_options
+from cl_plugin.task_vectors import TaskVector
 
 __all__ = ["LoRAAdapters", "SharedSubspaceAdapters"]
 
 MODES = ("merge", "per_task")
-START_FROM = {"merge": ("fresh", "finetuned", "merged"), "per_task": ("fresh", "finetuned")}
-SHARE_INITS = ("previous", "fresh")
-STATE_FORMAT_VERSION = 1
+START_FROM = {"merge": ("pretrained", "finetuned", "merged"), "per_task": ("pretrained", "finetuned")}
+#: Old names of ``start_from`` values, accepted with a warning (and in checkpoints that recorded them).
+START_FROM_ALIASES = {"fresh": "pretrained"}
 _MERGE_ADAPTER = "default"
 # What a state written before an option existed was run with.
 _OPTIONS_BEFORE_THEY_EXISTED = {"trainable_per_task": False}
@@ -154,73 +60,26 @@ _CPU = torch.device("cpu")
 
 
 # -- helpers shared by both callbacks ----------------------------------------------------------
-def _check_patterns(patterns: object, what: str, owner: str, *, required: bool) -> Patterns | None:
-    if patterns is None and not required:
-        return None
-    if patterns is None:
-        raise ConfigError(
-            f"`{what}` is required ({owner}): a regex string or a list of module names, e.g. ['qkv', 'proj', 'fc1', 'fc2']."
-        )
-    normalised = _normalise(patterns, what)  # type, emptiness of entries, regex syntax
-    if required and isinstance(normalised, tuple) and not normalised:
-        raise ConfigError(f"`{what}` is empty ({owner}); name at least one module, e.g. ['qkv', 'proj', 'fc1', 'fc2'].")
-    return normalised
-
-
 def _exact_names_regex(names: Sequence[str]) -> str:
     """A full-match regex selecting exactly ``names`` (no suffix matching)."""
     return "|".join(re.escape(n) for n in names)
 
 
-def _checksum(pl_module: LightningModule) -> Tensor:
-    """Sum and absolute sum of every floating-point entry of the module's state, in float64."""
+def check_ranks_agree(trainer: Trainer, module: torch.nn.Module, owner: str) -> None:
+    """Under DDP, all-gather a checksum of the module's floating-point state and raise if ranks differ."""
+    if trainer.world_size <= 1:
+        return
     total = torch.zeros((), dtype=torch.float64)
-    for t in pl_module.state_dict().values():
+    for t in module.state_dict().values():
         if t.is_floating_point():
             d = t.detach().double()
             total = total + d.sum().cpu() + d.abs().sum().cpu()
-    return total
-
-
-def _check_ranks_agree(trainer: Trainer, pl_module: LightningModule, owner: str) -> None:
-    if trainer.world_size <= 1:
-        return
-    checksum = _checksum(pl_module).to(pl_module.device)
-    gathered = trainer.strategy.all_gather(checksum)
+    gathered = trainer.strategy.all_gather(total.to(module.device))
     if not torch.all(gathered == gathered.reshape(-1)[0]):
         raise RuntimeError(
             f"{owner}: the weights differ across ranks after a task boundary (checksums {gathered.tolist()}). "
             "Every rank must make the same adapter updates; report this with your Trainer settings."
         )
-
-
-def _labels_to_keys(task_labels: Any, batch_size: int) -> list[str] | None:
-    """One adapter key per sample (None: no labels at all)."""
-    if task_labels is None:
-        return None
-    if isinstance(task_labels, (str, numbers.Integral)) or (isinstance(task_labels, Tensor) and task_labels.dim() == 0):
-        return [adapter_key(task_labels, "task label")] * batch_size
-    labels = task_labels.tolist() if isinstance(task_labels, Tensor) else list(task_labels)
-    if len(labels) != batch_size:
-        raise ConfigError(f"Got {len(labels)} task labels for a batch of {batch_size}; pass one per sample.")
-    return [adapter_key(label, "task label") for label in labels]
-
-
-def _grouped_forward(inputs: Tensor, keys: list[Any], run: Callable[[Tensor, Any], Tensor]) -> Tensor:
-    """One forward pass ``run(part, key)`` per distinct key; outputs put back in batch order."""
-    distinct = list(dict.fromkeys(keys))
-    if len(distinct) == 1:
-        return run(inputs, distinct[0])
-    out: Tensor | None = None
-    for key in distinct:
-        index = torch.tensor([i for i, k in enumerate(keys) if k == key], device=inputs.device)
-        part = run(inputs.index_select(0, index), key)
-        if not isinstance(part, Tensor) or part.shape[0] != index.numel():
-            raise ConfigError("forward_by_task needs a module whose output is a batch-first tensor.")
-        if out is None:
-            out = part.new_empty((inputs.shape[0], *part.shape[1:]))
-        out[index] = part
-    return out
 
 
 def frozen_normalisation_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -247,11 +106,22 @@ def _one_fit_spans_experiences(trainer: Trainer) -> bool:
     return max_epochs == -1 or max_epochs > per
 
 
+def _names(value: object, key: str, owner: str, *, optional: bool = False) -> list[str] | None:
+    """A saved list of names, checked."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(n, str) for n in value):
+        raise CheckpointError(f"The checkpoint's {owner} state has {key}={value!r}; expected a list of names.")
+    return list(value)
+
+
 class _AdapterCallback(TaskBoundaryCallback):
-    """What both callbacks share: LoRA arguments, injection in ``setup``, new Parameters, predict helpers."""
+    """What both callbacks share: the LoRA options, injection in ``setup``, new Parameters, ``forward_by_task``."""
 
     _owner = "adapters"
     _needs_new_parameters_in_fit = True
+    #: 2: the tensors of Share and of the merge core live where they belong (module, ``ContinualMerge``).
+    state_format_version = 2
 
     def __init__(
         self,
@@ -265,22 +135,18 @@ class _AdapterCallback(TaskBoundaryCallback):
         trainable_per_task: bool,
         seed: int,
         check_ranks: bool | None,
+        layer_types: Sequence[str],
     ) -> None:
         super().__init__()
         owner = self._owner
-        self.target_modules = _check_patterns(target_modules, "target_modules", owner, required=True)
-        self.exclude_modules = _check_patterns(exclude_modules, "exclude_modules", owner, required=False)
-        self.trainable = _check_patterns(trainable, "trainable", owner, required=False) or ()
+        self.lora = LoRAConfig(target_modules, exclude_modules, r, alpha, dropout, trainable, seed, layer_types)
+        self.lora.require_targets(owner)
         self.trainable_per_task = check_bool(trainable_per_task, "trainable_per_task", owner)
         if self.trainable_per_task and not (isinstance(self.trainable, str) or self.trainable):
             raise ConfigError(
                 f"`trainable_per_task=True` keeps one copy of the `trainable` modules per task, but `trainable` names "
                 f"none ({owner}); pass the modules too, e.g. trainable=['head'], trainable_per_task=True."
             )
-        self.r = check_int(r, "r")
-        self.alpha = check_float(alpha, "alpha", 0.0, float("inf"), low_open=True, high_open=True)
-        self.dropout = check_float(dropout, "dropout", 0.0, 1.0, low_open=False, high_open=True)
-        self.seed = check_int(seed, "seed", low=0)
         if check_ranks is None:
             check_ranks = os.environ.get("CL_PLUGIN_DEBUG", "0") == "1"
         self.check_ranks = check_bool(check_ranks, "check_ranks", owner)
@@ -291,37 +157,44 @@ class _AdapterCallback(TaskBoundaryCallback):
         self._task_modules: dict[str, dict[str, Tensor]] = {}
         self._frozen_norms: list[torch.nn.Module] | None = None
 
+    # The LoRA options, as attributes (what the constructor took).
+    target_modules = property(lambda self: self.lora.target_modules)
+    exclude_modules = property(lambda self: self.lora.exclude_modules)
+    trainable = property(lambda self: self.lora.trainable)
+    r = property(lambda self: self.lora.r)
+    alpha = property(lambda self: self.lora.alpha)
+    dropout = property(lambda self: self.lora.dropout)
+    seed = property(lambda self: self.lora.seed)
+
     # -- subclass hooks ----------------------------------------------------------------------------
     def _inject(self, trainer: Trainer, pl_module: LightningModule) -> None:
         raise NotImplementedError
-
-    def _inject_lora(self, pl_module: LightningModule, adapter_name: str) -> InjectionSummary:
-        """Wrap the target layers in LoRA with this callback's arguments; record what was wrapped."""
-        self._record_trainable_modules(pl_module)
-        summary = inject_lora(
-            pl_module,
-            self.target_modules,
-            exclude_modules=self.exclude_modules,
-            r=self.r,
-            alpha=self.alpha,
-            dropout=self.dropout,
-            trainable=self.trainable,
-            adapter_name=adapter_name,
-            seed=self.seed,
-        )
-        self._layer_names = summary.wrapped
-        return summary
 
     def _prepare(self, pl_module: LightningModule, experience: int, *, dry_run: bool = False) -> bool:
         """Make ``experience``'s adapter the trained one; return True if new Parameters were (or would be) created."""
         return False
 
     def _apply_loaded(self, pl_module: LightningModule) -> None:
-        """Apply the model-side part of a loaded state (active adapter, trainable flags)."""
+        """Apply the model-side part of a loaded state (active adapter, trainable flags, Share's manager)."""
 
-    def _adapter_layer_names(self, pl_module: LightningModule) -> tuple[str, ...]:
-        names = [n for n, m in pl_module.named_modules() if isinstance(m, SharedLinear)]
-        return tuple(names) if names else tuple(lora_layers(pl_module))
+    def _training_key(self) -> str | None:
+        """The task whose adapter (or coefficients) is training now, if any."""
+        return None
+
+    def _route(self, key: str) -> str | None:
+        """The adapter a sample labelled ``key`` uses (None: the base model)."""
+        raise NotImplementedError
+
+    def _unlabelled(self, pl_module: LightningModule) -> contextlib.AbstractContextManager:
+        """The selection a batch without labels runs with."""
+        raise NotImplementedError
+
+    def _inject_lora(self, pl_module: LightningModule, adapter_name: str) -> tuple[str, ...]:
+        """Wrap the target layers in LoRA with this callback's options; record what was wrapped."""
+        self._record_trainable_modules(pl_module)
+        summary = inject(pl_module, self.lora, adapter_name=adapter_name, owner=self._owner)
+        self._layer_names = summary.wrapped
+        return summary.wrapped
 
     # -- trainable_per_task: one copy of the trainable modules per task (PEFT's modules_to_save) -------------
     @property
@@ -333,9 +206,12 @@ class _AdapterCallback(TaskBoundaryCallback):
         """Before injection: the state names of the ``trainable`` modules, which must hold no adapted layer."""
         if not self.trainable_per_task:
             return
-        with warnings.catch_warnings():  # inject_lora matches again right after this and warns there
+        from cl_plugin.adapters.lora_layer import lora_target_types
+
+        with warnings.catch_warnings():  # the injection matches again right after this and warns there
             warnings.simplefilter("ignore")
-            wrapped = match_modules(pl_module, self.target_modules, self.exclude_modules, what="target_modules").matched
+            types = lora_target_types(self.lora.layer_types)
+            wrapped = match_modules(pl_module, self.target_modules, self.exclude_modules, module_types=types).matched
             modules = match_modules(pl_module, self.trainable, None, module_types=None, what="trainable").matched
         names: list[str] = []
         for module_name in modules:
@@ -359,29 +235,30 @@ class _AdapterCallback(TaskBoundaryCallback):
         if self.trainable_per_task and key in self._task_modules:
             write_into(pl_module, self._task_modules[key])
 
-    def _training_key(self) -> str | None:
-        """The task whose adapter (or coefficients) is training now, if any."""
-        return None
+    def _copy_for(self, key: str | None) -> str | None:
+        """The stored copy a sample labelled ``key`` (None: no label) runs with; None: the live weights.
 
-    def _task_module_overrides(self, pl_module: LightningModule, key: str | None) -> dict[str, Tensor] | None:
-        """The stored copy a forward pass for task ``key`` uses, on the module's devices (None: the live weights).
-
-        A task with a stored copy gets it; the task being trained, or any label
-        while one trains, gets the live weights (they are that task's); without
-        a training task, a label with no copy (or no label) gets the latest copy.
+        A task with a stored copy gets it; while a task trains, any other label
+        gets the live weights (they are the training task's); otherwise a label
+        with no copy gets the latest copy.
         """
         if not self.trainable_per_task or not self._task_modules:
             return None
-        if key not in self._task_modules:
-            if self._training_key() is not None:
-                return None
-            key = next(reversed(self._task_modules))
-        out = {}
-        for name, stored in self._task_modules[key].items():
+        if key in self._task_modules:
+            return key
+        return None if self._training_key() is not None else next(reversed(self._task_modules))
+
+    def _copy_call(self, pl_module: LightningModule, copy: str | None) -> Callable[[Tensor], Tensor]:
+        """``pl_module`` as a function of its input, with the stored copy ``copy`` standing in for the live tensors."""
+        if copy is None:
+            return pl_module
+        overrides = {}
+        for name, stored in self._task_modules[copy].items():
             owner, _, attr = name.rpartition(".")
             live = getattr(pl_module.get_submodule(owner), attr)  # not state_dict(): this runs for every batch
-            out[name] = stored.to(device=live.device, dtype=live.dtype)
-        return out
+            overrides[name] = stored.to(device=live.device, dtype=live.dtype)
+        # Nothing is written in place, so the pass stays differentiable and the live weights untouched.
+        return lambda x: torch.func.functional_call(pl_module, overrides, (x,), strict=False)
 
     # -- Lightning hooks ---------------------------------------------------------------------------
     @override
@@ -399,7 +276,7 @@ class _AdapterCallback(TaskBoundaryCallback):
             )
         if self._needs_new_parameters_in_fit and trainer.world_size > 1 and _one_fit_spans_experiences(trainer):
             raise ConfigError(self._ddp_one_fit_message(trainer))
-        existing = self._adapter_layer_names(pl_module)
+        existing = tuple(adapter_layers(pl_module))
         if not existing:
             if self._layer_names is not None:
                 raise ConfigError(
@@ -407,7 +284,7 @@ class _AdapterCallback(TaskBoundaryCallback):
                     f"{preview(self._layer_names, 3)} in an earlier fit. Pass the same module to every `fit` of the stream."
                 )
             self._inject(trainer, pl_module)
-        elif self._layer_names is None or tuple(existing) != tuple(self._layer_names):
+        elif self._layer_names is None or existing != tuple(self._layer_names):
             raise ConfigError(
                 f"{self._owner}: the module already holds adapter layers ({preview(existing, 3)}) that this callback "
                 "did not inject. Let the callback inject them: remove your inject_lora / SharedSubspace.inject call."
@@ -459,37 +336,50 @@ class _AdapterCallback(TaskBoundaryCallback):
     def _what_is_new(self) -> str:
         return "a new adapter per experience"
 
-    # -- inference helpers -------------------------------------------------------------------------
-    def _selector(self, pl_module: LightningModule) -> Callable[[Any], contextlib.AbstractContextManager]:
-        raise NotImplementedError
-
+    # -- inference: one forward_by_task contract ------------------------------------------------------
     def forward_by_task(self, pl_module: LightningModule, inputs: Tensor, task_labels: Any = None) -> Tensor:
         """``pl_module(inputs)`` with each sample's task adapter.
+
+        The contract of :func:`cl_plugin.adapters.forward_by_task`: label ``k``
+        selects task ``k``'s adapter (or coefficients), a label with none (a
+        task not trained yet) runs through the base model, and a batch with
+        several labels is one pass in which each adapter layer applies each
+        adapter to its own rows. With ``trainable_per_task=True`` the rows of
+        each task also get that task's copy of the ``trainable`` modules,
+        one pass per copy.
 
         Args:
             pl_module: the module this callback trained.
             inputs: a batch-first tensor.
             task_labels: one label for the batch, one per sample (tensor or
-                sequence), or None (no labels: see the callback's docstring).
+                sequence), or None (no labels: see each callback).
 
         Returns:
-            The module's output; a batch with several labels runs one forward
-            pass per label and is put back in order.
+            The module's output.
         """
-        keys = _labels_to_keys(task_labels, inputs.shape[0])
-        keys = [None] * inputs.shape[0] if keys is None else keys
-        select = self._selector(pl_module)
-
-        def run(part: Tensor, key: Any) -> Tensor:
-            with select(key):
-                overrides = self._task_module_overrides(pl_module, key)
-                if overrides is None:
-                    return pl_module(part)
-                # The task's copy stands in for the live tensors during this call only (nothing is
-                # written in place), so the pass stays differentiable and the live weights untouched.
-                return torch.func.functional_call(pl_module, overrides, (part,), strict=False)
-
-        return _grouped_forward(inputs, keys, run)
+        n = inputs.shape[0]
+        keys = labels_to_keys(task_labels, n)
+        if keys is None:
+            with self._unlabelled(pl_module):
+                return self._copy_call(pl_module, self._copy_for(None))(inputs)
+        routes = [self._route(k) for k in keys]
+        copies = [self._copy_for(k) for k in keys]
+        distinct = list(dict.fromkeys(copies))
+        if len(distinct) == 1:
+            return forward_routed(pl_module, inputs, routes, call=self._copy_call(pl_module, distinct[0]))
+        out: Tensor | None = None
+        for copy in distinct:
+            rows = [i for i, c in enumerate(copies) if c == copy]
+            index = torch.tensor(rows, device=inputs.device)
+            part = forward_routed(
+                pl_module, inputs.index_select(0, index), [routes[i] for i in rows], call=self._copy_call(pl_module, copy)
+            )
+            if not isinstance(part, Tensor) or part.shape[0] != index.numel():
+                raise ConfigError("forward_by_task needs a module whose output is a batch-first tensor.")
+            if out is None:
+                out = part.new_empty((n, *part.shape[1:]))
+            out[index] = part
+        return out
 
     def predict(self, pl_module: LightningModule, batch: Sequence[Any]) -> Tensor:
         """Logits for a batch ``(x, y, task_labels)`` as Avalanche's datasets yield it.
@@ -502,15 +392,10 @@ class _AdapterCallback(TaskBoundaryCallback):
         return self.forward_by_task(pl_module, batch[0], labels)
 
     # -- checkpointing -----------------------------------------------------------------------------
-    def _options(self) -> dict[str, Any]:
-        """The arguments a checkpoint must have been written with to resume here."""
-        raise NotImplementedError
-
     @override
     def state_dict(self) -> dict[str, Any]:
         """What both callbacks save; each adds its own state to it."""
         state = super().state_dict()
-        state.update(format_version=STATE_FORMAT_VERSION, **self._options())
         state.update(
             layers=None if self._layer_names is None else list(self._layer_names),
             task_module_names=list(self._task_module_names),
@@ -526,17 +411,13 @@ class _AdapterCallback(TaskBoundaryCallback):
     def _prepare_load(self, state: Mapping[str, Any]) -> Callable[[], None]:
         """Check the part both callbacks save; the subclass checks its own and applies both."""
         owner = self._owner
-        names = state.get("task_module_names") or []
-        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
-            raise CheckpointError(f"The checkpoint's {owner} state has task_module_names={names!r}; expected a list of names.")
-        if names and self._task_module_names and list(names) != self._task_module_names:
+        names = _names(state.get("task_module_names") or [], "task_module_names", owner)
+        if names and self._task_module_names and names != self._task_module_names:
             raise ConfigError(
                 f"The checkpoint's {owner} kept per-task copies of {preview(names, 3)}, this run's `trainable` "
                 f"modules hold {preview(self._task_module_names, 3)}; resume with the same `trainable`."
             )
-        layers = state.get("layers")
-        if layers is not None and (not isinstance(layers, (list, tuple)) or not all(isinstance(n, str) for n in layers)):
-            raise CheckpointError(f"The checkpoint's {owner} state has layers={layers!r}; expected a list of module names.")
+        layers = _names(state.get("layers"), "layers", owner, optional=True)
         if layers is not None and self._layer_names is not None and tuple(layers) != tuple(self._layer_names):
             raise ConfigError(
                 f"The checkpoint's {owner} wrapped {preview(layers, 3)}, this run wraps "
@@ -568,9 +449,9 @@ class LoRAAdapters(_AdapterCallback):
         trainer = Trainer(callbacks=[LoRAAdapters(["qkv", "proj", "fc1", "fc2"], trainable=["head"])], ...)
 
     Args:
-        target_modules: the ``nn.Linear`` layers to adapt, by name in the
-            LightningModule (``model.blocks.0.attn.qkv``): a regex on the full
-            name, or a list of names / dotted suffixes (PEFT's rule, see
+        target_modules: the layers to adapt, by name in the LightningModule
+            (``model.blocks.0.attn.qkv``): a regex on the full name, or a list
+            of names / dotted suffixes (PEFT's rule, see
             :mod:`cl_plugin.adapters.matching`), e.g. ``["qkv", "proj", "fc1", "fc2"]``.
         r: adapter rank (default 8).
         alpha: the update is scaled by ``alpha / r`` (default 16).
@@ -584,23 +465,20 @@ class LoRAAdapters(_AdapterCallback):
         method: merging method of ``"merge"`` mode, a name in
             :data:`cl_plugin.merging.MERGERS` (default ``"magmax"``).
         scale: λ in θ₀ + λ·merged, in (0, 10]; ``None`` (default): the method's own.
-        start_from: where each experience after the first starts. ``"merge"``
-            mode: ``"fresh"`` (default: a new adapter, ΔW = 0, and the
-            ``trainable`` modules back at θ₀), ``"finetuned"`` (keep training the
-            same adapter and modules: sequential fine-tuning, the MagMax
-            recipe) or ``"merged"`` (θ₀ + scale·merged, written into the base
-            weights, plus a new adapter). ``"per_task"`` mode: ``"fresh"``
-            (default: a new adapter) or ``"finetuned"`` (a copy of the previous
-            task's adapter).
+        start_from: where each experience after the first starts, with
+            ``ModelMerging``'s names. ``"merge"`` mode: ``"pretrained"``
+            (default: a new adapter, ΔW = 0, and the ``trainable`` modules back
+            at θ₀), ``"finetuned"`` (keep training the same adapter and
+            modules: sequential fine-tuning, the MagMax recipe) or ``"merged"``
+            (θ₀ + scale·merged, written into the base weights, plus a new
+            adapter). ``"per_task"`` mode: ``"pretrained"`` (default: a new
+            adapter) or ``"finetuned"`` (a copy of the previous task's
+            adapter). ``"fresh"``, the earlier name of ``"pretrained"``, is
+            accepted with a FutureWarning.
         exclude_modules: layers never to adapt (same rules as ``target_modules``).
         trainable_per_task: ``"per_task"`` mode: keep one copy of the
             ``trainable`` modules per task, like PEFT's ``modules_to_save``
-            (default False: one copy shared by all tasks). Each experience
-            trains them on from the previous task's copy; its end stores them
-            for the task; the task label selects that copy together with the
-            adapter. Shared modules drift with every task while the older
-            adapters stay frozen, which costs the older tasks accuracy
-            (``docs/adapters.md``).
+            (default False: one copy shared by all tasks).
         seed: seed of every adapter's initialisation (default 0); the same on all ranks.
         reset_optimizer: ``"merge"`` mode: clear the optimizers' state at every
             boundary inside one ``fit`` (default True). ``"per_task"`` rebuilds
@@ -608,6 +486,9 @@ class LoRAAdapters(_AdapterCallback):
         check_ranks: under DDP, all-gather a checksum of the weights after each
             boundary and raise if ranks differ (default: on when
             ``CL_PLUGIN_DEBUG=1``).
+        layer_types: the layer types a name may select (default ``("Linear",
+            "Conv1D")``; add ``"Conv2d"`` or ``"Embedding"`` to adapt those,
+            see :class:`~cl_plugin.adapters.LoRAConfig`).
         method_options: the merger's options as one mapping (the form a
             LightningCLI YAML file uses), e.g. ``{"top_k": 0.2}``.
         **more_method_options: passed to the merger (e.g. ``top_k=0.2`` for TIES).
@@ -624,21 +505,21 @@ class LoRAAdapters(_AdapterCallback):
             ``trainable`` selects nothing; the message lists the names that exist.
 
     Attributes:
-        merger: ``"merge"`` mode: the streaming merger (``merger.num_tasks`` experiences folded).
+        core: the boundary core (θ₀, the merger, the scale) of ``"merge"`` mode.
+        merger: ``core.merger`` (``merger.num_tasks`` experiences folded).
         tasks: ``"per_task"`` mode: the adapter names of the finished experiences, in order.
         task_module_states: with ``trainable_per_task=True``, task -> the stored
             copy of the ``trainable`` modules' state (CPU tensors).
 
-    State (``state_dict``): ``format_version``, ``mode``, ``method``,
-    ``method_options``, ``scale``, ``start_from``, ``r``, ``alpha``, ``seed``,
-    ``layers`` (wrapped module names), ``trainable_names`` (parameter names),
+    State (``state_dict``, ``format_version`` 2): the options above, ``layers``
+    (wrapped module names), the boundary core's ``names``, ``statistic_names``,
     ``theta0`` (name -> CPU tensor: the wrapped base weights and the trainable
-    parameters at the start), ``merger`` (its ``state_dict``), ``kept`` (the
-    adapter and trainable parameters kept aside after ``fit``, or None),
-    ``holds_merged``, ``tasks``, ``training_adapter``, ``trainable_per_task``,
-    ``task_module_names`` and ``task_modules`` (task -> CPU copies of the
-    trainable modules' state, with ``trainable_per_task=True``), and the
-    boundary bookkeeping of :class:`TaskBoundaryCallback`.
+    parameters at the start), ``merger`` and ``statistics_merger``; ``kept``
+    (the adapter and trainable parameters kept aside after ``fit``, or None),
+    ``holds_merged``, ``tasks``, ``training_adapter``, ``task_module_names`` and
+    ``task_modules`` (task -> CPU copies of the trainable modules' state, with
+    ``trainable_per_task=True``), and the boundary bookkeeping of
+    :class:`TaskBoundaryCallback`. States of format 1 load too.
 
     Example::
 
@@ -663,42 +544,46 @@ class LoRAAdapters(_AdapterCallback):
         mode: str = "merge",
         method: str = "magmax",
         scale: float | None = None,
-        start_from: str = "fresh",
+        start_from: str = "pretrained",
         *,
         exclude_modules: Patterns | None = None,
         trainable_per_task: bool = False,
         seed: int = 0,
         reset_optimizer: bool = True,
         check_ranks: bool | None = None,
+        layer_types: Sequence[str] = DEFAULT_LAYER_TYPES,
         method_options: Mapping[str, Any] | None = None,
         **more_method_options: Any,
     ) -> None:
-        method_options = merge_method_options(method_options, more_method_options, "LoRAAdapters")
+        owner = "LoRAAdapters"
+        method_options = merge_method_options(method_options, more_method_options, owner)
         if mode not in MODES:
-            raise ConfigError(
-                f"`mode` must be one of {list(MODES)}, got {mode!r} (LoRAAdapters).{did_you_mean(str(mode), MODES)}"
-            )
-        if not isinstance(method, str) or method not in MERGERS:
-            raise ConfigError(
-                f"Unknown merging method {method!r} (LoRAAdapters). Choose one of {sorted(MERGERS)}."
-                + did_you_mean(str(method), MERGERS)
-            )
+            raise ConfigError(f"`mode` must be one of {list(MODES)}, got {mode!r} ({owner}).{did_you_mean(str(mode), MODES)}")
         if mode == "per_task" and (method_options or scale is not None):
             given = sorted(method_options) + (["scale"] if scale is not None else [])
-            raise ConfigError(
-                f"{given} only apply to mode='merge'; mode='per_task' keeps every adapter and merges nothing (LoRAAdapters)."
+            raise ConfigError(f"{given} only apply to mode='merge'; mode='per_task' keeps every adapter and merges nothing ({owner}).")
+        if start_from in START_FROM_ALIASES:
+            new = START_FROM_ALIASES[start_from]
+            warnings.warn(
+                f"LoRAAdapters(start_from={start_from!r}) is deprecated: it is start_from={new!r}, ModelMerging's name "
+                "for the same choice. Pass that instead.",
+                FutureWarning,
+                stacklevel=2,
             )
+            start_from = new
         if start_from not in START_FROM[mode]:
             raise ConfigError(
                 f"`start_from` must be one of {list(START_FROM[mode])} with mode={mode!r}, got {start_from!r} "
-                f"(LoRAAdapters).{did_you_mean(str(start_from), START_FROM[mode])}"
+                f"({owner}).{did_you_mean(str(start_from), START_FROM[mode])}"
             )
-        reset_optimizer = check_bool(reset_optimizer, "reset_optimizer", "LoRAAdapters")
-        if mode == "merge" and check_bool(trainable_per_task, "trainable_per_task", "LoRAAdapters"):
+        reset_optimizer = check_bool(reset_optimizer, "reset_optimizer", owner)
+        if mode == "merge" and check_bool(trainable_per_task, "trainable_per_task", owner):
             raise ConfigError(
                 "`trainable_per_task=True` needs mode='per_task' (LoRAAdapters): in mode='merge' the `trainable` "
                 "modules' change is part of each task vector and is merged like the adapters."
             )
+        # The core checks the method, its options and the scale.
+        self.core = ContinualMerge(method, scale=scale, method_options=method_options)
         super().__init__(
             target_modules,
             exclude_modules=exclude_modules,
@@ -709,22 +594,15 @@ class LoRAAdapters(_AdapterCallback):
             trainable_per_task=trainable_per_task,
             seed=seed,
             check_ranks=check_ranks,
+            layer_types=layer_types,
         )
         self.mode = mode
         self.method = method
         self.method_options = dict(method_options)
-        self.merger = get_merger(method, **method_options)  # validates the options
-        if mode == "merge":
-            self.scale = self.merger.default_scale if scale is None else check_scale(scale, f"LoRAAdapters(method={method!r})")
-        else:
-            self.scale = None
         self.start_from = start_from
         self.reset_optimizer = reset_optimizer
         self._needs_new_parameters_in_fit = mode == "per_task"
-        # merge mode
-        self._weight_names: list[str] = []
-        self._trainable_names: list[str] = []
-        self._theta0: dict[str, Tensor] | None = None
+        # merge mode: the kept adapter and trainable parameters, and whether the module holds the merge
         self._kept: dict[str, Tensor] | None = None
         self._holds_merged = False
         # per_task mode
@@ -732,32 +610,42 @@ class LoRAAdapters(_AdapterCallback):
         self._training_adapter: str | None = None
 
     @property
+    def merger(self):
+        """The streaming merger (``"merge"`` mode); ``merger.num_tasks`` experiences are folded."""
+        return self.core.merger
+
+    @property
+    def scale(self) -> float | None:
+        """λ in θ₀ + λ·merged (``"merge"`` mode; None in ``"per_task"`` mode)."""
+        return self.core.scale if self.mode == "merge" else None
+
+    @property
     def tasks(self) -> tuple[str, ...]:
         return tuple(self._tasks)
-
-    def _training_key(self) -> str | None:
-        return self._training_adapter if self.mode == "per_task" else None
 
     @property
     def base_weights(self) -> dict[str, Tensor] | None:
         """θ₀ over the wrapped weights and trainable parameters (CPU), once known."""
-        return self._theta0
+        return self.core.theta0
+
+    def _training_key(self) -> str | None:
+        return self._training_adapter if self.mode == "per_task" else None
 
     # -- injection and experiences ---------------------------------------------------------------------
     def _inject(self, trainer: Trainer, pl_module: LightningModule) -> None:
         first = _MERGE_ADAPTER if self.mode == "merge" else adapter_key(experience_of(trainer, self._experiences_finished))
-        summary = self._inject_lora(pl_module, first)
-        layers = lora_layers(pl_module)
-        factor_ids = {id(p) for layer in layers.values() for d in (layer.lora_A, layer.lora_B) for p in d.values()}
-        self._weight_names = [f"{n}.weight" for n in summary.wrapped]
-        self._trainable_names = [
-            n for n, p in pl_module.named_parameters() if p.requires_grad and id(p) not in factor_ids and p.is_floating_point()
-        ]
-        if self.mode == "merge" and self._theta0 is None:
-            # A resumed run replaces this with the checkpoint's θ₀ (load_state_dict runs after setup).
-            self._theta0 = snapshot(pl_module, self._weight_names + self._trainable_names, _CPU)
+        wrapped = self._inject_lora(pl_module, first)
         if self.mode == "per_task":
             self._training_adapter = first
+            return
+        factor_ids = {id(p) for layer in lora_layers(pl_module).values() for p in layer.adapter_parameters()}
+        trainable = [
+            n for n, p in pl_module.named_parameters() if p.requires_grad and id(p) not in factor_ids and p.is_floating_point()
+        ]
+        self.core.bind(pl_module, names=[weight_key(n) for n in wrapped] + trainable)
+        if self.core.theta0 is None:
+            # A resumed run replaces this with the checkpoint's θ₀ (load_state_dict runs after setup).
+            self.core.capture_theta0(pl_module, "LoRAAdapters: θ₀ (the weights when training starts)")
 
     def _prepare(self, pl_module: LightningModule, experience: int, *, dry_run: bool = False) -> bool:
         if self.mode == "merge":
@@ -779,8 +667,8 @@ class LoRAAdapters(_AdapterCallback):
         if self.start_from == "finetuned" and previous is not None:
             with torch.no_grad():
                 for layer in lora_layers(pl_module).values():
-                    layer.lora_A[key].copy_(layer.lora_A[previous])
-                    layer.lora_B[key].copy_(layer.lora_B[previous])
+                    for store in layer.adapter_layer_names:
+                        getattr(layer, store)[key].copy_(getattr(layer, store)[previous])
         set_active_adapter(pl_module, key)
         if stale is not None:
             delete_adapter(pl_module, stale)
@@ -809,33 +697,38 @@ class LoRAAdapters(_AdapterCallback):
             self._tasks.append(self._training_adapter)
             self._training_adapter = None
         else:
-            self.merger.update(TaskVector(self._task_vector(pl_module)))
+            self.core.fold(self._task_vector(pl_module))
             if at_fit_end:
                 self._hand_back_merged(pl_module)
             else:
                 self._install_start_weights(pl_module)
         if self.check_ranks:
-            _check_ranks_agree(trainer, pl_module, "LoRAAdapters")
+            check_ranks_agree(trainer, pl_module, "LoRAAdapters")
 
     # -- merge mode internals ---------------------------------------------------------------------------
+    @property
+    def _weight_names(self) -> list[str]:
+        return [weight_key(n) for n in self._layer_names or ()]
+
+    @property
+    def _trainable_names(self) -> list[str]:
+        weights = set(self._weight_names)
+        return [n for n in self.core.names or () if n not in weights]
+
     def _factor_names(self) -> list[str]:
-        return [f"{n}.lora_{s}.{_MERGE_ADAPTER}" for n in self._layer_names for s in "AB"]
+        return [f"{n}.{store}.{_MERGE_ADAPTER}" for n in self._layer_names for store in ("lora_A", "lora_B")]
 
-    def _task_vector(self, pl_module: LightningModule) -> dict[str, Tensor]:
-        """τ = θ − θ₀: (base weight − θ₀) + adapter ΔW per wrapped layer, and the trainable parameters' change."""
-        state = pl_module.state_dict()
+    def _task_vector(self, pl_module: LightningModule) -> TaskVector:
+        """τ = θ − θ₀ over the bound tensors, plus the adapter's ΔW on each wrapped weight."""
+        tv = self.core.task_vector(pl_module)
         delta = lora_delta(pl_module, _MERGE_ADAPTER)
-        out = {}
         with torch.no_grad():
-            for n in self._weight_names:
-                out[n] = (state[n].detach().to(_CPU) - self._theta0[n]) + delta[n].to(_CPU)
-            for n in self._trainable_names:
-                out[n] = state[n].detach().to(_CPU) - self._theta0[n]
-        return out
+            return TaskVector({n: (tv[n] + delta[n].to(tv[n].device)) if n in delta else tv[n] for n in tv}, check_finite=False)
 
-    def _merged_tensors(self) -> dict[str, Tensor]:
-        """θ₀ + scale·merged over the wrapped weights and trainable parameters (CPU)."""
-        return self.merger.merged().apply_to(self._theta0, self.scale)
+    def _zero_adapter(self, pl_module: LightningModule) -> None:
+        with torch.no_grad():
+            for layer in lora_layers(pl_module).values():
+                layer.lora_B[_MERGE_ADAPTER].zero_()
 
     def merged_state_dict(self, pl_module: LightningModule) -> dict[str, Tensor]:
         """The module's state dict with the wrapped weights and trainable parameters at θ₀ + scale·merged
@@ -844,9 +737,9 @@ class LoRAAdapters(_AdapterCallback):
         Raises:
             ConfigError: not ``"merge"`` mode, or no experience folded yet.
         """
-        self._require_merged()
+        merged = self._merged_tensors()
         out = dict(pl_module.state_dict())
-        for n, t in self._merged_tensors().items():
+        for n, t in merged.items():
             out[n] = t.to(device=out[n].device, dtype=out[n].dtype)
         for n in self._factor_names():
             if ".lora_B." in n:
@@ -856,54 +749,52 @@ class LoRAAdapters(_AdapterCallback):
     @contextlib.contextmanager
     def merged_weights(self, pl_module: LightningModule) -> Iterator[LightningModule]:
         """Evaluate θ₀ + scale·merged inside the block (e.g. between experiences); the weights come back after."""
-        self._require_merged()
-        names = self._weight_names + self._trainable_names + self._factor_names()
-        saved = snapshot(pl_module, names, _CPU)
         merged = self.merged_state_dict(pl_module)
+        names = [*self.core.names, *self._factor_names()]
+        saved = snapshot(pl_module, names, _CPU)
         write_into(pl_module, {n: merged[n] for n in names})
         try:
             yield pl_module
         finally:
             write_into(pl_module, saved)
 
-    def _require_merged(self) -> None:
+    def _merged_tensors(self) -> dict[str, Tensor]:
         if self.mode != "merge":
             raise ConfigError("LoRAAdapters(mode='per_task') merges nothing; select an adapter with forward_by_task.")
-        if self._theta0 is None or self.merger.num_tasks == 0:
-            raise ConfigError("No experience has been merged yet: train at least one experience first.")
+        return self.core.merged_tensors()
 
     def _hand_back_merged(self, pl_module: LightningModule) -> None:
+        merged = self.core.merged_tensors()
         if self.start_from == "finetuned":  # the next fit continues from the trained adapter and modules
             self._kept = snapshot(pl_module, self._trainable_names + self._factor_names(), _CPU)
         else:
             self._kept = None
-        write_into(pl_module, self._merged_tensors())
-        with torch.no_grad():
-            for layer in lora_layers(pl_module).values():
-                layer.lora_B[_MERGE_ADAPTER].zero_()
+        self.core.write(pl_module, merged)
+        self._zero_adapter(pl_module)
         self._holds_merged = True
 
     def _install_start_weights(self, pl_module: LightningModule) -> None:
         """Set the weights the next experience trains from, as ``start_from`` says."""
-        if self.start_from == "fresh":
-            write_into(pl_module, self._theta0)
+        if self.start_from == "pretrained":
+            self.core.write(pl_module, self.core.theta0)
             reset_lora(pl_module, _MERGE_ADAPTER, seed=self.seed + self.merger.num_tasks)
         elif self.start_from == "finetuned":
             if self._holds_merged:
-                write_into(pl_module, {n: self._theta0[n] for n in self._weight_names})
+                self.core.write(pl_module, {n: self.core.theta0[n] for n in self._weight_names})
                 write_into(pl_module, self._kept)
         else:
-            write_into(pl_module, self._merged_tensors())
+            self.core.write(pl_module, self.core.merged_tensors())
             reset_lora(pl_module, _MERGE_ADAPTER, seed=self.seed + self.merger.num_tasks)
         self._kept = None
         self._holds_merged = False
 
     # -- inference ----------------------------------------------------------------------------------------
-    def _selector(self, pl_module: LightningModule):
-        if self.mode == "merge":
-            return lambda key: contextlib.nullcontext()
-        known = set(self._tasks) | ({self._training_adapter} if self._training_adapter else set())
-        return lambda key: use_adapter(pl_module, key if key in known else None)
+    def _route(self, key: str) -> str | None:
+        known = key in self._tasks or key == self._training_adapter
+        return key if known else None
+
+    def _unlabelled(self, pl_module: LightningModule) -> contextlib.AbstractContextManager:
+        return use_adapter(pl_module, None)
 
     def forward_by_task(self, pl_module: LightningModule, inputs: Tensor, task_labels: Any = None) -> Tensor:
         """``pl_module(inputs)`` with each sample's adapter (``"per_task"``); ``"merge"`` mode: one plain pass.
@@ -915,8 +806,8 @@ class LoRAAdapters(_AdapterCallback):
         live weights while an experience trains).
         """
         if self.mode == "merge":
-            # One adapter serves every label: the batch is not split.
-            _labels_to_keys(task_labels, inputs.shape[0])  # still refuse a label count that does not fit
+            # One merged model serves every label: the batch is not split.
+            labels_to_keys(task_labels, inputs.shape[0])  # still refuse a label count that does not fit
             return pl_module(inputs)
         return super().forward_by_task(pl_module, inputs, task_labels)
 
@@ -932,51 +823,55 @@ class LoRAAdapters(_AdapterCallback):
             "r": self.r,
             "alpha": self.alpha,
             "seed": self.seed,
+            "layer_types": list(self.lora.layer_types),
         }
+
+    def _saved_options(self, state: Mapping[str, Any]) -> Mapping[str, Any]:
+        saved = dict(super()._saved_options(state))
+        if saved.get("start_from") in START_FROM_ALIASES:  # written before "fresh" became "pretrained"
+            saved["start_from"] = START_FROM_ALIASES[saved["start_from"]]
+        return saved
 
     @override
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state.update(
-            trainable_names=list(self._trainable_names),
-            theta0=self._theta0,
-            merger={k: (v.clone() if isinstance(v, Tensor) else v) for k, v in self.merger.state_dict().items()},
-            kept=self._kept,
-            holds_merged=self._holds_merged,
-            tasks=list(self._tasks),
-            training_adapter=self._training_adapter,
-        )
+        state.update(self.core.state_dict())
+        state.update(kept=self._kept, holds_merged=self._holds_merged, tasks=list(self._tasks), training_adapter=self._training_adapter)
         return state
+
+    def _core_state(self, state: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The boundary core's part of a state; a format-1 state (θ₀ and merger kept by this callback) is converted."""
+        if state.get("format_version", 1) >= 2:
+            return state
+        theta0 = state.get("theta0")
+        layers = state.get("layers") if state.get("layers") is not None else self._layer_names
+        trainable = _names(state.get("trainable_names", []), "trainable_names", self._owner)
+        if theta0 is not None and isinstance(theta0, Mapping):
+            names = list(theta0)
+        elif self.mode == "merge" and layers is not None:
+            names = [weight_key(n) for n in layers] + trainable
+        else:
+            names = None
+        return {"names": names, "statistic_names": [], "theta0": theta0, "merger": state.get("merger"), "statistics_merger": None}
 
     @override
     def _prepare_load(self, state: Mapping[str, Any]) -> Callable[[], None]:
         owner = self._owner
         apply_shared = super()._prepare_load(state)
-        finished = state.get("experiences_finished", 0)
-        trainable_names = state.get("trainable_names", self._trainable_names)
-        if not isinstance(trainable_names, (list, tuple)) or not all(isinstance(n, str) for n in trainable_names):
-            raise CheckpointError(f"The checkpoint's {owner} state has trainable_names={trainable_names!r}; expected a list of names.")
-        layers = state.get("layers")
-        weight_names = [f"{n}.weight" for n in (layers if layers is not None else self._layer_names or ())]
-        merged_names = weight_names + list(trainable_names)
+        finished = check_count(state.get("experiences_finished", 0), "experiences_finished", owner)
+        core_state = self._core_state(state)
         layout = None
-        if self._module is not None and self._layer_names is not None:
+        if self._module is not None and self.core.names is not None:
             module_state = self._module.state_dict()
-            if all(n in module_state for n in merged_names):
-                layout = layout_of({n: module_state[n] for n in merged_names})
-        theta0 = state.get("theta0")
-        if theta0 is not None:
-            theta0 = check_tensor_dict(theta0, "theta0", owner, layout, names=merged_names, device=_CPU)
-        elif self.mode == "merge" and (finished or state.get("training_experience") is not None):
+            layout = layout_of({n: module_state[n] for n in self.core.names})
+        if self.mode == "merge" and core_state.get("theta0") is None and (finished or state.get("training_experience") is not None):
             raise CheckpointError(f"The checkpoint's {owner} (mode='merge') has no θ₀ but {finished} finished experience(s); it is damaged.")
-        merger = get_merger(self.method, **self.method_options)
-        merger_state = state.get("merger")
-        if merger_state is not None:
-            merger.load_state_dict(merger_state)  # validates it completely; `merger` is a new object
-        if self.mode == "merge" and merger.num_tasks != finished:
+        apply_core = self.core.prepare_load(core_state, owner, layout=layout)
+        merger_state = core_state.get("merger") or {}
+        folded = merger_state.get("num_tasks", 0) if isinstance(merger_state, Mapping) else 0
+        if self.mode == "merge" and folded != finished:
             raise CheckpointError(
-                f"The checkpoint's {owner} records {finished} finished experience(s) but its merger holds "
-                f"{merger.num_tasks}; it is damaged."
+                f"The checkpoint's {owner} records {finished} finished experience(s) but its merger holds {folded}; it is damaged."
             )
         kept = state.get("kept")
         if kept is not None:
@@ -997,13 +892,9 @@ class LoRAAdapters(_AdapterCallback):
 
         def apply() -> None:
             apply_shared()
-            self.merger = merger
-            self._theta0 = theta0
+            apply_core()
             self._kept = kept
             self._holds_merged = holds_merged
-            if self._layer_names is not None:
-                self._weight_names = [f"{n}.weight" for n in self._layer_names]
-            self._trainable_names = list(trainable_names)
             self._tasks = [str(t) for t in tasks]
             self._training_adapter = training_adapter
             if self._module is not None:
@@ -1055,11 +946,7 @@ class SharedSubspaceAdapters(_AdapterCallback):
         exclude_modules: layers never to adapt.
         trainable_per_task: keep one copy of the ``trainable`` modules per task
             (PEFT's ``modules_to_save``), selected by task label with the
-            task's coefficients (default False: shared by all tasks). Each
-            experience trains them on from the previous task's copy. With a
-            shared head, the head drifts with every task while the stored
-            coefficients stay frozen; on rotated digits that cost Share
-            several points (``docs/adapters.md``).
+            task's coefficients (default False: shared by all tasks).
         seed: seeds every random draw (default 0); the same on all ranks.
         check_ranks: as for :class:`LoRAAdapters`.
 
@@ -1069,6 +956,8 @@ class SharedSubspaceAdapters(_AdapterCallback):
             several experiences (run one ``fit`` per experience), another
             adapter callback or ``ModelMerging`` on the Trainer.
         NoMatchingModulesError: (at ``setup``) ``target_modules`` selects nothing.
+        CheckpointError: a loaded state records Share tasks that the module's
+            Share layers do not hold (the module's own state was not loaded).
 
     Attributes:
         share: the :class:`~cl_plugin.adapters.SharedSubspace` once the first
@@ -1077,12 +966,14 @@ class SharedSubspaceAdapters(_AdapterCallback):
         task_module_states: with ``trainable_per_task=True``, task -> the stored
             copy of the ``trainable`` modules' state (CPU tensors).
 
-    State (``state_dict``): ``format_version``, the options above, ``layers``,
-    ``lora_task`` (the experience the LoRA trains), and ``share`` (the
-    :meth:`SharedSubspace.state_dict`: basis, every task's coefficients,
-    temporary directions while a task trains; or None before the first
-    boundary), ``task_module_names`` and ``task_modules`` (per-task copies
-    with ``trainable_per_task=True``), plus the boundary bookkeeping.
+    State (``state_dict``, ``format_version`` 2): the options above,
+    ``layers``, ``lora_task`` (the experience the LoRA trains), ``share``
+    (None before the first boundary, then Share's bookkeeping: ``tasks``,
+    ``training_task``, ``updates``, ``p``), ``task_module_names`` and
+    ``task_modules``, plus the boundary bookkeeping. Share's basis and
+    coefficients are not in it: they are in the module's ``state_dict``
+    (``<layer>.basis_a``, ``<layer>.coef_a.<task>``, ...), which a checkpoint
+    holds anyway. States of format 1 (which held them twice) load too.
 
     Example::
 
@@ -1124,35 +1015,21 @@ class SharedSubspaceAdapters(_AdapterCallback):
             trainable_per_task=trainable_per_task,
             seed=seed,
             check_ranks=check_ranks,
+            layer_types=("Linear",),  # Share wraps nn.Linear layers
         )
-        if init not in SHARE_INITS:
-            raise ConfigError(
-                f"`init` must be one of {list(SHARE_INITS)}, got {init!r} (SharedSubspaceAdapters)."
-                + did_you_mean(str(init), SHARE_INITS)
-            )
-        # SharedSubspace checks k, p, explained_variance and temporary_directions; build one now to fail early.
-        SharedSubspace(
-            k, p, explained_variance=explained_variance, temporary_directions=temporary_directions, init=init, seed=self.seed
-        )
-        self.k = int(k)
-        self.p = None if p is None else int(p)
-        self.explained_variance = None if explained_variance is None else float(explained_variance)
-        self.temporary_directions = int(temporary_directions)
-        self.init = init
+        self.share_config = ShareConfig(k, p, explained_variance, temporary_directions, init, self.seed)
         self.share: SharedSubspace | None = None
         self._lora_task: str | None = None
         self._hook = None
-        self._pending_share: dict[str, Any] | None = None
+        # Share's bookkeeping from a loaded state, until the module it belongs to is known.
+        self._loaded_share: dict[str, Any] | None = None
 
-    def _new_share(self) -> SharedSubspace:
-        return SharedSubspace(
-            self.k,
-            self.p,
-            explained_variance=self.explained_variance,
-            temporary_directions=self.temporary_directions,
-            init=self.init,
-            seed=self.seed,
-        )
+    # The Share options, as attributes.
+    k = property(lambda self: self.share_config.k)
+    p = property(lambda self: self.share_config.p)
+    explained_variance = property(lambda self: self.share_config.explained_variance)
+    temporary_directions = property(lambda self: self.share_config.temporary_directions)
+    init = property(lambda self: self.share_config.init)
 
     def _what_is_new(self) -> str:
         return "Share's layers after the first experience and each task's coefficients"
@@ -1206,12 +1083,14 @@ class SharedSubspaceAdapters(_AdapterCallback):
     def on_experience_end(self, trainer: Trainer, pl_module: LightningModule, experience: int, at_fit_end: bool) -> None:
         if self.share is None:
             self._store_task_modules(pl_module, self._lora_task)
-            self._build_share(pl_module, self._lora_task)
+            share = SharedSubspace(config=self.share_config)
+            share.inject(pl_module, _exact_names_regex(self._layer_names), lora_task=self._lora_task, trainable=self.trainable)
+            self.share = share
         else:
             self._store_task_modules(pl_module, self.share.training_task)
             self.share.finish_task()
         if self.check_ranks:
-            _check_ranks_agree(trainer, pl_module, "SharedSubspaceAdapters")
+            check_ranks_agree(trainer, pl_module, "SharedSubspaceAdapters")
 
     # -- inference ----------------------------------------------------------------------------------------
     def select(self, task_label: int | str | None, pl_module: LightningModule | None = None) -> None:
@@ -1233,32 +1112,32 @@ class SharedSubspaceAdapters(_AdapterCallback):
             key = self.share.tasks[-1] if task_label is None else adapter_key(task_label, "task label")
             self._install_task_modules(pl_module, key)
 
-    def _selector(self, pl_module: LightningModule):
+    def _route(self, key: str) -> str | None:
         share = self.share
-        if share is None:  # LoRA phase: the LoRA's task (or no label) uses it; other labels the base model
-            return lambda key: use_adapter(pl_module, _MERGE_ADAPTER if key in (None, self._lora_task) else None)
-        known = set(share.tasks) | ({share.training_task} if share.training_task else set())
+        if share is None:  # LoRA phase: the LoRA's task uses it
+            return _MERGE_ADAPTER if key == self._lora_task else None
+        return key if key in share.tasks or key == share.training_task else None
 
-        @contextlib.contextmanager
-        def select(key):
-            layers = list(share.layers.values())
-            before = [layer.get_selection() for layer in layers]
-            try:
-                if key is None:
-                    if share.tasks:
-                        share.select(None)
-                    else:
-                        share.select(share.training_task)
-                elif key in known:
-                    share.select(key)
-                else:
-                    share.disable()
+    @contextlib.contextmanager
+    def _unlabelled(self, pl_module: LightningModule) -> Iterator[None]:
+        share = self.share
+        if share is None:  # LoRA phase: no label uses the LoRA
+            with use_adapter(pl_module, _MERGE_ADAPTER):
                 yield
-            finally:
-                for layer, state in zip(layers, before):
-                    layer.set_selection(state)
-
-        return select
+            return
+        layers = list(share.layers.values())
+        before = [layer.selection() for layer in layers]
+        try:
+            if share.tasks:
+                share.select(None)  # the mean update of the stored tasks
+            elif share.training_task is not None:
+                share.select(share.training_task)
+            else:
+                share.disable()
+            yield
+        finally:
+            for layer, token in zip(layers, before):
+                layer.restore_selection(token)
 
     def forward_by_task(self, pl_module: LightningModule, inputs: Tensor, task_labels: Any = None) -> Tensor:
         """``pl_module(inputs)`` with each sample's task update.
@@ -1272,23 +1151,49 @@ class SharedSubspaceAdapters(_AdapterCallback):
         """
         return super().forward_by_task(pl_module, inputs, task_labels)
 
-    # -- resume: rebuild Share's layers before the module's state loads -----------------------------------
+    # -- resume: Share's tensors come with the module's state -----------------------------------------------
     def _share_structure_pre_hook(self, module, state_dict, prefix, *args) -> None:
-        if self.share is not None or not self._layer_names:
+        # Lightning loads the module's state before the callbacks' (and after `setup` wrapped
+        # the targets in LoRA). A checkpoint written after the first boundary holds Share
+        # layers there: give the module empty Share layers to load them into.
+        if self.share is not None or not self._layer_names or f"{prefix}{self._layer_names[0]}.basis_a" not in state_dict:
             return
-        first = self._layer_names[0]
-        head = f"{prefix}{first}.coef_a."
-        saved_tasks = [k[len(head) :] for k in state_dict if k.startswith(head)]
-        if f"{prefix}{first}.basis_a" not in state_dict or not saved_tasks:
-            return
-        # The checkpoint was written after the first boundary: wrap the LoRA layers in Share
-        # layers now, so the module's state loads; the values come from the checkpoint.
-        self._build_share(module, saved_tasks[0])
+        wrap_for_loading(module, self._layer_names)
 
-    def _build_share(self, module: LightningModule, first_task: str) -> None:
-        share = self._new_share()
-        share.inject(module, _exact_names_regex(self._layer_names), lora_task=first_task, trainable=self.trainable)
-        self.share = share
+    def _check_share_layers(self, pl_module: LightningModule, saved: Mapping[str, Any]) -> None:
+        """Raise unless the module's Share layers hold exactly the tasks of the saved bookkeeping."""
+        owner = self._owner
+        names = self._layer_names or ()
+        modules = dict(pl_module.named_modules())
+        plain = [n for n in names if not isinstance(modules.get(n), SharedLinear)]
+        if plain:
+            raise CheckpointError(
+                f"The {owner} state records Share tasks {saved['tasks']}, whose basis and coefficients are in the "
+                f"module's state dict, but this module holds no Share layer at {preview(plain, 3)}. Resume with "
+                "`trainer.fit(..., ckpt_path=...)`, which loads the module's state too, or load the state into the "
+                "callback of the module it was saved with."
+            )
+        held = [*saved["tasks"], *([saved["training_task"]] if saved["training_task"] else [])]
+        differ = [n for n in names if list(modules[n].tasks) != held]
+        if differ:
+            raise CheckpointError(
+                f"The {owner} state records Share tasks {held}, but the module's Share layer {differ[0]!r} holds "
+                f"{list(modules[differ[0]].tasks)}: the module's state and the callback's come from different points "
+                "of the stream. Load both from the same checkpoint."
+            )
+
+    def _attach_share(self, pl_module: LightningModule, saved: Mapping[str, Any]) -> SharedSubspace:
+        """A SharedSubspace over the module's Share layers, with the saved bookkeeping (checked first)."""
+        self._check_share_layers(pl_module, saved)
+        names = self._layer_names or ()
+        share = SharedSubspace(config=self.share_config)
+        share.attach(pl_module, _exact_names_regex(names), training_task=saved["training_task"], updates=saved["updates"])
+        return share
+
+    def _apply_loaded(self, pl_module: LightningModule) -> None:
+        saved, self._loaded_share = self._loaded_share, None
+        if saved is not None:
+            self.share = self._attach_share(pl_module, saved)
 
     # -- checkpointing ------------------------------------------------------------------------------------
     def _options(self) -> dict[str, Any]:
@@ -1307,7 +1212,10 @@ class SharedSubspaceAdapters(_AdapterCallback):
     @override
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state.update(lora_task=self._lora_task, share=None if self.share is None else self.share.state_dict())
+        share = None
+        if self.share is not None:
+            share = {"tasks": list(self.share.tasks), "training_task": self.share.training_task, "updates": self.share.updates, "p": self.share.p}
+        state.update(lora_task=self._lora_task, share=share)
         return state
 
     @override
@@ -1317,39 +1225,45 @@ class SharedSubspaceAdapters(_AdapterCallback):
         lora_task = state.get("lora_task", self._lora_task)
         if lora_task is not None and not isinstance(lora_task, str):
             raise CheckpointError(f"The checkpoint's {owner} state has lora_task={lora_task!r}; expected None or a name.")
-        saved_share = state.get("share")
-        if saved_share is not None and (not isinstance(saved_share, Mapping) or not isinstance(saved_share.get("tasks"), (list, tuple))):
-            raise CheckpointError(f"The checkpoint's {owner} state has a damaged `share` entry.")
+        saved = state.get("share")
+        bookkeeping = None
+        if saved is not None:  # format 1 held the tensors here as well; only the bookkeeping is read
+            if not isinstance(saved, Mapping) or not isinstance(saved.get("tasks"), (list, tuple)):
+                raise CheckpointError(f"The checkpoint's {owner} state has a damaged `share` entry.")
+            tasks = _names([str(t) if isinstance(t, int) else t for t in saved["tasks"]], "share.tasks", owner)
+            training = saved.get("training_task")
+            if training is not None and not isinstance(training, str):
+                raise CheckpointError(f"The checkpoint's {owner} state has share.training_task={training!r}; expected None or a name.")
+            updates = check_count(saved.get("updates", len(tasks)), "share.updates", owner)
+            bookkeeping = {"tasks": tasks, "training_task": training, "updates": updates}
         finished = state.get("experiences_finished", 0)
-        stored = 0 if saved_share is None else len(saved_share["tasks"])
+        stored = 0 if bookkeeping is None else len(bookkeeping["tasks"])
         if stored != finished:
             raise CheckpointError(
                 f"The checkpoint's {owner} records {finished} finished experience(s) but Share holds {stored} task(s); it is damaged."
             )
+        module = self._module
+        if module is not None:
+            if bookkeeping is not None:
+                self._check_share_layers(module, bookkeeping)
+            elif any(isinstance(m, SharedLinear) for m in module.modules()):
+                raise ConfigError(
+                    f"The checkpoint's {owner} was written before Share's first basis, but the module already holds "
+                    "Share layers; resume it into a module that has not been through this stream."
+                )
 
         def apply() -> None:
-            if saved_share is not None and self.share is not None:
-                # Lightning's resume: the pre-hook built Share's layers while the module's state
-                # loaded. First, since it checks the state and changes nothing when it raises.
-                self.share.load_state_dict(saved_share)
             apply_shared()
             self._lora_task = lora_task
-            if saved_share is not None and self.share is None:
-                # Loaded by hand: applied to the module in `setup` (or now, if one is set up).
-                self._pending_share = saved_share
-                if self._module is not None:
-                    self._apply_loaded(self._module)
+            if bookkeeping is None:
+                self.share = None
+                return
+            if self.share is not None:
+                # Loaded into a callback that already manages Share layers (the same module): take the
+                # state's bookkeeping over those layers.
+                self.share = None
+            self._loaded_share = bookkeeping
+            if self._module is not None:
+                self._apply_loaded(self._module)
 
         return apply
-
-    def _apply_loaded(self, pl_module: LightningModule) -> None:
-        saved, self._pending_share = self._pending_share, None
-        if saved is None or self.share is not None:
-            return
-        share = self._new_share()
-        if any(isinstance(m, SharedLinear) for m in pl_module.modules()):
-            share.attach(pl_module, _exact_names_regex(self._layer_names))  # the same module, wrapped earlier
-            self.share = share
-        else:
-            self._build_share(pl_module, saved["tasks"][0])
-        self.share.load_state_dict(saved)

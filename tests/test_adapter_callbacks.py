@@ -211,8 +211,8 @@ def test_merge_mode_gives_the_same_weights_in_both_stream_styles():
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
-def test_merge_start_from_fresh_restarts_adapter_and_head_at_theta0(runner):
-    cb = RecordingLoRA(**lora_kwargs(start_from="fresh"))
+def test_merge_start_from_pretrained_restarts_adapter_and_head_at_theta0(runner):
+    cb = RecordingLoRA(**lora_kwargs(start_from="pretrained"))
     _, theta0 = runner(cb)
     for experience, start in cb.starts:
         assert torch.count_nonzero(start["net.0.lora_B.default"]) == 0, experience
@@ -692,7 +692,7 @@ def crash_and_resume(tmp_path, make_callback, crash_at_step):
 # experience 0 (before the first boundary); 9: exactly at the start of experience 1; 13 and 21: in the
 # middle of experiences 1 and 2 (after one and two boundaries).
 @pytest.mark.parametrize("crash_at_step", [6, 9, 21])
-@pytest.mark.parametrize("start_from", ["fresh", "finetuned"])
+@pytest.mark.parametrize("start_from", ["pretrained", "finetuned"])
 def test_merge_mode_killed_and_resumed_ends_bit_identical(tmp_path, crash_at_step, start_from):
     reference, _ = run_one_fit(LoRAAdapters(**lora_kwargs(start_from=start_from)))
     resumed, cb = crash_and_resume(tmp_path, lambda: LoRAAdapters(**lora_kwargs(start_from=start_from)), crash_at_step)
@@ -792,7 +792,7 @@ def test_the_state_key_names_the_callback_not_its_settings():
         (dict(method="magmaks"), r"Unknown merging method 'magmaks'.*Did you mean 'magmax'"),
         (dict(method="ties", topk=0.2), r"Unknown option\(s\) \['topk'\]"),
         (dict(scale=0.0), r"`scale` must be a real number in \(0, 10\], got 0.0"),
-        (dict(start_from="pretrained"), r"`start_from` must be one of \['fresh', 'finetuned', 'merged'\]"),
+        (dict(start_from="pretrain"), r"`start_from` must be one of \['pretrained', 'finetuned', 'merged'\].*Did you mean 'pretrained'"),
         (dict(mode="per_task", start_from="merged"), r"with mode='per_task', got 'merged'"),
         (dict(mode="per_task", scale=0.5), r"\['scale'\] only apply to mode='merge'"),
         (dict(mode="per_task", top_k=0.2), r"\['top_k'\] only apply to mode='merge'"),

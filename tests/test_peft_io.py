@@ -239,3 +239,56 @@ def test_load_lora_checks_modules_to_save_before_changing_anything(tmp_path):
     for k, v in other.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert len(lora_layers(other)) == 4
+
+
+# -- other layer types: GPT-2's Conv1D and its embedding, a convolution ------------------------------------
+def make_gpt2(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=99, n_positions=16)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def gpt2_logits(model: nn.Module) -> torch.Tensor:
+    ids = torch.randint(0, 99, (3, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_gpt2_conv1d_and_embedding_adapters_cross_into_peft_and_back(tmp_path):
+    base = make_gpt2()
+    fresh = copy.deepcopy(base)
+    inject_lora(base, ["c_attn", "c_proj", "c_fc", "wte"], r=4, alpha=8, layer_types=("Conv1D", "Embedding"))
+    randomise(base, seed=11)
+    save_lora(base, tmp_path / "gpt2", modules_to_save=[])
+    config = json.loads((tmp_path / "gpt2" / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is True
+    keys = set(load_file(tmp_path / "gpt2" / "adapter_model.safetensors"))
+    assert {"base_model.model.transformer.wte.lora_embedding_A", "base_model.model.transformer.wte.lora_embedding_B"} <= keys
+    assert "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight" in keys
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(fresh), tmp_path / "gpt2").eval()
+    torch.testing.assert_close(gpt2_logits(peft_model), gpt2_logits(base), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(gpt2_logits(base), gpt2_logits(fresh), atol=1e-3)
+    # ... and PEFT's own file of the same adapters loads back into a fresh model of ours.
+    peft_model.save_pretrained(tmp_path / "peft")
+    ours = copy.deepcopy(fresh)
+    inject_lora(ours, ["c_attn", "c_proj", "c_fc", "wte"], r=4, alpha=8, layer_types=("Conv1D", "Embedding"))
+    assert len(load_lora(ours, tmp_path / "peft")) == len(lora_layers(base))
+    torch.testing.assert_close(gpt2_logits(ours), gpt2_logits(base), rtol=0, atol=0)
+
+
+def test_conv2d_adapters_cross_into_peft(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(4 * 36, 2)).eval()
+    fresh = copy.deepcopy(net)
+    inject_lora(net, ["0", "2", "4"], r=2, alpha=4, layer_types=("Linear", "Conv2d"))
+    randomise(net, seed=12)
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(2))
+    save_lora(net, tmp_path / "conv", modules_to_save=[])
+    assert load_file(tmp_path / "conv" / "adapter_model.safetensors")["base_model.model.0.lora_A.weight"].shape == (2, 3, 3, 3)
+    peft_model = peft.PeftModel.from_pretrained(fresh, tmp_path / "conv").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(x), net(x), rtol=1e-5, atol=1e-6)
+    wrong = nn.Sequential(nn.Conv2d(3, 8, 5, padding=2), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(4 * 36, 2))
+    inject_lora(wrong, ["0", "2", "4"], r=2, alpha=4, layer_types=("Linear", "Conv2d"))
+    with pytest.raises(StateDictMismatchError, match=r"'0' has lora_A \(2, 3, 3, 3\) .* the layer needs \(r, 3, 5, 5\)"):
+        load_lora(wrong, tmp_path / "conv")

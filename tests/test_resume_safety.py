@@ -48,7 +48,7 @@ EXPECTED = {
     "ce_scales": {"error": "ConfigError", "message": r"scales: checkpoint \{\}, now \{'ties': 0.3\}"},
     "lora_same": dict(WORKS, experiences_finished=3),
     "lora_method": {"error": "ConfigError", "message": r"method: checkpoint 'magmax', now 'average'"},
-    "lora_start_from": {"error": "ConfigError", "message": r"start_from: checkpoint 'fresh', now 'finetuned'"},
+    "lora_start_from": {"error": "ConfigError", "message": r"start_from: checkpoint 'pretrained', now 'finetuned'"},
     "lora_scale": {"error": None, "experiences_finished": 3},
     "share_same": dict(WORKS, experiences_finished=3),
     "share_k": {"error": "ConfigError", "message": r"k: checkpoint 8, now 6"},

@@ -8,7 +8,9 @@ cl-plugin wrote them. The format follows PEFT 0.21 (``peft/utils/save_and_load.p
 ``peft/tuners/lora/config.py`` ``LoraConfig``):
 
 - ``adapter_model.safetensors``: ``base_model.model.<module>.lora_A.weight``
-  (r × d_in) and ``...lora_B.weight`` (d_out × r), without the adapter name;
+  and ``...lora_B.weight`` (for an ``nn.Embedding``: ``...lora_embedding_A``
+  and ``...lora_embedding_B``), shaped as in
+  :mod:`cl_plugin.adapters.lora_layer`, without the adapter name;
   for every module of ``modules_to_save``, each key of its ``state_dict()`` as
   ``base_model.model.<module>.<key>`` (PEFT's ``modules_to_save.<adapter>.``
   infix removed). ``<module>`` is the name inside the model that PEFT wraps.
@@ -57,7 +59,9 @@ import torch
 from torch import Tensor, nn
 
 from cl_plugin._checks import check_finite
-from cl_plugin.adapters.lora import LoRALinear, _require_layers, adapter_key
+from cl_plugin.adapters.config import adapter_key
+from cl_plugin.adapters.lora import _require_layers
+from cl_plugin.adapters.lora_layer import LoRAEmbedding, LoRALayer
 from cl_plugin.adapters.matching import Patterns, match_modules
 from cl_plugin.errors import CheckpointError, ConfigError, StateDictMismatchError, did_you_mean, preview
 
@@ -70,7 +74,11 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 _FORMAT = "cl_plugin.lora"
 _FORMAT_VERSION = "1"
 _PEFT_PREFIX = "base_model.model."
-_KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+# ``<module>.lora_A[.<adapter>].weight`` (Linear, Conv1D, Conv2d) or ``<module>.lora_embedding_A[.<adapter>]`` (Embedding).
+_KEY_RE = re.compile(
+    r"^(?P<module>.+)\.(?:lora_(?P<side>[AB])(?:\.(?P<adapter>[^.]+))?\.weight"
+    r"|lora_embedding_(?P<eside>[AB])(?:\.(?P<eadapter>[^.]+))?)$"
+)
 
 #: PEFT's ``TaskType`` values.
 _TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
@@ -113,7 +121,7 @@ def _submodule_name(model: nn.Module, sub: object, what: str) -> str:
     )
 
 
-def _containing_lora(layers: Mapping[str, LoRALinear]) -> set[str]:
+def _containing_lora(layers: Mapping[str, LoRALayer]) -> set[str]:
     """Names of the LoRA layers and of every module that contains one."""
     out = set()
     for name in layers:
@@ -122,7 +130,7 @@ def _containing_lora(layers: Mapping[str, LoRALinear]) -> set[str]:
     return out
 
 
-def _trainable_modules(model: nn.Module, layers: Mapping[str, LoRALinear]) -> list[str]:
+def _trainable_modules(model: nn.Module, layers: Mapping[str, LoRALayer]) -> list[str]:
     """The modules whose parameters ``inject_lora(trainable=...)`` left trainable, top-most first.
 
     A module qualifies when it holds no LoRA layer and every parameter in it
@@ -155,7 +163,7 @@ def _trainable_modules(model: nn.Module, layers: Mapping[str, LoRALinear]) -> li
     return sorted(selected, key=lambda n: order.get(n, len(order)))
 
 
-def _modules_to_save(model: nn.Module, layers: Mapping[str, LoRALinear], patterns: Patterns | None) -> list[str]:
+def _modules_to_save(model: nn.Module, layers: Mapping[str, LoRALayer], patterns: Patterns | None) -> list[str]:
     if patterns is None:
         names = _trainable_modules(model, layers)
     elif not isinstance(patterns, str) and not patterns:
@@ -165,7 +173,7 @@ def _modules_to_save(model: nn.Module, layers: Mapping[str, LoRALinear], pattern
     return names
 
 
-def _check_saved_modules(names: Sequence[str], layers: Mapping[str, LoRALinear]) -> None:
+def _check_saved_modules(names: Sequence[str], layers: Mapping[str, LoRALayer]) -> None:
     with_lora = _containing_lora(layers)
     bad = [n for n in names if n in with_lora or any(_under(n, layer) for layer in layers)]
     if bad:
@@ -182,7 +190,7 @@ def _base_root(model: nn.Module, base_model: nn.Module | None, names: Sequence[s
     elif _is_lightning_module(model):
         heads = sorted({n.split(".")[0] for n in names})
         child = dict(model.named_children()).get(heads[0]) if len(heads) == 1 else None
-        if child is None or isinstance(child, LoRALinear):
+        if child is None or isinstance(child, LoRALayer):
             raise ConfigError(
                 f"save_lora: cannot tell which module of {type(model).__name__} PEFT should wrap: the LoRA layers "
                 f"and modules to save lie under the children {preview(heads)}, not under exactly one child that "
@@ -203,7 +211,7 @@ def _base_root(model: nn.Module, base_model: nn.Module | None, names: Sequence[s
 
 
 def _check_peft_selection(
-    model: nn.Module, root: str, layers: Mapping[str, LoRALinear], targets: Sequence[str], saved: Sequence[str]
+    model: nn.Module, root: str, layers: Mapping[str, LoRALayer], targets: Sequence[str], saved: Sequence[str]
 ) -> None:
     """Refuse names that PEFT's matching would also apply to other modules of the base model."""
     names = [
@@ -224,13 +232,18 @@ def _check_peft_selection(
 
 
 # -- tensors and config -----------------------------------------------------------------
-def _factor_tensors(layers: Mapping[str, LoRALinear], adapter: str | None, root: str) -> dict[str, Tensor]:
+def _peft_key(layer: LoRALayer, side: str) -> str:
+    """The key of factor ``side`` ("A" or "B") in PEFT's saved format (PEFT keeps an Embedding's factors as bare Parameters)."""
+    return f"lora_embedding_{side}" if isinstance(layer, LoRAEmbedding) else f"lora_{side}.weight"
+
+
+def _factor_tensors(layers: Mapping[str, LoRALayer], adapter: str | None, root: str) -> dict[str, Tensor]:
     out = {}
     for name, layer in layers.items():
         key = layer._require(adapter)
         rel = _relative(name, root)
-        out[f"{_PEFT_PREFIX}{rel}.lora_A.weight"] = layer.lora_A[key].detach().to("cpu").clone().contiguous()
-        out[f"{_PEFT_PREFIX}{rel}.lora_B.weight"] = layer.lora_B[key].detach().to("cpu").clone().contiguous()
+        for side in "AB":
+            out[f"{_PEFT_PREFIX}{rel}.{_peft_key(layer, side)}"] = getattr(layer, f"lora_{side}")[key].detach().to("cpu").clone().contiguous()
     return out
 
 
@@ -239,7 +252,7 @@ def _json_number(value: float) -> int | float:
 
 
 def _peft_config(
-    layers: Mapping[str, LoRALinear],
+    layers: Mapping[str, LoRALayer],
     saved: Sequence[str],
     task_type: str | None,
     base_model_name_or_path: str | None,
@@ -247,7 +260,7 @@ def _peft_config(
     """PEFT's ``LoraConfig`` as a JSON mapping, for layers keyed by their name in the base model."""
     r = Counter(layer.r for layer in layers.values()).most_common(1)[0][0]
     alpha = Counter(layer.alpha for layer in layers.values()).most_common(1)[0][0]
-    dropouts = sorted({getattr(layer.lora_dropout, "p", 0.0) for layer in layers.values()})
+    dropouts = sorted({layer.dropout for layer in layers.values()})
     if len(dropouts) > 1:
         warnings.warn(
             f"save_lora: the LoRA layers use different dropout {dropouts}; PEFT's config holds one, "
@@ -267,7 +280,7 @@ def _peft_config(
         "alpha_pattern": {re.escape(n): _json_number(layer.alpha) for n, layer in layers.items() if layer.alpha != alpha},
         "modules_to_save": list(saved) or None,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": any(layer.type_name == "Conv1D" for layer in layers.values()),
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,
@@ -280,8 +293,8 @@ def lora_state_dict(
 ) -> dict[str, Tensor]:
     """Adapter ``adapter`` (default: active) in PEFT's saved-key format, on CPU.
 
-    Keys: ``base_model.model.<module>.lora_A.weight`` (r × d_in) and
-    ``...lora_B.weight`` (d_out × r), ``<module>`` relative to ``base_model``
+    Keys: ``base_model.model.<module>.lora_A.weight`` and ``...lora_B.weight``
+    (an Embedding's: ``...lora_embedding_A`` / ``..._B``), ``<module>`` relative to ``base_model``
     (default: ``model``); scaling is *not* folded in.
 
     Example:
@@ -432,7 +445,7 @@ def save_lora(
         tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _save_lora_file(layers: Mapping[str, LoRALinear], path: str | os.PathLike, adapter: str | None, root: str) -> None:
+def _save_lora_file(layers: Mapping[str, LoRALayer], path: str | os.PathLike, adapter: str | None, root: str) -> None:
     from safetensors.torch import save_file
 
     from cl_plugin._io import atomic_output
@@ -540,7 +553,7 @@ def _resolve(name: str, candidates: Sequence[str]) -> tuple[str | None, list[str
 
 
 def _saved_module_plan(
-    model: nn.Module, others: Mapping[str, Tensor], entries: Sequence[str], layers: Mapping[str, LoRALinear], strict: bool
+    model: nn.Module, others: Mapping[str, Tensor], entries: Sequence[str], layers: Mapping[str, LoRALayer], strict: bool
 ) -> list[tuple[str, Tensor, Tensor]]:
     """(name, model tensor, file tensor) for the file's tensors of PEFT's ``modules_to_save``.
 
@@ -651,9 +664,10 @@ def load_lora(
         if not m:
             others[stripped] = value  # modules_to_save, heads, ...: not LoRA factors
             continue
-        if m.group("adapter"):
-            seen_adapters.add(m.group("adapter"))
-        factors.setdefault(m.group("module"), {})[m.group("side")] = value
+        adapter_segment = m.group("adapter") or m.group("eadapter")
+        if adapter_segment:
+            seen_adapters.add(adapter_segment)
+        factors.setdefault(m.group("module"), {})[m.group("side") or m.group("eside")] = value
     if len(seen_adapters) > 1:
         raise ConfigError(
             f"load_lora: the state dict holds several PEFT adapters {sorted(seen_adapters)}; pass one adapter's tensors."
@@ -697,10 +711,16 @@ def load_lora(
     for module, fac in factors.items():
         layer = layers[resolved[module]]
         a, b = fac["A"], fac["B"]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
+        shapes = layer._adapter_shapes()
+        need_a, need_b = ("r", *shapes["lora_A"][1:]), (shapes["lora_B"][0], "r", *shapes["lora_B"][2:])
+        if (
+            a.dim() != len(need_a) or b.dim() != len(need_b)
+            or tuple(a.shape[1:]) != need_a[1:] or b.shape[0] != need_b[0] or tuple(b.shape[2:]) != need_b[2:]
+        ):
+            show = lambda shape: "(" + ", ".join(map(str, shape)) + ")"  # noqa: E731
             raise StateDictMismatchError(
                 f"load_lora: {module!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; the layer needs "
-                f"(r, {layer.in_features}) and ({layer.out_features}, r)."
+                f"{show(need_a)} and {show(need_b)}."
             )
         if a.shape[0] != b.shape[1] or a.shape[0] != layer.r:
             raise StateDictMismatchError(
@@ -724,7 +744,7 @@ def load_lora(
         raise ConfigError(f"load_lora: {preview(no_target)} have no active adapter; pass `adapter=`.")
     for name, layer, a, b in plan:
         target = layer.active_adapter if key is None else key
-        if target not in layer.lora_A:
+        if not layer.has_adapter(target):
             layer.add_adapter(target)
         layer.lora_A[target].copy_(a)
         layer.lora_B[target].copy_(b)

@@ -104,6 +104,7 @@ Deliberate differences from the reference
    rank-p approximation of its coefficient core ε_β ε_αᵀ.
 """
 
+
 from __future__ import annotations
 
 import json
@@ -116,28 +117,28 @@ import torch
 from torch import Tensor, nn
 
 from cl_plugin._checks import check_finite
-from cl_plugin.adapters.lora import (
+from cl_plugin.adapters.config import ShareConfig, adapter_key, check_int
+from cl_plugin.adapters.layer import (
+    AdapterLayer,
     InjectionSummary,
-    LoRALinear,
-    adapter_key,
-    check_float,
-    check_int,
     check_parent_calls_forward,
     count_parameters,
     freeze_except,
     layer_generator,
-    lora_layers,
     replace_module,
 )
+from cl_plugin.adapters.lora import lora_layers
+from cl_plugin.adapters.lora_layer import LoRALinear
 from cl_plugin.adapters.matching import Patterns, match_modules
 from cl_plugin.errors import ConfigError, NoMatchingModulesError, StateDictMismatchError, preview
 from cl_plugin.task_vectors import TaskVector
 
-__all__ = ["SharedLinear", "SharedSubspace", "fit_basis"]
+__all__ = ["SharedLinear", "SharedSubspace", "TEMPORARY_NAMES", "fit_basis"]
 
 _FORMAT = "cl_plugin.SharedSubspace"
 _FORMAT_VERSION = 1
-_INITS = ("previous", "fresh")
+#: The tensors a task with temporary directions trains besides its coefficients (per layer).
+TEMPORARY_NAMES = ("tmp_basis_a", "tmp_coef_a", "tmp_basis_b", "tmp_coef_b")
 _RANK_RTOL = 1e-10  # singular values below this fraction of the largest count as zero (float64)
 
 
@@ -231,13 +232,16 @@ def _best_rank_p(coef_b: Tensor, coef_a: Tensor, p: int) -> tuple[Tensor, Tensor
     return eb, ea
 
 
+
 # -- the layer ---------------------------------------------------------------------------------
-class SharedLinear(nn.Module):
+class SharedLinear(AdapterLayer):
     """A frozen ``nn.Linear`` plus a shared basis and per-task coefficients.
 
     Built by :meth:`SharedSubspace.inject`; :class:`SharedSubspace` manages the
     tasks. ``weight`` and ``bias`` are the base layer's own Parameters (same
-    state-dict names as before wrapping).
+    state-dict names as before wrapping). The layer holds all of Share's state
+    for its weight: the basis, every task's coefficients, and while a task
+    trains its temporary directions; the manager keeps only its options.
 
     Args:
         base: the ``nn.Linear`` (or unmerged :class:`LoRALinear`) to wrap.
@@ -250,8 +254,8 @@ class SharedLinear(nn.Module):
     (d_in×K_α), ``basis_b`` (d_out×K_β), ``coef_a.<task>`` (K_α×p),
     ``coef_b.<task>`` (K_β×p), and while a task with temporary directions
     trains, ``tmp_basis_a`` (d_in×φ), ``tmp_coef_a`` (φ×p), ``tmp_basis_b``,
-    ``tmp_coef_b``. Loading a state dict re-shapes the basis and creates the
-    coefficients it names.
+    ``tmp_coef_b``. Loading a state dict re-shapes the basis, creates the
+    coefficients it names and takes ``p`` from them.
 
     Raises:
         ConfigError: ``base`` is neither an ``nn.Linear`` nor an unmerged LoRALinear,
@@ -265,6 +269,10 @@ class SharedLinear(nn.Module):
                 [6., 0.]])
     """
 
+    adapter_layer_names = ("coef_a", "coef_b")
+    shaped_tensor_names = ("basis_a", "basis_b", *TEMPORARY_NAMES)
+    optional_tensor_names = TEMPORARY_NAMES
+
     def __init__(self, base: nn.Module, basis_a: Tensor, basis_b: Tensor, *, p: int, name: str = "") -> None:
         if isinstance(base, LoRALinear):
             if base.merged_adapter is not None:
@@ -277,35 +285,23 @@ class SharedLinear(nn.Module):
                 f"basis shapes {tuple(basis_a.shape)} / {tuple(basis_b.shape)} do not fit a {d_in}→{d_out} layer; "
                 f"expected ({d_in}, K_a) and ({d_out}, K_b)."
             )
-        super().__init__()
+        super().__init__(base, name)
         self.in_features, self.out_features = d_in, d_out
-        self.weight = base.weight
-        self.bias = base.bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
         self.p = check_int(p, "p")
-        self.layer_name = name
         factory = self._factory()
         self.register_buffer("basis_a", basis_a.detach().to(**factory).contiguous())
         self.register_buffer("basis_b", basis_b.detach().to(**factory).contiguous())
-        self.coef_a = nn.ParameterDict()
-        self.coef_b = nn.ParameterDict()
-        for attr in ("tmp_basis_a", "tmp_coef_a", "tmp_basis_b", "tmp_coef_b"):
+        for attr in TEMPORARY_NAMES:
             self.register_parameter(attr, None)
         self.register_buffer("mean_core", None, persistent=False)
         self.training_task: str | None = None
-        self.active_adapter: str | None = None
         self.use_mean = False
         self.train(base.training)
 
-    def _factory(self) -> dict[str, Any]:
-        dtype = self.weight.dtype if self.weight.is_floating_point() else torch.float32
-        return {"device": self.weight.device, "dtype": dtype}
-
     @property
     def tasks(self) -> tuple[str, ...]:
-        return tuple(self.coef_a.keys())
+        """Every task with coefficients here (the training one included), in order."""
+        return self.adapters
 
     @property
     def has_temporary(self) -> bool:
@@ -318,6 +314,9 @@ class SharedLinear(nn.Module):
             f"active={'mean' if self.use_mean else self.active_adapter!r}"
         )
 
+    def _adapter_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"coef_a": (self.basis_a.shape[1], self.p), "coef_b": (self.basis_b.shape[1], self.p)}
+
     # -- coefficients ----------------------------------------------------------------------
     def add_task(self, key: str, coef_a: Tensor, coef_b: Tensor, *, trainable: bool = False) -> None:
         """Store coefficients (K_α×p, K_β×p) for task ``key``, replacing any it had."""
@@ -327,21 +326,16 @@ class SharedLinear(nn.Module):
             raise ConfigError(
                 f"coefficients {tuple(coef_a.shape)} / {tuple(coef_b.shape)} do not fit K_a={ka}, K_b={kb}, p={self.p}."
             )
-        factory = self._factory()
         for store, value in ((self.coef_a, coef_a), (self.coef_b, coef_b)):
-            value = value.detach().to(**factory)
             if key in store and store[key].shape == value.shape:
                 with torch.no_grad():
-                    store[key].copy_(value)  # keep the Parameter object (optimizers hold it)
+                    store[key].copy_(value.detach())  # keep the Parameter object (optimizers hold it)
                 store[key].requires_grad_(trainable)
             else:
-                store[key] = nn.Parameter(value.clone(), requires_grad=trainable)
+                store[key] = self._new_parameter(value, trainable)
 
     def remove_task(self, key: str) -> None:
-        del self.coef_a[key]
-        del self.coef_b[key]
-        if self.active_adapter == key:
-            self.active_adapter = None
+        self.delete_adapter(key)
 
     def set_basis(self, basis_a: Tensor, basis_b: Tensor) -> None:
         factory = self._factory()
@@ -351,13 +345,16 @@ class SharedLinear(nn.Module):
         self.use_mean = False
 
     def set_temporary(self, basis_a: Tensor, coef_a: Tensor, basis_b: Tensor, coef_b: Tensor, *, trainable: bool = True) -> None:
-        factory = self._factory()
-        for attr, value in (("tmp_basis_a", basis_a), ("tmp_coef_a", coef_a), ("tmp_basis_b", basis_b), ("tmp_coef_b", coef_b)):
-            setattr(self, attr, nn.Parameter(value.detach().to(**factory).clone(), requires_grad=trainable))
+        for attr, value in zip(TEMPORARY_NAMES, (basis_a, coef_a, basis_b, coef_b)):
+            setattr(self, attr, self._new_parameter(value, trainable))
 
     def drop_temporary(self) -> None:
-        for attr in ("tmp_basis_a", "tmp_coef_a", "tmp_basis_b", "tmp_coef_b"):
+        for attr in TEMPORARY_NAMES:
             setattr(self, attr, None)
+
+    def temporary_parameters(self) -> list[nn.Parameter]:
+        """The temporary directions and their coefficients (empty when there are none)."""
+        return [getattr(self, attr) for attr in TEMPORARY_NAMES] if self.has_temporary else []
 
     def factors(self, key: str) -> tuple[Tensor, Tensor]:
         """(A_tᵀ, B_t) of task ``key``: d_in×p and d_out×p, temporary part included while it trains."""
@@ -386,11 +383,11 @@ class SharedLinear(nn.Module):
         return core / len(keys)
 
     # -- selection -------------------------------------------------------------------------
-    def set_active(self, key: str | None) -> None:
+    def set_active(self, key: str | int | None) -> None:
         """Use task ``key``'s coefficients (``None``: the base layer alone)."""
         if key is not None:
             key = adapter_key(key, "task label")
-            if key not in self.coef_a:
+            if not self.has_adapter(key):
                 raise ConfigError(f"Unknown task {key!r}; this layer holds {list(self.tasks)}.")
         self.active_adapter = key
         self.use_mean = False
@@ -401,51 +398,61 @@ class SharedLinear(nn.Module):
         self.use_mean = True
         self.active_adapter = None
 
-    def get_selection(self):
+    def selection(self) -> object:
         return ("mean", self.mean_core) if self.use_mean else ("task", self.active_adapter)
 
-    def set_selection(self, state) -> None:
-        kind, value = state
+    def restore_selection(self, token: object) -> None:
+        kind, value = token  # type: ignore[misc]
         if kind == "mean":
             self.set_mean(value)
         else:
             self.set_active(value)
 
     # -- forward ---------------------------------------------------------------------------
-    def forward(self, x: Tensor) -> Tensor:
-        result = nn.functional.linear(x, self.weight, self.bias)
+    def _base_forward(self, x: Tensor) -> Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+    def _adapter_forward(self, x: Tensor, key: str) -> Tensor:
+        fa, fb = self.factors(key)
+        return (x.to(fa.dtype) @ fa) @ fb.T
+
+    def _selected_output(self, x: Tensor) -> Tensor | None:
         if self.use_mean and self.mean_core is not None:
             h = x.to(self.basis_a.dtype) @ self.basis_a
-            return result + ((h @ self.mean_core.T) @ self.basis_b.T).to(result.dtype)
-        key = self.active_adapter
-        if key is None:
-            return result
-        fa, fb = self.factors(key)
-        return result + ((x.to(fa.dtype) @ fa) @ fb.T).to(result.dtype)
+            return (h @ self.mean_core.T) @ self.basis_b.T
+        return super()._selected_output(x)
 
     # -- state dict ------------------------------------------------------------------------
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        # Re-shape the basis and create the coefficients the state dict names, so a
-        # checkpoint taken after any number of tasks loads into a freshly wrapped model.
-        factory = self._factory()
-        for attr in ("basis_a", "basis_b"):
-            value = state_dict.get(prefix + attr)
-            if isinstance(value, Tensor) and value.shape != getattr(self, attr).shape:
-                setattr(self, attr, torch.empty(value.shape, **factory))
-        for attr in ("coef_a", "coef_b"):
-            store = getattr(self, attr)
-            head = prefix + attr + "."
-            for key, value in state_dict.items():
-                if key.startswith(head) and isinstance(value, Tensor):
-                    task = key[len(head) :]
-                    if task and "." not in task and (task not in store or store[task].shape != value.shape):
-                        store[task] = nn.Parameter(torch.empty(value.shape, **factory), requires_grad=False)
-        for attr in ("tmp_basis_a", "tmp_coef_a", "tmp_basis_b", "tmp_coef_b"):
-            value = state_dict.get(prefix + attr)
-            current = getattr(self, attr)
-            if isinstance(value, Tensor) and (current is None or current.shape != value.shape):
-                setattr(self, attr, nn.Parameter(torch.empty(value.shape, **factory), requires_grad=False))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+    def _prepare_state(self, state_dict: Mapping[str, Any], prefix: str) -> None:
+        # p and the coefficients' shapes come from the state dict, like the basis.
+        shapes = {}
+        for store in self.adapter_layer_names:
+            head = f"{prefix}{store}."
+            shapes.update({(store, k[len(head) :]): v.shape for k, v in state_dict.items() if k.startswith(head) and isinstance(v, Tensor)})
+        if shapes:
+            self.p = int(next(iter(shapes.values()))[-1])
+        for (store, key), shape in shapes.items():
+            held = getattr(self, store)
+            if key in held and held[key].shape != shape:
+                del held[key]
+        self.mean_core = None
+        self.use_mean = False
+        super()._prepare_state(state_dict, prefix)
+
+
+def wrap_for_loading(model: nn.Module, names: Sequence[str]) -> None:
+    """Put an empty :class:`SharedLinear` (no basis, no task) at each of ``names``, to load a state dict into.
+
+    The layers take their basis, coefficients and ``p`` from the state dict
+    that loads next; the wrapped layers' weights are kept.
+    """
+    for name in names:
+        base = model.get_submodule(name)
+        if isinstance(base, SharedLinear):
+            continue
+        empty_a = torch.zeros(base.in_features, 0)
+        empty_b = torch.zeros(base.out_features, 0)
+        replace_module(model, name, SharedLinear(base, empty_a, empty_b, p=1, name=name))
 
 
 # -- the manager -------------------------------------------------------------------------------
@@ -468,27 +475,23 @@ class SharedSubspace:
     Layers can also be wrapped without a LoRA (plain ``nn.Linear`` targets): the
     basis then starts as seeded random orthonormal directions and ``p`` must be given.
 
-    Args:
-        k: basis size per side (default 32, the reference's), or its upper bound
-            when ``explained_variance`` is given.
-        p: columns of every coefficient matrix (the pseudo-rank of each task's
-            update). Default: the rank r of the LoRA the basis starts from.
-        explained_variance: if given, after every task keep the smallest K per
-            side whose squared singular values reach this fraction of the total
-            (a float in (0, 1]); K then varies per layer and side.
-        temporary_directions: φ extra trainable directions per side while a task
-            trains, folded in by :meth:`finish_task` (default 0).
-        init: a new task's coefficients start as the last stored task's
-            (``"previous"``, default, as in the reference pipeline) or fresh
-            (``"fresh"``: ΔW = 0 at the start).
-        seed: seeds every random draw (per layer, side and task; identical on all ranks).
+    The tensors live in the :class:`SharedLinear` layers (so in the model's
+    ``state_dict``); this object keeps its options, which layers it manages,
+    and how many basis updates it made (the seed of the next random draws).
+    The tasks are read from the layers.
 
-    State (:meth:`state_dict`): plain values ``format_version``, ``k``, ``p``,
-    ``explained_variance``, ``temporary_directions``, ``init``, ``seed``,
-    ``tasks`` (list of str), ``training_task``, ``updates``, ``layers`` (list of
-    str), and CPU tensors ``basis_a.<layer>`` (d_in×K_α), ``basis_b.<layer>``
-    (d_out×K_β), ``coef_a.<task>.<layer>`` (K_α×p), ``coef_b.<task>.<layer>``
-    (K_β×p), ``tmp_*.<layer>`` while a task with temporary directions trains.
+    Args:
+        k, p, explained_variance, temporary_directions, init, seed: the options
+            of :class:`~cl_plugin.adapters.ShareConfig` (checked there).
+        config: the options as one ``ShareConfig`` instead.
+
+    State (:meth:`state_dict`, a view for files and hand-made checkpoints):
+    plain values ``format_version``, ``k``, ``p``, ``explained_variance``,
+    ``temporary_directions``, ``init``, ``seed``, ``tasks`` (list of str),
+    ``training_task``, ``updates``, ``layers`` (list of str), and CPU tensors
+    ``basis_a.<layer>`` (d_in×K_α), ``basis_b.<layer>`` (d_out×K_β),
+    ``coef_a.<task>.<layer>`` (K_α×p), ``coef_b.<task>.<layer>`` (K_β×p),
+    ``tmp_*.<layer>`` while a task with temporary directions trains.
 
     Raises:
         ConfigError: an argument is out of range (e.g. ``p > k``).
@@ -513,52 +516,54 @@ class SharedSubspace:
         temporary_directions: int = 0,
         init: str = "previous",
         seed: int = 0,
+        config: ShareConfig | None = None,
     ) -> None:
-        k = check_int(k, "k")
-        if p is not None:
-            p = check_int(p, "p")
-            if p > k:
-                raise ConfigError(f"`p`={p} must not exceed `k`={k}: a task's coefficients are K×p with K <= k.")
-        if explained_variance is not None:
-            explained_variance = check_float(
-                explained_variance, "explained_variance", 0.0, 1.0, low_open=True, high_open=False
-            )
-        temporary_directions = check_int(temporary_directions, "temporary_directions", low=0)
-        if init not in _INITS:
-            raise ConfigError(f"`init` must be one of {list(_INITS)}, got {init!r}.")
-        seed = check_int(seed, "seed", low=0)
-        self.k = k
-        self.explained_variance = explained_variance
-        self.temporary_directions = temporary_directions
-        self.init = init
-        self.seed = seed
-        self._p_option = p
-        self._p: int | None = p
+        if config is None:
+            config = ShareConfig(k, p, explained_variance, temporary_directions, init, seed)
+        elif not isinstance(config, ShareConfig):
+            raise ConfigError(f"`config` must be a ShareConfig, got {type(config).__name__}.")
+        self.config = config
         self._layers: dict[str, SharedLinear] = {}
-        self._tasks: list[str] = []
-        self._training: str | None = None
         self._updates = 0
 
     def __repr__(self) -> str:
         return (
-            f"SharedSubspace(k={self.k}, p={self._p}, explained_variance={self.explained_variance}, "
-            f"temporary_directions={self.temporary_directions}, layers={len(self._layers)}, tasks={self._tasks}, "
-            f"training={self._training!r})"
+            f"SharedSubspace(k={self.k}, p={self.p}, explained_variance={self.explained_variance}, "
+            f"temporary_directions={self.temporary_directions}, layers={len(self._layers)}, tasks={list(self.tasks)}, "
+            f"training={self.training_task!r})"
         )
 
-    # -- read-only views -------------------------------------------------------------------
+    # -- options and read-only views -------------------------------------------------------
+    k = property(lambda self: self.config.k)
+    explained_variance = property(lambda self: self.config.explained_variance)
+    temporary_directions = property(lambda self: self.config.temporary_directions)
+    init = property(lambda self: self.config.init)
+    seed = property(lambda self: self.config.seed)
+
+    @property
+    def _first(self) -> SharedLinear | None:
+        return next(iter(self._layers.values()), None)
+
     @property
     def tasks(self) -> tuple[str, ...]:
         """The stored (finished) tasks, in order."""
-        return tuple(self._tasks)
+        first = self._first
+        return () if first is None else tuple(t for t in first.tasks if t != first.training_task)
 
     @property
     def training_task(self) -> str | None:
-        return self._training
+        first = self._first
+        return None if first is None else first.training_task
 
     @property
     def p(self) -> int | None:
-        return self._p
+        first = self._first
+        return self.config.p if first is None else first.p
+
+    @property
+    def updates(self) -> int:
+        """How many basis updates (finished tasks after the first basis) were made; seeds the next draws."""
+        return self._updates
 
     @property
     def layers(self) -> dict[str, SharedLinear]:
@@ -593,7 +598,7 @@ class SharedSubspace:
                 else but the coefficients is frozen.
 
         Returns:
-            An :class:`~cl_plugin.adapters.lora.InjectionSummary`.
+            An :class:`~cl_plugin.adapters.InjectionSummary`.
 
         Raises:
             ConfigError: already injected; targets mix LoRA and plain layers;
@@ -605,8 +610,9 @@ class SharedSubspace:
         """
         if self._layers:
             raise ConfigError("This SharedSubspace is already injected; create a new one for another model.")
+        k, p_option = self.k, self.config.p
         if target_modules is None:
-            found = lora_layers(model)
+            found = {n: m for n, m in lora_layers(model).items() if isinstance(m, LoRALinear)}
             if not found:
                 raise NoMatchingModulesError(
                     f"{type(model).__name__} has no LoRA layer to start Share from; pass `target_modules=` "
@@ -648,18 +654,18 @@ class SharedSubspace:
             if inactive:
                 raise ConfigError(f"{preview(inactive)} have no active LoRA adapter to start from.")
             ranks = sorted({m.r for m in modules.values()})
-            if self._p is None and len(ranks) > 1:
+            if p_option is None and len(ranks) > 1:
                 raise ConfigError(f"The LoRA layers have different ranks {ranks}; pass `p=` to SharedSubspace.")
-            p = self._p if self._p is not None else ranks[0]
+            p = p_option if p_option is not None else ranks[0]
         else:
             if lora_task is not None:
                 raise ConfigError("`lora_task` is only for LoRA targets; these are plain nn.Linear layers.")
-            if self._p is None:
+            if p_option is None:
                 raise ConfigError("`p` is required when Share starts without a LoRA (SharedSubspace(k=..., p=...)).")
-            p = self._p
-        too_small = [n for n, m in modules.items() if p > min(m.in_features, m.out_features, self.k)]
+            p = p_option
+        too_small = [n for n, m in modules.items() if p > min(m.in_features, m.out_features, k)]
         if too_small:
-            raise ConfigError(f"`p`={p} exceeds the size of {preview(too_small)} (or `k`={self.k}); lower `p`.")
+            raise ConfigError(f"`p`={p} exceeds the size of {preview(too_small)} (or `k`={k}); lower `p`.")
         # -- compute every basis before touching the model --
         plans = {}
         for name, m in modules.items():
@@ -667,8 +673,8 @@ class SharedSubspace:
                 key = m.active_adapter
                 fa = m.lora_A[key].detach().to("cpu", torch.float64).T
                 fb = m.lora_B[key].detach().to("cpu", torch.float64) * m.scaling  # fold alpha/r into B
-                basis_a = fit_basis([fa], self.k, self.explained_variance, generator=self._gen("inject", name, "a"))
-                basis_b = fit_basis([fb], self.k, self.explained_variance, generator=self._gen("inject", name, "b"))
+                basis_a = fit_basis([fa], k, self.explained_variance, generator=self._gen("inject", name, "a"))
+                basis_b = fit_basis([fb], k, self.explained_variance, generator=self._gen("inject", name, "b"))
                 ea, eb = basis_a.T @ fa, basis_b.T @ fb
                 if ea.shape[1] != p:
                     eb, ea = _best_rank_p(eb, ea, p)
@@ -677,8 +683,8 @@ class SharedSubspace:
             else:
                 zero_a = torch.zeros(m.in_features, 1, dtype=torch.float64)
                 zero_b = torch.zeros(m.out_features, 1, dtype=torch.float64)
-                basis_a = fit_basis([zero_a], self.k, None, generator=self._gen("inject", name, "a"))
-                basis_b = fit_basis([zero_b], self.k, None, generator=self._gen("inject", name, "b"))
+                basis_a = fit_basis([zero_a], k, None, generator=self._gen("inject", name, "a"))
+                basis_b = fit_basis([zero_b], k, None, generator=self._gen("inject", name, "b"))
                 plans[name] = (basis_a, basis_b, None)
         # -- change the model --
         for name, (basis_a, basis_b, coefs) in plans.items():
@@ -689,33 +695,43 @@ class SharedSubspace:
             self._layers[name] = layer
         frozen = {id(t) for layer in self._layers.values() for t in (layer.weight, layer.bias) if t is not None}
         freeze_except(model, trainable_names, frozen)
-        self._p = p
         if from_lora:
-            self._tasks = [first]
             self.select(first)
         else:
             self.disable()
         trainable_count, total = count_parameters(model)
         return InjectionSummary(tuple(self._layers), trainable_names, trainable_count, total)
 
-    def attach(self, model: nn.Module, target_modules: Patterns | None = None) -> tuple[str, ...]:
-        """Manage :class:`SharedLinear` layers that already exist in ``model``.
+    def attach(
+        self,
+        model: nn.Module,
+        target_modules: Patterns | None = None,
+        *,
+        training_task: str | int | None = None,
+        updates: int | None = None,
+    ) -> tuple[str, ...]:
+        """Manage :class:`SharedLinear` layers that already exist in ``model`` (e.g. loaded from a checkpoint).
 
-        For a model wrapped by another :class:`SharedSubspace` (e.g. one that
-        was rebuilt after a restart); follow with :meth:`load_state_dict` to
-        restore the bookkeeping exactly. Without it, the stored tasks are the
-        layers' tasks, and a task with temporary directions counts as training.
+        The layers hold the tensors; this records which task trains, freezes
+        every other task's coefficients, and selects the training task (else
+        the last stored one, else none).
 
         Args:
             model: the model holding the layers.
             target_modules: which layers (PEFT rules); ``None``: every SharedLinear.
+            training_task: the task being trained, if any. Default: the one the
+                layers say trains (a task in this process), else the last task
+                when the layers hold temporary directions.
+            updates: the number of basis updates made so far (default: one per
+                stored task), which seeds the next random draws.
 
         Returns:
             The names of the attached layers.
 
         Raises:
             ConfigError: this SharedSubspace is already injected, or the layers
-                disagree on ``p`` or on their tasks (or ``p`` differs from this one's).
+                disagree on ``p`` or on their tasks (or ``p`` differs from this
+                one's), or ``training_task`` is not one of their tasks.
             NoMatchingModulesError: no SharedLinear is selected.
         """
         if self._layers:
@@ -726,20 +742,41 @@ class SharedSubspace:
                 raise NoMatchingModulesError(f"{type(model).__name__} has no SharedLinear layer to attach to.")
         else:
             names = match_modules(model, target_modules, None, module_types=(SharedLinear,), what="target_modules").matched
-        layers = {n: model.get_submodule(n) for n in names}
+        self._take_over({n: model.get_submodule(n) for n in names}, training_task, updates)
+        return names
+
+    def _take_over(self, layers: Mapping[str, SharedLinear], training_task: str | int | None, updates: int | None) -> None:
+        """Manage ``layers`` (the checks and settings of :meth:`attach`)."""
         ps = sorted({layer.p for layer in layers.values()})
         tasks = {layer.tasks for layer in layers.values()}
-        if len(ps) > 1 or (self._p_option is not None and ps[0] != self._p_option):
-            raise ConfigError(f"The SharedLinear layers have p={ps}; this SharedSubspace has p={self._p_option}.")
+        if len(ps) > 1 or (self.config.p is not None and ps[0] != self.config.p):
+            raise ConfigError(f"The SharedLinear layers have p={ps}; this SharedSubspace has p={self.config.p}.")
         if len(tasks) > 1:
             raise ConfigError(f"The SharedLinear layers hold different tasks: {sorted(tasks)}.")
         first = next(iter(layers.values()))
-        self._layers = layers
-        self._p = ps[0]
-        self._training = first.training_task
-        self._tasks = [t for t in first.tasks if t != first.training_task]
-        self._updates = len(self._tasks)
-        return names
+        if training_task is None:
+            training = first.training_task
+            if training is None and first.has_temporary and first.tasks:
+                training = first.tasks[-1]
+        else:
+            training = adapter_key(training_task, "training_task")
+            if training not in first.tasks:
+                raise ConfigError(f"`training_task`={training!r} is not a task of the layers ({list(first.tasks)}).")
+        stored = [t for t in first.tasks if t != training]
+        updates = len(stored) if updates is None else check_int(updates, "updates", low=0)
+        self._layers = dict(layers)
+        self._updates = updates
+        for layer in self._layers.values():
+            layer.training_task = training
+            layer.set_trainable(training)
+            for param in layer.temporary_parameters():
+                param.requires_grad_(training is not None)
+        if training is not None:
+            self.select(training)
+        elif stored:
+            self.select(stored[-1])
+        else:
+            self.disable()
 
     def _gen(self, *parts: str) -> torch.Generator:
         return layer_generator(self.seed, "share", str(self._updates), *parts)
@@ -755,23 +792,22 @@ class SharedSubspace:
             ConfigError: a task is already training, ``task_id`` is stored, or ``init`` is unknown.
         """
         self._require_injected()
-        if self._training is not None:
-            raise ConfigError(f"Task {self._training!r} is still training; call finish_task() first.")
+        if self.training_task is not None:
+            raise ConfigError(f"Task {self.training_task!r} is still training; call finish_task() first.")
         key = adapter_key(task_id, "task_id")
-        if key in self._tasks:
+        stored = self.tasks
+        if key in stored:
             raise ConfigError(f"Task {key!r} is already stored; Share keeps one coefficient set per task.")
-        init = self.init if init is None else init
-        if init not in _INITS:
-            raise ConfigError(f"`init` must be one of {list(_INITS)}, got {init!r}.")
+        init = self.init if init is None else ShareConfig(k=self.k, init=init).init
         phi = self.temporary_directions
         small = [n for n, layer in self._layers.items() if phi > min(layer.in_features, layer.out_features)]
         if small:
             raise ConfigError(f"`temporary_directions`={phi} exceeds the size of {preview(small)}.")
-        p = self._p
         for name, layer in self._layers.items():
+            p = layer.p
             ka, kb = layer.basis_a.shape[1], layer.basis_b.shape[1]
-            if init == "previous" and self._tasks:
-                last = self._tasks[-1]
+            if init == "previous" and stored:
+                last = stored[-1]
                 ea, eb = layer.coef_a[last].detach().clone(), layer.coef_b[last].detach().clone()
             else:
                 gen = layer_generator(self.seed, "share-init", name, key)
@@ -786,7 +822,6 @@ class SharedSubspace:
                 layer.set_temporary(tmp_a, zeros, tmp_b, zeros, trainable=True)
             layer.training_task = key
             layer.set_active(key)
-        self._training = key
 
     def _temporary_basis(self, basis: Tensor, phi: int, name: str, key: str, side: str) -> Tensor:
         cols = basis.detach().to("cpu", torch.float64)
@@ -799,13 +834,12 @@ class SharedSubspace:
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters of the task being trained (coefficients and temporary directions)."""
         self._require_injected()
-        if self._training is None:
+        key = self.training_task
+        if key is None:
             return []
         out = []
         for layer in self._layers.values():
-            out += [layer.coef_a[self._training], layer.coef_b[self._training]]
-            if layer.has_temporary:
-                out += [layer.tmp_basis_a, layer.tmp_coef_a, layer.tmp_basis_b, layer.tmp_coef_b]
+            out += [layer.coef_a[key], layer.coef_b[key], *layer.temporary_parameters()]
         return out
 
     def cancel_task(self) -> None:
@@ -818,16 +852,16 @@ class SharedSubspace:
             ConfigError: no task is training.
         """
         self._require_injected()
-        key = self._training
+        key = self.training_task
         if key is None:
             raise ConfigError("No task is training; there is nothing to cancel.")
         for layer in self._layers.values():
+            layer.training_task = None
             layer.remove_task(key)
             layer.drop_temporary()
-            layer.training_task = None
-        self._training = None
-        if self._tasks:
-            self.select(self._tasks[-1])
+        stored = self.tasks
+        if stored:
+            self.select(stored[-1])
         else:
             self.disable()
 
@@ -849,10 +883,10 @@ class SharedSubspace:
             NonFiniteError: a trained factor holds NaN or inf (nothing is changed).
         """
         self._require_injected()
-        key = self._training
+        key = self.training_task
         if key is None:
             raise ConfigError("No task is training; call start_task(task_id) first.")
-        order = [*self._tasks, key]
+        order = [*self.tasks, key]
         plans = {}
         for name, layer in self._layers.items():
             fas, fbs = {}, {}
@@ -872,8 +906,6 @@ class SharedSubspace:
             layer.drop_temporary()
             layer.training_task = None
             layer.set_active(key)
-        self._tasks.append(key)
-        self._training = None
         self._updates += 1
         return {name: (basis_a.shape[1], basis_b.shape[1]) for name, (basis_a, basis_b, _) in plans.items()}
 
@@ -881,15 +913,16 @@ class SharedSubspace:
     def select(self, task_id: str | int | None = None) -> None:
         """Use task ``task_id``'s coefficients; ``None`` (no task label): the mean update of all stored tasks."""
         self._require_injected()
+        stored = self.tasks
         if task_id is None:
-            if not self._tasks:
+            if not stored:
                 raise ConfigError("No task is stored yet, so there is no mean to select; finish a task first.")
             for layer in self._layers.values():
-                layer.set_mean(layer.mean_core_of(self._tasks))
+                layer.set_mean(layer.mean_core_of(stored))
             return
         key = adapter_key(task_id, "task_id")
-        if key not in self._tasks and key != self._training:
-            known = [*self._tasks, *([self._training] if self._training else [])]
+        if key not in stored and key != self.training_task:
+            known = [*stored, *([self.training_task] if self.training_task else [])]
             raise ConfigError(f"Unknown task {key!r}; known tasks: {known}.")
         for layer in self._layers.values():
             layer.set_active(key)
@@ -904,16 +937,17 @@ class SharedSubspace:
         """ΔW of task ``task_id`` for every wrapped layer, keyed ``<layer>.weight`` (feeds the mergers)."""
         self._require_injected()
         key = adapter_key(task_id, "task_id")
-        if key not in self._tasks and key != self._training:
-            raise ConfigError(f"Unknown task {key!r}; stored tasks: {self._tasks}.")
+        if key not in self.tasks and key != self.training_task:
+            raise ConfigError(f"Unknown task {key!r}; stored tasks: {list(self.tasks)}.")
         return TaskVector({f"{n}.weight": layer.delta_weight(key) for n, layer in self._layers.items()})
 
     def mean_delta(self) -> TaskVector:
         """mean_t ΔW_t over the stored tasks, keyed ``<layer>.weight``."""
         self._require_injected()
-        if not self._tasks:
+        stored = self.tasks
+        if not stored:
             raise ConfigError("No task is stored yet; finish a task first.")
-        return TaskVector({f"{n}.weight": layer.mean_delta_weight(self._tasks) for n, layer in self._layers.items()})
+        return TaskVector({f"{n}.weight": layer.mean_delta_weight(stored) for n, layer in self._layers.items()})
 
     # -- storage ---------------------------------------------------------------------------
     def bytes_per_task(self) -> int:
@@ -932,7 +966,7 @@ class SharedSubspace:
             (layer.basis_a.numel() + layer.basis_b.numel()) * layer.basis_a.element_size() for layer in self._layers.values()
         )
 
-    # -- state -----------------------------------------------------------------------------
+    # -- state (a view of the layers, for files) --------------------------------------------
     def _options(self) -> dict[str, Any]:
         return {
             "k": self.k,
@@ -943,26 +977,18 @@ class SharedSubspace:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """Basis, every task's coefficients and the bookkeeping, as a flat dict (tensors on CPU)."""
+        """Basis, every task's coefficients and the bookkeeping, as a flat dict (CPU copies of the layers' tensors)."""
         self._require_injected()
         state: dict[str, Any] = {"format_version": _FORMAT_VERSION, **self._options()}
-        state.update(
-            p=self._p,
-            tasks=list(self._tasks),
-            training_task=self._training,
-            updates=self._updates,
-            layers=list(self._layers),
-        )
-        keys = [*self._tasks, *([self._training] if self._training else [])]
+        training = self.training_task
+        state.update(p=self.p, tasks=list(self.tasks), training_task=training, updates=self._updates, layers=list(self._layers))
         for name, layer in self._layers.items():
-            state[f"basis_a.{name}"] = layer.basis_a.detach().to("cpu").clone()
-            state[f"basis_b.{name}"] = layer.basis_b.detach().to("cpu").clone()
-            for t in keys:
-                state[f"coef_a.{t}.{name}"] = layer.coef_a[t].detach().to("cpu").clone()
-                state[f"coef_b.{t}.{name}"] = layer.coef_b[t].detach().to("cpu").clone()
-            if self._training is not None and layer.has_temporary:
-                for attr in ("tmp_basis_a", "tmp_coef_a", "tmp_basis_b", "tmp_coef_b"):
-                    state[f"{attr}.{name}"] = getattr(layer, attr).detach().to("cpu").clone()
+            for key, value in layer.state_dict().items():
+                if key in ("weight", "bias"):
+                    continue
+                store, _, task = key.partition(".")
+                flat = f"{store}.{task}.{name}" if task else f"{store}.{name}"
+                state[flat] = value.detach().to("cpu").clone()
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -972,7 +998,7 @@ class SharedSubspace:
             ConfigError: not injected, an unknown ``format_version``, or options
                 that differ from this object's (the message names them).
             StateDictMismatchError: the layers differ, or tensors are missing,
-                unexpected or of the wrong shape.
+                unexpected or of shapes that do not fit each other.
 
         Nothing is changed when an error is raised.
         """
@@ -981,8 +1007,8 @@ class SharedSubspace:
         if version != _FORMAT_VERSION:
             raise ConfigError(f"Unsupported SharedSubspace state format_version={version!r}; expected {_FORMAT_VERSION}.")
         diff = [f"{k}: saved {state.get(k)!r}, here {v!r}" for k, v in self._options().items() if state.get(k) != v]
-        if self._p_option is not None and state.get("p") != self._p_option:
-            diff.append(f"p: saved {state.get('p')!r}, here {self._p_option!r}")
+        if self.config.p is not None and state.get("p") != self.config.p:
+            diff.append(f"p: saved {state.get('p')!r}, here {self.config.p!r}")
         if diff:
             raise ConfigError(
                 "The saved SharedSubspace was built with other options (" + "; ".join(diff) + "). Construct "
@@ -1002,65 +1028,31 @@ class SharedSubspace:
         if not isinstance(p, int) or p < 1:
             raise StateDictMismatchError(f"SharedSubspace.load_state_dict: `p` must be a positive int, got {p!r}.")
         keys = [*tasks, *([training] if training else [])]
+        given = {k for k, v in state.items() if isinstance(v, Tensor)}
+        has_tmp = any(k.startswith(TEMPORARY_NAMES) for k in given)
         expected = set()
         for name in layers:
-            expected |= {f"basis_a.{name}", f"basis_b.{name}"}
-            expected |= {f"coef_{s}.{t}.{name}" for t in keys for s in "ab"}
-        tmp_names = {f"{a}.{n}" for a in ("tmp_basis_a", "tmp_coef_a", "tmp_basis_b", "tmp_coef_b") for n in layers}
-        given = {k for k, v in state.items() if isinstance(v, Tensor)}
-        has_tmp = bool(given & tmp_names)
-        if has_tmp:
-            expected |= tmp_names
-        missing = sorted(expected - given)
-        unexpected = sorted(given - expected)
+            expected |= {f"basis_a.{name}", f"basis_b.{name}"} | {f"coef_{s}.{t}.{name}" for t in keys for s in "ab"}
+            expected |= {f"{attr}.{name}" for attr in TEMPORARY_NAMES} if has_tmp else set()
+        missing, unexpected = sorted(expected - given), sorted(given - expected)
         if missing or unexpected:
             raise StateDictMismatchError(
                 f"SharedSubspace.load_state_dict: missing {len(missing)} tensor(s): {preview(missing)}; "
                 f"unexpected {len(unexpected)}: {preview(unexpected)}."
             )
-        bad = []
-        for name in layers:
-            layer = self._layers[name]
-            ba, bb = state[f"basis_a.{name}"], state[f"basis_b.{name}"]
-            if ba.dim() != 2 or ba.shape[0] != layer.in_features or bb.dim() != 2 or bb.shape[0] != layer.out_features:
-                bad.append(f"{name}: basis {tuple(ba.shape)} / {tuple(bb.shape)}")
-                continue
-            for t in keys:
-                ca, cb = state[f"coef_a.{t}.{name}"], state[f"coef_b.{t}.{name}"]
-                if tuple(ca.shape) != (ba.shape[1], p) or tuple(cb.shape) != (bb.shape[1], p):
-                    bad.append(f"{name}: coefficients of {t!r} {tuple(ca.shape)} / {tuple(cb.shape)}")
+        per_layer = {name: _layer_state(state, name, keys, has_tmp) for name in layers}
+        bad = [problem for name, sub in per_layer.items() if (problem := _shape_problem(self._layers[name], sub, p))]
         if bad:
             raise StateDictMismatchError(f"SharedSubspace.load_state_dict: shapes do not fit: {'; '.join(bad[:5])}.")
         check_finite({k: state[k] for k in sorted(given)}, "SharedSubspace.load_state_dict")
-        # -- write --
-        for name in layers:
+        # -- write: every layer loads its part as from a model checkpoint --
+        for name, sub in per_layer.items():
             layer = self._layers[name]
-            for t in list(layer.tasks):
+            layer.training_task = None
+            for t in layer.tasks:
                 layer.remove_task(t)
-            layer.drop_temporary()
-            layer.p = p
-            layer.set_basis(state[f"basis_a.{name}"], state[f"basis_b.{name}"])
-            for t in keys:
-                layer.add_task(t, state[f"coef_a.{t}.{name}"], state[f"coef_b.{t}.{name}"], trainable=t == training)
-            if has_tmp:
-                layer.set_temporary(
-                    state[f"tmp_basis_a.{name}"],
-                    state[f"tmp_coef_a.{name}"],
-                    state[f"tmp_basis_b.{name}"],
-                    state[f"tmp_coef_b.{name}"],
-                    trainable=True,
-                )
-            layer.training_task = training
-        self._p = p
-        self._tasks = tasks
-        self._training = training
-        self._updates = int(state.get("updates", len(tasks)))
-        if training:
-            self.select(training)
-        elif tasks:
-            self.select(tasks[-1])
-        else:
-            self.disable()
+            layer.load_state_dict(sub, strict=False)
+        self._take_over(self._layers, training, int(state.get("updates", len(tasks))))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write :meth:`state_dict` to a safetensors file (plain values in its metadata).
@@ -1093,3 +1085,27 @@ class SharedSubspace:
         state: dict[str, Any] = json.loads(metadata["state"])
         state.update(load_file(path))
         self.load_state_dict(state)
+
+
+def _layer_state(state: Mapping[str, Any], name: str, keys: Sequence[str], has_tmp: bool) -> dict[str, Tensor]:
+    """Layer ``name``'s part of a flat :meth:`SharedSubspace.state_dict`, keyed as in the layer's own state dict."""
+    sub = {"basis_a": state[f"basis_a.{name}"], "basis_b": state[f"basis_b.{name}"]}
+    for t in keys:
+        sub[f"coef_a.{t}"] = state[f"coef_a.{t}.{name}"]
+        sub[f"coef_b.{t}"] = state[f"coef_b.{t}.{name}"]
+    if has_tmp:
+        sub.update({attr: state[f"{attr}.{name}"] for attr in TEMPORARY_NAMES})
+    return sub
+
+
+def _shape_problem(layer: SharedLinear, sub: Mapping[str, Tensor], p: int) -> str | None:
+    """Why the layer state ``sub`` does not fit ``layer`` (or itself), or None."""
+    ba, bb = sub["basis_a"], sub["basis_b"]
+    if ba.dim() != 2 or ba.shape[0] != layer.in_features or bb.dim() != 2 or bb.shape[0] != layer.out_features:
+        return f"{layer.layer_name}: basis {tuple(ba.shape)} / {tuple(bb.shape)}"
+    for key, value in sub.items():
+        if key.startswith("coef_"):
+            k = ba.shape[1] if key.startswith("coef_a") else bb.shape[1]
+            if tuple(value.shape) != (k, p):
+                return f"{layer.layer_name}: {key} {tuple(value.shape)}, expected {(k, p)}"
+    return None
