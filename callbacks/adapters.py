@@ -41,7 +41,14 @@ from cl_plugin.adapters.layer import adapter_layers, forward_routed, labels_to_k
 from cl_plugin.adapters.lora import add_adapter, delete_adapter, inject, lora_delta, lora_layers, reset_lora, set_active_adapter, weight_key
 from cl_plugin.adapters.matching import Patterns, match_modules
 from cl_plugin.adapters.share import SharedLinear, SharedSubspace, wrap_for_loading
-from cl_plugin.callbacks._boundaries import TaskBoundaryCallback, experience_of, reset_optimizer_state, snapshot, write_into
+from cl_plugin.callbacks._boundaries import (
+    TaskBoundaryCallback,
+    experience_of,
+    merge_shard,
+    reset_optimizer_state,
+    snapshot,
+    write_into,
+)
 from cl_plugin.callbacks.model_merging import ModelMerging
 from cl_plugin.errors import CheckpointError, ConfigError, did_you_mean, preview
 from cl_plugin.merging.continual import ContinualMerge, merge_method_options
@@ -266,6 +273,14 @@ class _AdapterCallback(TaskBoundaryCallback):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if isinstance(getattr(trainer, "strategy", None), ModelParallelStrategy):
+            raise ConfigError(
+                f"{self._owner} does not run under ModelParallelStrategy (FSDP2) yet: its adapter layers around "
+                "sharded weights are not tested, and a wrong merge would be silent. Use strategy='ddp' (merge mode "
+                "shards the merge over the ranks there), or ModelMerging for full-weight merging under FSDP2."
+            )
         adapter_callbacks = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, _AdapterCallback)]
         if len(adapter_callbacks) > 1:
             raise ConfigError(f"{self._owner}: one adapter callback per Trainer; found {adapter_callbacks}.")
@@ -642,7 +657,8 @@ class LoRAAdapters(_AdapterCallback):
         trainable = [
             n for n, p in pl_module.named_parameters() if p.requires_grad and id(p) not in factor_ids and p.is_floating_point()
         ]
-        self.core.bind(pl_module, names=[weight_key(n) for n in wrapped] + trainable)
+        # Under DDP every rank holds and folds 1/W of each merged tensor (the boundary core's split).
+        self.core.bind(pl_module, names=[weight_key(n) for n in wrapped] + trainable, shard=merge_shard(trainer))
         if self.core.theta0 is None:
             # A resumed run replaces this with the checkpoint's θ₀ (load_state_dict runs after setup).
             self.core.capture_theta0(pl_module, "LoRAAdapters: θ₀ (the weights when training starts)")
@@ -720,10 +736,13 @@ class LoRAAdapters(_AdapterCallback):
 
     def _task_vector(self, pl_module: LightningModule) -> TaskVector:
         """τ = θ − θ₀ over the bound tensors, plus the adapter's ΔW on each wrapped weight."""
-        tv = self.core.task_vector(pl_module)
+        tv = self.core.task_vector(pl_module)  # this rank's slices when the merge is sharded
         delta = lora_delta(pl_module, _MERGE_ADAPTER)
         with torch.no_grad():
-            return TaskVector({n: (tv[n] + delta[n].to(tv[n].device)) if n in delta else tv[n] for n in tv}, check_finite=False)
+            return TaskVector(
+                {n: (tv[n] + self.core.local(delta[n], n).to(tv[n].device)) if n in delta else tv[n] for n in tv},
+                check_finite=False,
+            )
 
     def _zero_adapter(self, pl_module: LightningModule) -> None:
         with torch.no_grad():
@@ -737,7 +756,7 @@ class LoRAAdapters(_AdapterCallback):
         Raises:
             ConfigError: not ``"merge"`` mode, or no experience folded yet.
         """
-        merged = self._merged_tensors()
+        merged = self.core.whole(self._merged_tensors())  # every rank must call it when the merge is sharded
         out = dict(pl_module.state_dict())
         for n, t in merged.items():
             out[n] = t.to(device=out[n].device, dtype=out[n].dtype)

@@ -311,3 +311,28 @@ def test_a_new_callback_in_a_later_fit_of_the_same_module_is_refused(make):
     with pytest.raises(ConfigError, match=r"trained in an earlier `fit` under another .* Pass the same"):
         trainer.fit(model, datamodule=dm)
     assert trainer.global_step == 0
+
+
+def test_adapter_callbacks_refuse_fsdp2_until_it_is_tested():
+    import types
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    cb = LoRAAdapters(["net.0"], r=2)
+    stub = types.SimpleNamespace(strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1), callbacks=[cb], world_size=1)
+    with pytest.raises(ConfigError, match=r"does not run under ModelParallelStrategy \(FSDP2\) yet"):
+        cb.setup(stub, TinyClassifier(), "fit")
+
+
+@pytest.mark.parametrize("strategy", ["fsdp1", "deepspeed"])
+def test_fsdp1_and_deepspeed_are_refused_with_the_strategy_to_use(strategy):
+    import types
+
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    cls = FSDPStrategy if strategy == "fsdp1" else DeepSpeedStrategy
+    stub = types.SimpleNamespace(strategy=cls.__new__(cls), callbacks=[], world_size=2)
+    cb = ModelMerging()
+    stub.callbacks.append(cb)
+    with pytest.raises(ConfigError, match=r"does not run under .*ModelParallelStrategy\(data_parallel_size=N, tensor_parallel_size=1\)"):
+        cb.setup(stub, TinyClassifier(), "fit")
