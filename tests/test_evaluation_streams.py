@@ -46,6 +46,17 @@ class HFStyleClassifier(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-2)
 
 
+class Flat(HFStyleClassifier):
+    """The same network written as Lightning's docs write one: ``x, y = batch``, ``forward(x)``."""
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+
 class DictStream(L.LightningDataModule):
     """Two experiences of digits as dict batches; the transfer hook inverts the images (so skipping it shows)."""
 
@@ -111,15 +122,6 @@ def test_a_stream_with_one_test_experience_gives_a_matrix_per_trained_experience
     bm = ni_benchmark(full.train_stream[0].dataset, full.test_stream[0].dataset, n_experiences=3, seed=0)
     dm = ContinualDataModule(bm, batch_size=64, epochs_per_experience=1)
     evaluation = ContinualEvaluation(compare=["average"])
-
-    class Flat(HFStyleClassifier):
-        def forward(self, x):
-            return self.net(x)
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return nn.functional.cross_entropy(self(x), y)
-
     L.seed_everything(0, verbose=False)
     trainer = L.Trainer(max_epochs=dm.total_epochs, reload_dataloaders_every_n_epochs=1, callbacks=[ModelMerging(), evaluation], **trainer_kwargs())
     trainer.fit(Flat(), datamodule=dm)
@@ -136,15 +138,6 @@ def test_task_aware_evaluation_masks_each_experience_to_its_classes():
     def run(task_aware):
         L.seed_everything(0, verbose=False)
         dm = ContinualDataModule(split_digits(5, seed=0), batch_size=32, epochs_per_experience=1)
-
-        class Flat(HFStyleClassifier):
-            def forward(self, x):
-                return self.net(x)
-
-            def training_step(self, batch, batch_idx):
-                x, y = batch
-                return nn.functional.cross_entropy(self(x), y)
-
         evaluation = ContinualEvaluation(task_aware=task_aware)
         L.Trainer(max_epochs=dm.total_epochs, reload_dataloaders_every_n_epochs=1, callbacks=[evaluation], **trainer_kwargs()).fit(
             Flat(), datamodule=dm
