@@ -252,7 +252,9 @@ class TaskBoundaryCallback(Callback):
         """Check the subclass's part of a saved state; return a function that applies it.
 
         Must raise (CheckpointError / ConfigError) and change nothing on a
-        state it cannot take; the returned function must not fail.
+        state it cannot take. The returned function runs before the boundary
+        bookkeeping is assigned; it may raise only before it changes anything
+        (e.g. a component's own atomic ``load_state_dict`` called first).
         """
         return lambda: None
 
