@@ -13,13 +13,22 @@ fills one :class:`~cl_plugin.metrics.AccuracyMatrix` per evaluated model:
 
 Before the first experience it also evaluates θ₀ once, so forward transfer is
 in the results.
+
+A method's λ may be chosen on validation data at every boundary
+(``scales={"magmax": "validate"}``, or the ``ModelMerging`` callback's
+``scale="validate"``): the choice and the grid's validation accuracies are in
+``results[method]["scale"]`` and ``["scale_validation"]``. ``"fisher"``
+folds each experience's diagonal Fisher, estimated from its own training data
+(the ``ModelMerging("fisher")`` callback's, when there is one).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +47,20 @@ from cl_plugin.merging.continual import ContinualMerge, is_dtensor
 from cl_plugin.metrics import AccuracyMatrix
 from cl_plugin.metrics.task_aware import mask_to_classes
 from cl_plugin.callbacks._boundaries import TaskBoundaryCallback, merge_shard
-from cl_plugin.callbacks.model_merging import ModelMerging
+from cl_plugin.callbacks._boundary_data import (
+    DEFAULT_FISHER_BATCHES,
+    check_fisher_loss_source,
+    check_scale_grid,
+    choose_scale,
+    default_predict,
+    default_target,
+    evaluation_views,
+    experience_fisher,
+    refuse_fisher_on_dtensors,
+    scale_grid_for,
+    validation_loaders,
+)
+from cl_plugin.callbacks.model_merging import VALIDATE, ModelMerging
 
 __all__ = ["ContinualEvaluation", "default_predict", "default_target", "training_weights_name"]
 
@@ -47,46 +69,11 @@ _TRAINING_NAMES = {
     "pretrained": "independent_finetuning",
     "merged": "finetuning_from_merged",
 }
-#: Keys a mapping batch (e.g. from Hugging Face) may hold its targets under, in the order tried.
-_TARGET_KEYS = ("labels", "label", "targets", "target", "y")
 
 
 def training_weights_name(start_from: str | None) -> str:
     """The results key of the training weights for a run whose experiences start from ``start_from``."""
     return _TRAINING_NAMES.get(start_from or "finetuned", "sequential_finetuning")
-
-
-def default_target(batch: Any) -> Tensor:
-    """The targets of a batch: ``batch[1]`` of a sequence ``(x, y, ...)``, or the ``labels`` entry of a mapping.
-
-    Raises:
-        ConfigError: a mapping without one of ``labels``, ``label``, ``targets``, ``target``, ``y``.
-    """
-    if isinstance(batch, Mapping):
-        for key in _TARGET_KEYS:
-            if key in batch:
-                return batch[key]
-        raise ConfigError(
-            f"ContinualEvaluation cannot find the targets in a batch with keys {sorted(batch)}; pass "
-            "`target=lambda batch: batch['<key>']`."
-        )
-    return batch[1]
-
-
-def default_predict(pl_module: LightningModule, batch: Any) -> Tensor:
-    """Logits for a batch: ``pl_module(x)`` for ``(x, y, ...)``; ``pl_module(**inputs)`` for a mapping.
-
-    A mapping's target entry (``labels``, ...) is left out of the inputs, and
-    an output with a ``logits`` attribute or key (Hugging Face models) gives
-    its logits.
-    """
-    if isinstance(batch, Mapping):
-        out = pl_module(**{k: v for k, v in batch.items() if k not in _TARGET_KEYS})
-    else:
-        out = pl_module(batch[0])
-    if isinstance(out, Mapping) and "logits" in out:
-        return out["logits"]
-    return getattr(out, "logits", out)
 
 
 class ContinualEvaluation(TaskBoundaryCallback):
@@ -100,8 +87,17 @@ class ContinualEvaluation(TaskBoundaryCallback):
         compare: merging methods to evaluate besides the training weights,
             e.g. ``["magmax", "average", "random", "ties", "opcm",
             "task_arithmetic"]``; each folds the same task vectors.
-        scales: per-method scale, e.g. ``{"magmax": 0.5}``; default: each
-            method's default (or the ``ModelMerging`` callback's scale).
+        scales: per-method scale, e.g. ``{"magmax": 0.5}``, or ``"validate"``
+            to choose that method's λ at every boundary by accuracy on the
+            validation loaders of the experiences seen so far (as
+            ``ModelMerging(scale="validate")``; the datamodule needs a
+            validation stream); the string ``"validate"`` alone validates every
+            method. Default: each method's default (or the ``ModelMerging``
+            callback's scale, validated when it is).
+        scale_grid: the λ tried for a validated method, one list for every
+            method or a mapping of method to list (default: the method's
+            default λ times 0.2, 0.4, ..., 2.0; the ``ModelMerging`` callback's
+            grid for its own method).
         method_options: per-method options, e.g. ``{"ties": {"top_k": 0.2}}``.
         output_dir: if given, rank 0 writes ``results.json`` and one heatmap
             ``accuracy_matrix_<name>.png`` per model there when ``fit`` ends.
@@ -130,6 +126,12 @@ class ContinualEvaluation(TaskBoundaryCallback):
         evaluate_initial: evaluate θ₀ once before the first experience, for
             forward transfer (default True).
 
+    ``"fisher"`` (in ``compare`` or as the ``ModelMerging`` method) folds
+    each experience's diagonal Fisher: the ``ModelMerging("fisher")``
+    callback's estimate when there is one, else one made the same way with
+    its defaults (8 batches of the experience's training loader, the loss of
+    ``training_step``).
+
     Raises:
         ConfigError: unknown method, scale out of range, options of a method
             not in ``compare``; at ``setup``, a second ``ContinualEvaluation``
@@ -146,9 +148,12 @@ class ContinualEvaluation(TaskBoundaryCallback):
             trained experiences; columns: test experiences).
         results: name -> dict with ``average_accuracy``, ``forgetting``,
             ``bwt``, ``fwt``, ``accuracy_matrix`` and ``initial_accuracies``
-            (the ``results.json`` schema). A figure that does not apply to the
-            stream (forgetting on a stream whose test experiences are not its
-            training experiences) is NaN.
+            (the ``results.json`` schema); for a method whose λ is chosen on
+            validation data also ``scale`` (the λ of each row) and
+            ``scale_validation`` (per row, λ -> mean validation accuracy over
+            the experiences seen, keys written ``f"{λ:g}"``). A figure that
+            does not apply to the stream (forgetting on a stream whose test
+            experiences are not its training experiences) is NaN.
     """
 
     _state_name = "ContinualEvaluation"
@@ -156,7 +161,7 @@ class ContinualEvaluation(TaskBoundaryCallback):
     def __init__(
         self,
         compare: Iterable[str] = (),
-        scales: Mapping[str, float] | None = None,
+        scales: Mapping[str, float | str] | str | None = None,
         method_options: Mapping[str, Mapping[str, Any]] | None = None,
         output_dir: str | os.PathLike | None = None,
         predict: Callable[[LightningModule, Any], Tensor] | None = None,
@@ -166,6 +171,7 @@ class ContinualEvaluation(TaskBoundaryCallback):
         loaders: Sequence[DataLoader] | Callable[[Trainer], Sequence[DataLoader]] | None = None,
         task_aware: bool = False,
         evaluate_initial: bool = True,
+        scale_grid: Sequence[float] | Mapping[str, Sequence[float]] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(compare, str):
@@ -177,11 +183,35 @@ class ContinualEvaluation(TaskBoundaryCallback):
                     f"Unknown merging method {name!r} in `compare` (ContinualEvaluation). "
                     f"Choose from {sorted(MERGERS)}.{did_you_mean(str(name), MERGERS)}"
                 )
-        self.scales = {}
+        self.scales: dict[str, float | str] = {}
+        if isinstance(scales, str):
+            if scales != VALIDATE:
+                raise ConfigError(
+                    f"`scales` must be a mapping of method to scale, or {VALIDATE!r} (every method's λ chosen on "
+                    f"validation data), got {scales!r} (ContinualEvaluation).{did_you_mean(scales, (VALIDATE,))}"
+                )
+            scales = {name: VALIDATE for name in self.compare}
         for name, value in dict(scales or {}).items():
             if name not in MERGERS:
                 raise ConfigError(f"`scales` names an unknown method {name!r}; choose from {sorted(MERGERS)}.")
-            self.scales[name] = check_scale(value, f"ContinualEvaluation scales[{name!r}]")
+            if isinstance(value, str):
+                if value != VALIDATE:
+                    raise ConfigError(
+                        f"`scales[{name!r}]` must be a number in (0, 10] or {VALIDATE!r}, got {value!r} "
+                        f"(ContinualEvaluation).{did_you_mean(value, (VALIDATE,))}"
+                    )
+                self.scales[name] = VALIDATE
+            else:
+                self.scales[name] = check_scale(value, f"ContinualEvaluation scales[{name!r}]")
+        if isinstance(scale_grid, Mapping):
+            unknown = [name for name in scale_grid if name not in MERGERS]
+            if unknown:
+                raise ConfigError(f"`scale_grid` names unknown methods {unknown}; choose from {sorted(MERGERS)}.")
+            self.scale_grid: tuple[float, ...] | dict[str, tuple[float, ...]] | None = {
+                name: check_scale_grid(grid, f"ContinualEvaluation scale_grid[{name!r}]") for name, grid in scale_grid.items()
+            }
+        else:
+            self.scale_grid = check_scale_grid(scale_grid, "ContinualEvaluation")
         self.method_options = {k: dict(v) for k, v in dict(method_options or {}).items()}
         for name, options in self.method_options.items():
             if name not in self.compare:
@@ -215,6 +245,9 @@ class ContinualEvaluation(TaskBoundaryCallback):
         self._layout: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None
         self._classes: list[list[int]] | None = None
         self._training_name = "sequential_finetuning"
+        #: method -> one record per boundary: {"experience", "scale", and for a validated method "grid", "validation_accuracy"}.
+        self._scale_log: dict[str, list[dict[str, Any]]] = {}
+        self._validation_views: list[Any] | None = None  # the validation batches of the current boundary
 
     def _options(self) -> dict[str, Any]:
         return {
@@ -224,6 +257,13 @@ class ContinualEvaluation(TaskBoundaryCallback):
             "exclude": None if self.exclude is None else list(self.exclude),
             "evaluate_training_weights": self.evaluate_training_weights,
             "task_aware": self.task_aware,
+            "scale_grid": (
+                None
+                if self.scale_grid is None
+                else {k: list(v) for k, v in self.scale_grid.items()}
+                if isinstance(self.scale_grid, dict)
+                else list(self.scale_grid)
+            ),
         }
 
     def _second_instance_message(self, same) -> str:
@@ -271,6 +311,11 @@ class ContinualEvaluation(TaskBoundaryCallback):
                 )
         for core in self._cores.values():
             core.bind(pl_module, shard=merge_shard(trainer))
+        if any(self._validated(name) for name in self._cores):
+            validation_loaders(trainer, "ContinualEvaluation")  # refuse now, not after the first experience
+        if any(core.merger.requires_fisher for core in self._cores.values()):
+            merging_fisher = self._merging is not None and self._merging.fisher_loss is not None
+            check_fisher_loss_source(pl_module, self._merging.fisher_loss if merging_fisher else None, "ContinualEvaluation('fisher')")
         state = pl_module.state_dict()
         self._layout = {n: (tuple(state[n].shape), state[n].dtype) for n in self._tensor_names()}
         names = ([self._training_name] if self.evaluate_training_weights else []) + methods
@@ -283,15 +328,31 @@ class ContinualEvaluation(TaskBoundaryCallback):
         return core.all_names if core is not None else []
 
     def _scale(self, method: str) -> float | None:
+        """The fixed λ of ``method`` (None: its default, or chosen on validation data)."""
         if method in self.scales:
-            return self.scales[method]
+            value = self.scales[method]
+            return None if value == VALIDATE else value
         if self._merging is not None and self._merging.method == method:
-            return self._merging.scale
+            return None if self._merging.validate_scale else self._merging.scale
         return None
+
+    def _validated(self, method: str) -> bool:
+        """True when ``method``'s λ is chosen on validation data at every boundary."""
+        if method in self.scales:
+            return self.scales[method] == VALIDATE
+        return self._merging is not None and self._merging.method == method and self._merging.validate_scale
+
+    def _grid(self, method: str) -> tuple[float, ...]:
+        grid = self.scale_grid.get(method) if isinstance(self.scale_grid, dict) else self.scale_grid
+        if grid is None and self._merging is not None and self._merging.method == method and self._merging.validate_scale:
+            return tuple(self._merging.scale_grid)
+        return scale_grid_for(MERGERS[method].default_scale, grid)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         if any(is_dtensor(p) for p in pl_module.parameters()):  # FSDP2 shards in configure_model, after setup
+            if any(core.merger.requires_fisher for core in self._cores.values()):
+                refuse_fisher_on_dtensors(pl_module, "ContinualEvaluation")
             for core in self._cores.values():
                 core.bind(pl_module, shard=merge_shard(trainer))
 
@@ -366,13 +427,25 @@ class ContinualEvaluation(TaskBoundaryCallback):
         )
 
     @torch.no_grad()
-    def _evaluate(self, trainer: Trainer, pl_module: LightningModule, matrices: Sequence[AccuracyMatrix], row: int | None) -> None:
-        """Count the module's predictions on every test experience into ``matrices`` (row None: θ₀'s accuracies)."""
+    def _evaluate(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        matrices: Sequence[AccuracyMatrix],
+        row: int | None,
+        views: Sequence[Any] | None = None,
+    ) -> None:
+        """Count the module's predictions on every test experience into ``matrices`` (row None: θ₀'s accuracies).
+
+        ``views``: the test loaders already sharded and replayable (one boundary evaluates several models).
+        """
         was_training = pl_module.training
         pl_module.eval()
+        if views is None:
+            views = [self._shard(loader, trainer) for loader in self._test_loaders(trainer)]
         try:
-            for j, loader in enumerate(self._test_loaders(trainer)):
-                for batch in self._shard(loader, trainer):
+            for j, loader in enumerate(views):
+                for batch in loader:
                     # Through the datamodule's and the module's batch-transfer hooks, as Lightning's loops do.
                     batch = trainer.strategy.batch_to_device(batch, dataloader_idx=j)
                     logits = self.predict(pl_module, batch)
@@ -400,8 +473,12 @@ class ContinualEvaluation(TaskBoundaryCallback):
         self, trainer: Trainer, pl_module: LightningModule, experience: int, at_fit_end: bool
     ) -> None:
         row = experience
+        # The test batches are read once and replayed for every model of this boundary; the
+        # validation batches once for every method and λ.
+        tests = evaluation_views(self._test_loaders(trainer), trainer)
+        self._validation_views = None
         if self.evaluate_training_weights:
-            self._evaluate(trainer, pl_module, [self.matrices[self._training_name]], row)
+            self._evaluate(trainer, pl_module, [self.matrices[self._training_name]], row, tests)
         if self._cores:
             base = self._base()
             for core in self._cores.values():
@@ -409,17 +486,91 @@ class ContinualEvaluation(TaskBoundaryCallback):
             cores = list(self._cores.items())
             first = cores[0][1]
             task_vector = first.task_vector(pl_module)
+            fishers = {
+                name: self._fisher(trainer, pl_module, core, experience, at_fit_end)
+                for name, core in cores
+                if core.merger.requires_fisher
+            }
             current = first.snapshot(pl_module)
             try:
                 for name, core in cores:
-                    core.fold(task_vector)
+                    core.fold(task_vector, fisher=fishers.pop(name, None))
+                    record: dict[str, Any] = {"experience": experience}
+                    if self._validated(name):
+                        record.update(self._choose_scale(trainer, pl_module, name, core, experience))
+                    record["scale"] = core.scale
+                    self._scale_log.setdefault(name, []).append(record)
                     core.write(pl_module, core.merged_tensors())
-                    self._evaluate(trainer, pl_module, [self.matrices[name]], row)
+                    self._evaluate(trainer, pl_module, [self.matrices[name]], row, tests)
             finally:
                 first.write(pl_module, current)
+                self._validation_views = None
         self._summarise(trainer, row)
         if at_fit_end:
             self._save(trainer)
+
+    def _fisher(
+        self, trainer: Trainer, pl_module: LightningModule, core: ContinualMerge, experience: int, at_fit_end: bool
+    ) -> dict[str, Tensor]:
+        """The experience's Fisher for ``core``: the ModelMerging callback's when it estimates one over these tensors."""
+        merging = self._merging
+        if merging is not None and merging.fisher_batches is not None and set(core.names) <= set(merging.core.names):
+            return merging.experience_fisher(trainer, pl_module, experience, at_fit_end)
+        return experience_fisher(trainer, pl_module, core, experience, at_fit_end, n_batches=DEFAULT_FISHER_BATCHES)
+
+    def _choose_scale(
+        self, trainer: Trainer, pl_module: LightningModule, name: str, core: ContinualMerge, experience: int
+    ) -> dict[str, Any]:
+        """Set ``core``'s λ to the grid's best on the validation data of experiences 0..``experience``."""
+        loaders = validation_loaders(trainer, "ContinualEvaluation")
+        if len(loaders) <= experience:
+            raise ConfigError(
+                f"ContinualEvaluation: experience {experience} has no validation loader (the datamodule gives "
+                f"{len(loaders)}); the validation stream needs one experience per training experience."
+            )
+        grid = self._grid(name)
+        classes = self._classes[: experience + 1] if self.task_aware else None
+        if self._validation_views is None:
+            self._validation_views = evaluation_views(loaders[: experience + 1], trainer)
+        value, scores = choose_scale(
+            core, trainer, pl_module, self._validation_views, grid, self.predict, self.target, classes
+        )
+        core.scale = value
+        return {"grid": list(grid), "validation_accuracy": scores}
+
+    @contextlib.contextmanager
+    def merged_weights(
+        self, pl_module: LightningModule, method: str, scale: float | None = None
+    ) -> Iterator[LightningModule]:
+        """Inside the block the module holds θ₀ + λ·merged of ``method`` (λ: ``scale``, default the method's current one).
+
+        The weights before the block come back after it. Every rank must enter
+        it under a sharded strategy. E.g. the test accuracy of every λ of a
+        grid after the stream (the best λ in hindsight, for reporting)::
+
+            with evaluation.merged_weights(model, "magmax", scale=0.3):
+                trainer.test(model, datamodule=dm)
+
+        Raises:
+            ConfigError: ``method`` is not evaluated here, or nothing is folded yet.
+        """
+        core = self._cores.get(method)
+        if core is None:
+            raise ConfigError(
+                f"ContinualEvaluation evaluates no method {method!r}; it evaluates {sorted(self._cores)}."
+                + did_you_mean(str(method), self._cores)
+            )
+        if scale is not None:
+            scale = check_scale(scale, "ContinualEvaluation.merged_weights")
+        core.theta0 = self._base()
+        merged = core.merged_tensors(scale)  # as the matrices are evaluated
+        saved = core.snapshot(pl_module)
+        core.write(pl_module, merged)
+        del merged
+        try:
+            yield pl_module
+        finally:
+            core.write(pl_module, saved)
 
     def _update_results(self) -> None:
         for name, matrix in self.matrices.items():
@@ -432,6 +583,12 @@ class ContinualEvaluation(TaskBoundaryCallback):
                 "accuracy_matrix": matrix.matrix().tolist(),
                 "initial_accuracies": initial.tolist(),
             }
+            log = self._scale_log.get(name)
+            if log and self._validated(name):
+                self.results[name]["scale"] = [r["scale"] for r in log]
+                self.results[name]["scale_validation"] = [
+                    {f"{v:g}": a for v, a in zip(r["grid"], r["validation_accuracy"])} for r in log if "grid" in r
+                ]
 
     def _summarise(self, trainer: Trainer, row: int) -> None:
         self._update_results()
@@ -474,6 +631,7 @@ class ContinualEvaluation(TaskBoundaryCallback):
                 name: core_state["statistics_merger"] for name, core_state in cores.items() if core_state["statistic_names"]
             },
             matrices={name: m.state_dict() for name, m in self.matrices.items()},
+            scale_log={name: [dict(r) for r in log] for name, log in self._scale_log.items()},
         )
         return state
 
@@ -534,17 +692,39 @@ class ContinualEvaluation(TaskBoundaryCallback):
                 "ModelMerging, or start a new stream."
             )
         matrices = {name: _check_matrix(saved, name, self.matrices.get(name), finished) for name, saved in saved_matrices.items()}
+        scale_log = _check_scale_log(state.get("scale_log", {}), finished)
 
         def apply() -> None:
             self._theta0 = theta0
             for name, core, apply_core in applies:
                 apply_core()
                 self._cores[name] = core
+                log = scale_log.get(name)
+                if log and self._validated(name):
+                    core.scale = log[-1]["scale"]  # the λ chosen at the last boundary
+            self._scale_log = scale_log
             self.matrices.update(matrices)
             if self.matrices:
                 self._update_results()
 
         return apply
+
+
+def _check_scale_log(saved: object, finished: int) -> dict[str, list[dict[str, Any]]]:
+    """The checkpoint's per-method λ records (older checkpoints have none), checked."""
+    owner = "ContinualEvaluation"
+    if not isinstance(saved, Mapping):
+        raise CheckpointError(f"The checkpoint's {owner} scale_log is a {type(saved).__name__}; it is damaged.")
+    out = {}
+    for name, log in saved.items():
+        if not isinstance(log, list) or len(log) > finished or not all(isinstance(r, Mapping) for r in log):
+            raise CheckpointError(f"The checkpoint's {owner} scale_log[{name!r}] is not one record per finished experience; it is damaged.")
+        for r in log:
+            value = r.get("scale")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise CheckpointError(f"The checkpoint's {owner} scale_log[{name!r}] holds scale={value!r}; it is damaged.")
+        out[str(name)] = [dict(r) for r in log]
+    return out
 
 
 def _check_matrix(saved: object, name: str, like: AccuracyMatrix | None, rows: int) -> AccuracyMatrix:

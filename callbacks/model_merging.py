@@ -5,6 +5,11 @@ floating-point tensors and folds it into a streaming merger from
 :mod:`cl_plugin.merging` (MagMax by default: Marczak et al., ECCV 2024). When
 ``fit`` ends the module holds θ₀ + scale·merged; the next experience starts
 from the weights ``start_from`` names.
+
+Two things only a callback can do without the user writing code, because it
+has the data at the boundary: Fisher-weighted merging (``method="fisher"``
+estimates each experience's diagonal Fisher from its own training data) and
+λ chosen on held-out data (``scale="validate"``).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -24,6 +29,17 @@ from cl_plugin._checks import check_bool, check_same_layout, check_scale, is_fin
 from cl_plugin.errors import CheckpointError, ConfigError, DtypeMismatchError, NonFiniteError, did_you_mean
 from cl_plugin.merging.continual import ContinualMerge, check_exclude, is_dtensor, merge_method_options
 from cl_plugin.task_vectors import TaskVector
+from cl_plugin.callbacks._boundary_data import (
+    DEFAULT_FISHER_BATCHES,
+    check_fisher_batches,
+    check_fisher_loss_source,
+    check_scale_grid,
+    choose_scale,
+    experience_fisher,
+    refuse_fisher_on_dtensors,
+    scale_grid_for,
+    validation_loaders,
+)
 from cl_plugin.callbacks._boundaries import (
     TaskBoundaryCallback,
     check_base_weights,
@@ -36,6 +52,8 @@ from cl_plugin._checkpoint import check_bool_field, check_tensor_dict, layout_of
 __all__ = ["ModelMerging"]
 
 START_FROM = ("finetuned", "pretrained", "merged")
+#: The value of ``scale`` that chooses λ on validation data at every boundary.
+VALIDATE = "validate"
 
 
 def check_snapshot_device(device: torch.device, owner: str) -> None:
@@ -65,7 +83,14 @@ class ModelMerging(TaskBoundaryCallback):
     Args:
         method: a name in :data:`cl_plugin.merging.MERGERS` (default ``"magmax"``).
         scale: λ in θ₀ + λ·merged, in (0, 10]; ``None`` (default) is the
-            method's own default (MagMax 0.5, OPCM 1.0, TIES 0.55, ...).
+            method's own default (MagMax 0.5, OPCM 1.0, TIES 0.55, ...);
+            ``"validate"`` chooses λ from ``scale_grid`` at every boundary by
+            accuracy on the *validation* loaders of the experiences seen so far
+            (the datamodule's ``experience_dataloaders("val")``; never the test
+            loaders), predictions and targets made as ``ContinualEvaluation``
+            makes them (its ``predict``/``target``/``task_aware`` when one is in
+            the Trainer). Each choice is in :attr:`scale_log` and in the
+            checkpoint; until the first boundary, λ is the method's default.
         start_from: where the next experience's training starts:
             ``"finetuned"`` (default: keep training the fine-tuned weights,
             sequential fine-tuning as in MagMax), ``"pretrained"`` (reset to
@@ -90,6 +115,29 @@ class ModelMerging(TaskBoundaryCallback):
             statistics each experience ended with; always valid) or
             ``"merge"`` (with the method, like any tensor; a merged negative
             variance is reported with a warning).
+        scale_grid: the λ tried with ``scale="validate"`` (values in (0, 10]);
+            default: the method's default λ times 0.2, 0.4, ..., 2.0 (MagMax
+            0.1 ... 1.0; average, OPCM, DOP and Fisher 0.2 ... 2.0). Ties go
+            to the smallest λ.
+        fisher_batches: ``method="fisher"`` only: how many batches of each
+            experience's training loader its diagonal Fisher is estimated from
+            (default 8). The loader is the experience's own: in one ``fit``
+            over a :class:`~cl_plugin.benchmarks.ContinualDataModule`, its
+            ``experience_train_dataloader(k)`` (the experience's last epoch's
+            order, the same in a resumed run); with one ``fit`` per experience,
+            the Trainer's training loader when ``fit`` ends.
+        fisher_loss: ``method="fisher"`` only: ``fisher_loss(pl_module, batch)
+            -> scalar loss`` for the empirical Fisher; default the loss
+            ``pl_module.training_step(batch, i)`` returns (its ``self.log``
+            calls ignored; required with manual optimization). The Fisher is
+            F = mean over batches of (∂loss/∂θ)², with the module in its
+            training modes (training-only behaviour such as
+            ``ClassIncrementalMasking`` applies; dropout draws from a forked,
+            seeded generator; normalisation statistics are put back),
+            averaged over the DDP ranks; a
+            merged tensor without a gradient (a buffer, a frozen parameter)
+            gets F = 0, i.e. the same weight for every entry (with the default
+            ``min_fisher=1e-6`` it is averaged with the task weights alone).
         method_options: the merger's options as one mapping, e.g.
             ``{"alpha": 0.5}`` for OPCM (the form a LightningCLI YAML file
             uses); the same as passing them as keywords.
@@ -97,12 +145,19 @@ class ModelMerging(TaskBoundaryCallback):
             ``top_k=0.2`` for TIES, ``seed=0`` for random.
 
     Raises:
-        ConfigError: unknown method or option, ``scale`` out of range, unknown
-            ``start_from``, bad ``exclude`` or ``snapshot_device``; at ``setup``:
-            a second ``ModelMerging`` (or an adapter callback) in the Trainer,
-            a strategy that spawns its processes, a ``snapshot_device`` this
-            machine lacks; when resuming, a checkpoint written with another
-            ``method``, ``method_options``, ``start_from`` or ``exclude``.
+        ConfigError: unknown method or option, ``scale`` out of range (or a
+            string other than ``"validate"``), ``scale_grid`` without
+            ``scale="validate"``, ``fisher_batches``/``fisher_loss`` with a
+            method other than ``"fisher"``, unknown ``start_from``, bad
+            ``exclude`` or ``snapshot_device``; at ``setup``: a second
+            ``ModelMerging`` (or an adapter callback) in the Trainer, a
+            strategy that spawns its processes, a ``snapshot_device`` this
+            machine lacks, ``scale="validate"`` without a datamodule that has
+            a validation stream, ``"fisher"`` with manual optimization and no
+            ``fisher_loss``; at ``fit`` start, ``"fisher"`` under FSDP2; when
+            resuming, a checkpoint written with another ``method``,
+            ``method_options``, ``start_from``, ``exclude``, ``scale_grid``,
+            ``fisher_batches``, or with ``scale="validate"`` on one side only.
         CheckpointError: a damaged checkpoint state, one that does not fit the
             model, or a checkpoint of a run that trained without this callback.
         NonFiniteError: θ₀ holds NaN/inf; the weights diverged during an
@@ -111,6 +166,11 @@ class ModelMerging(TaskBoundaryCallback):
 
     Attributes:
         merger: the streaming merger; ``merger.num_tasks`` experiences are folded.
+        validate_scale: True with ``scale="validate"``.
+        scale_grid: the λ tried with ``scale="validate"`` (a tuple), else None.
+        scale_log: with ``scale="validate"``, one record per boundary:
+            ``{"experience", "scale" (the λ chosen), "grid", "validation_accuracy"
+            (per λ of the grid, the mean accuracy over the experiences seen)}``.
 
     After ``fit`` the module holds θ₀ + scale·merged, and so does every
     checkpoint file Lightning wrote at the end of that ``fit`` that
@@ -126,15 +186,19 @@ class ModelMerging(TaskBoundaryCallback):
     """
 
     _state_name = "ModelMerging"
-    #: ``scale`` is applied only when weights are written (and, with
-    #: ``start_from="merged"``, when an experience starts), never folded into
-    #: the merger's state: a resumed run may change it.
-    _changeable_options = frozenset({"scale"})
+
+    @property
+    def _changeable_options(self) -> frozenset[str]:  # type: ignore[override]
+        # A numeric ``scale`` is applied only when weights are written (and, with
+        # ``start_from="merged"``, when an experience starts), never folded into the
+        # merger's state: a resumed run may change it. A validated one may not: the
+        # choices so far come back from the checkpoint (see _saved_options).
+        return frozenset() if self.validate_scale else frozenset({"scale"})
 
     def __init__(
         self,
         method: str = "magmax",
-        scale: float | None = None,
+        scale: float | str | None = None,
         start_from: str = "finetuned",
         exclude: Iterable[str] = (),
         snapshot_device: str | torch.device = "cpu",
@@ -144,10 +208,25 @@ class ModelMerging(TaskBoundaryCallback):
         verbose: bool = False,
         statistics: str = "average",
         method_options: Mapping[str, Any] | None = None,
+        scale_grid: Sequence[float] | None = None,
+        fisher_batches: int | None = None,
+        fisher_loss: Callable[[LightningModule, Any], Tensor] | None = None,
         **more_method_options: Any,
     ) -> None:
         super().__init__()
         options = merge_method_options(method_options, more_method_options, "ModelMerging")
+        validate_scale = isinstance(scale, str)
+        if validate_scale and scale != VALIDATE:
+            raise ConfigError(
+                f"`scale` must be a number in (0, 10], None (the method's default) or {VALIDATE!r} (chosen on "
+                f"validation data), got {scale!r} (ModelMerging).{did_you_mean(scale, (VALIDATE,))}"
+            )
+        grid = check_scale_grid(scale_grid, "ModelMerging")
+        if grid is not None and not validate_scale:
+            raise ConfigError(
+                f"`scale_grid` ({list(grid)}) is the λ tried with scale='validate', but `scale` is {scale!r} "
+                "(ModelMerging). Pass scale='validate', or drop `scale_grid`."
+            )
         exclude = check_exclude(exclude, "ModelMerging")
         try:
             device = torch.device(snapshot_device)
@@ -164,8 +243,30 @@ class ModelMerging(TaskBoundaryCallback):
                 + did_you_mean(str(start_from), START_FROM)
             )
         self.core = ContinualMerge(
-            method, scale=scale, exclude=exclude, statistics=statistics, device=device, method_options=options
+            method,
+            scale=None if validate_scale else scale,
+            exclude=exclude,
+            statistics=statistics,
+            device=device,
+            method_options=options,
         )
+        self._requires_fisher = bool(getattr(self.core.merger, "requires_fisher", False))
+        if not self._requires_fisher and (fisher_batches is not None or fisher_loss is not None):
+            given = "`fisher_batches`" if fisher_batches is not None else "`fisher_loss`"
+            raise ConfigError(
+                f"{given} applies to method='fisher' (each experience's Fisher weighs its task vector), but `method` "
+                f"is {method!r} (ModelMerging). Use method='fisher', or drop it."
+            )
+        if fisher_loss is not None and not callable(fisher_loss):
+            raise ConfigError(f"`fisher_loss` must be a function (module, batch) -> loss, got {fisher_loss!r} (ModelMerging).")
+        self.fisher_batches = (
+            check_fisher_batches(fisher_batches, "ModelMerging") if fisher_batches is not None else DEFAULT_FISHER_BATCHES
+        ) if self._requires_fisher else None
+        self.fisher_loss = fisher_loss
+        self._fisher_cache: tuple[tuple[int, int], dict[str, Tensor]] | None = None
+        self.validate_scale = validate_scale
+        self.scale_grid = scale_grid_for(self.core.merger.default_scale, grid) if validate_scale else None
+        self.scale_log: list[dict[str, Any]] = []
         self.method = method
         self.method_options = options
         self.start_from = start_from
@@ -198,7 +299,7 @@ class ModelMerging(TaskBoundaryCallback):
 
     @property
     def scale(self) -> float:
-        """λ in θ₀ + λ·merged."""
+        """λ in θ₀ + λ·merged (with ``scale="validate"``, the last λ chosen, or the method's default before)."""
         return self.core.scale
 
     @property
@@ -212,8 +313,21 @@ class ModelMerging(TaskBoundaryCallback):
             "start_from": self.start_from,
             "exclude": list(self.exclude),
             "statistics": self.statistics,
-            "scale": self.scale,
+            "scale": VALIDATE if self.validate_scale else self.scale,
+            "scale_grid": None if self.scale_grid is None else list(self.scale_grid),
+            "fisher_batches": self.fisher_batches,
         }
+
+    def _saved_options(self, state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+        saved = state_dict.get("scale")
+        if "scale" in state_dict and (saved == VALIDATE) != self.validate_scale:
+            now = VALIDATE if self.validate_scale else self.scale
+            raise ConfigError(
+                f"The checkpoint's ModelMerging was written with scale={saved!r}, this run has scale={now!r}: a λ "
+                "chosen on validation data at every boundary and a fixed λ do not mix in one stream. Resume with "
+                f"scale={saved!r}, or start a new stream without `ckpt_path`."
+            )
+        return state_dict
 
     def _second_instance_message(self, same) -> str:
         methods = [getattr(cb, "method", "?") for cb in same]
@@ -272,6 +386,10 @@ class ModelMerging(TaskBoundaryCallback):
         if stage != "fit":
             return
         check_snapshot_device(self.snapshot_device, "ModelMerging")
+        if self._requires_fisher:
+            check_fisher_loss_source(pl_module, self.fisher_loss, "ModelMerging('fisher')")
+        if self.validate_scale:
+            validation_loaders(trainer, "ModelMerging")  # refuse now, not after the first experience
         self._bind(trainer, pl_module)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -280,6 +398,8 @@ class ModelMerging(TaskBoundaryCallback):
         # `setup`: take each rank's slices again, now that the strategy has wrapped the
         # model (a sharded checkpoint is restored after this hook).
         if any(is_dtensor(p) for p in pl_module.parameters()):
+            if self._requires_fisher:
+                refuse_fisher_on_dtensors(pl_module, "ModelMerging")
             self._bind(trainer, pl_module)
 
     def _bind(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -356,9 +476,21 @@ class ModelMerging(TaskBoundaryCallback):
             task_vector = self.core.task_vector(pl_module)
         except NonFiniteError:
             self.on_experience_diverged(trainer, pl_module, experience, at_fit_end)
+        fisher = self.experience_fisher(trainer, pl_module, experience, at_fit_end) if self._requires_fisher else None
         keep_current = at_fit_end and self.start_from == "finetuned"
         kept = self.core.snapshot(pl_module) if keep_current else None
-        self.core.fold(task_vector)
+        self.core.fold(task_vector, fisher=fisher)
+        self._fisher_cache = None
+        del fisher
+        if self.validate_scale:
+            # The grid is tried in the module; the fine-tuned weights the next experience
+            # continues from are put back (at fit end `kept` holds them, and otherwise
+            # `_install_start_weights` writes θ₀ or the merge over whatever is there).
+            restore = self.core.snapshot(pl_module) if self.start_from == "finetuned" and not at_fit_end else None
+            self._choose_scale(trainer, pl_module, experience)
+            if restore is not None:
+                self.core.write(pl_module, restore)
+            del restore
         elapsed = time.perf_counter() - start
         norm = self.merger.merged_norm()
         task_norm = task_vector.norm()
@@ -369,6 +501,8 @@ class ModelMerging(TaskBoundaryCallback):
             "merged_norm": norm,
             "task_vector_norm": task_norm,
         }
+        if self.validate_scale:
+            record["scale"] = self.scale
         self.boundary_log.append(record)
         for logger in trainer.loggers:
             logger.log_metrics(
@@ -438,6 +572,62 @@ class ModelMerging(TaskBoundaryCallback):
         else:
             self.core.write_merged(pl_module)
 
+    def experience_fisher(
+        self, trainer: Trainer, pl_module: LightningModule, experience: int, at_fit_end: bool
+    ) -> dict[str, Tensor]:
+        """The diagonal Fisher of ``experience`` over the merged tensors, as this callback folds it (whole tensors).
+
+        Computed once per boundary: ``ContinualEvaluation`` (which runs first)
+        asks for it to fold its own ``"fisher"`` merge, and the fold here reuses it.
+        """
+        key = (experience, trainer.global_step)
+        if self._fisher_cache is not None and self._fisher_cache[0] == key:
+            return self._fisher_cache[1]
+        fisher = experience_fisher(
+            trainer,
+            pl_module,
+            self.core,
+            experience,
+            at_fit_end,
+            n_batches=self.fisher_batches or DEFAULT_FISHER_BATCHES,
+            loss=self.fisher_loss,
+        )
+        self._fisher_cache = (key, fisher)
+        return fisher
+
+    def evaluation_settings(self, trainer: Trainer) -> tuple[Callable, Callable, list[list[int]] | None]:
+        """``(predict, target, classes)`` as the Trainer's ContinualEvaluation makes predictions, else the defaults."""
+        from cl_plugin.callbacks._boundary_data import default_predict, default_target
+        from cl_plugin.callbacks.evaluation import ContinualEvaluation
+
+        evaluation = next((cb for cb in trainer.callbacks if isinstance(cb, ContinualEvaluation)), None)
+        if evaluation is None:
+            return default_predict, default_target, None
+        return evaluation.predict, evaluation.target, (evaluation._classes if evaluation.task_aware else None)
+
+    def _choose_scale(self, trainer: Trainer, pl_module: LightningModule, experience: int) -> None:
+        """Set λ to the grid's best on the validation loaders of experiences 0..``experience``; log the choice."""
+        loaders = validation_loaders(trainer, "ModelMerging")
+        if len(loaders) <= experience:
+            raise ConfigError(
+                f"ModelMerging(scale='validate'): experience {experience} has no validation loader (the datamodule "
+                f"gives {len(loaders)}); the validation stream needs one experience per training experience."
+            )
+        predict, target, classes = self.evaluation_settings(trainer)
+        value, scores = choose_scale(
+            self.core, trainer, pl_module, loaders[: experience + 1], self.scale_grid, predict, target,
+            None if classes is None else classes[: experience + 1],
+        )
+        self.core.scale = value
+        self.scale_log.append(
+            {"experience": experience, "scale": value, "grid": list(self.scale_grid), "validation_accuracy": scores}
+        )
+        if self.verbose:
+            rank_zero_info(
+                f"ModelMerging({self.method}): λ = {value:g} chosen on the validation data of experiences "
+                f"0..{experience} (accuracy {max(s for s in scores if s == s):.4f})"
+            )
+
     def on_experience_diverged(self, trainer: Trainer, pl_module: LightningModule, experience: int, at_fit_end: bool) -> None:
         """The weights after ``experience`` are not finite: put the module back as it was, then raise."""
         state = pl_module.state_dict()
@@ -493,6 +683,9 @@ class ModelMerging(TaskBoundaryCallback):
             # experience trains stay out of the checkpoint (resume it instead).
             kept_weights=self._kept_weights if self._holds_merged else None,
             holds_merged=self._holds_merged,
+            # With scale="validate": the λ chosen at the last boundary, and every choice so far.
+            chosen_scale=self.scale if self.validate_scale else None,
+            scale_log=[dict(r) for r in self.scale_log],
         )
         return state
 
@@ -526,13 +719,36 @@ class ModelMerging(TaskBoundaryCallback):
                 "The checkpoint's ModelMerging (start_from='finetuned') holds the merged model but not the "
                 "fine-tuned weights the next experience continues from; it is damaged."
             )
+        chosen, scale_log = _check_scale_state(state, finished, self.validate_scale)
 
         def apply() -> None:
             apply_core()
             self._kept_weights = kept
             self._holds_merged = holds_merged
+            if chosen is not None:
+                self.core.scale = chosen
+            self.scale_log = scale_log
 
         return apply
+
+
+def _check_scale_state(state: Mapping[str, Any], finished: int, validate: bool) -> tuple[float | None, list[dict[str, Any]]]:
+    """The checkpoint's chosen λ and scale log (``scale="validate"``), checked; (None, []) otherwise."""
+    owner = "ModelMerging"
+    scale_log = state.get("scale_log", [])
+    if not isinstance(scale_log, list) or not all(isinstance(r, Mapping) and "scale" in r for r in scale_log):
+        raise CheckpointError(f"The checkpoint's {owner} scale_log is not a list of records; it is damaged.")
+    chosen = state.get("chosen_scale")
+    if not validate:
+        return None, [dict(r) for r in scale_log]
+    if finished and chosen is None:
+        raise CheckpointError(
+            f"The checkpoint's {owner} (scale='validate') records {finished} finished experience(s) but no chosen λ; "
+            "it is damaged."
+        )
+    if chosen is not None:
+        chosen = check_scale(chosen, f"the checkpoint's {owner} chosen_scale")
+    return chosen, [dict(r) for r in scale_log]
 
 
 def refresh_last_checkpoints(trainer: Trainer, owner: str) -> None:

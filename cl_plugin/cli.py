@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--benchmark",
         action="append",
-        help="benchmark name, repeatable (default: split_digits and permuted_digits); "
+        help="benchmark name, repeatable (default: split_digits and rotated_digits); "
         "embedded: split_digits, permuted_digits, rotated_digits; from --dataset-root with the digits ViT: "
         "split_mnist (Avalanche's SplitMNIST, images brought to 8x8); from --dataset-root with a timm --model: "
         "split_mnist, permuted_mnist, rotated_mnist, split_fmnist, split_cifar100, split_cub200, core50",
@@ -49,16 +49,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--methods", help="comma-separated merging methods (default: all)")
     demo.add_argument("--no-from-scratch", action="store_true", help="skip the run without pretraining")
     demo.add_argument("--no-progress", action="store_true", help="hide Lightning's progress bars")
+    demo.add_argument(
+        "--workers",
+        type=int,
+        help="processes for the independent runs, one thread each (default: 2 on a machine with 2 cores or more)",
+    )
+    demo.add_argument(
+        "--no-validate",
+        action="store_true",
+        help="use each method's default scale instead of choosing it on the digits streams' validation data",
+    )
     demo.set_defaults(func=_demo)
     return parser
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from cl_plugin.demo import METHODS, run_demo
+    from cl_plugin.demo import DEMO_BENCHMARKS, METHODS, default_workers, run_demo
 
     run_demo(
         out=args.out,
-        benchmarks=args.benchmark or ("split_digits", "permuted_digits"),
+        benchmarks=args.benchmark or DEMO_BENCHMARKS,
         seeds=args.seeds,
         epochs=args.epochs,
         methods=tuple(args.methods.split(",")) if args.methods else METHODS,
@@ -70,6 +80,8 @@ def _demo(args: argparse.Namespace) -> int:
         n_experiences=args.n_experiences,
         batch_size=args.batch_size,
         lr=args.lr,
+        validate=not args.no_validate,
+        workers=args.workers if args.workers is not None else default_workers(),
     )
     return 0
 

@@ -8,6 +8,14 @@ task vectors, so one run gives every method's accuracy matrix. Then a joint
 training run (all experiences at once, the upper bound) and a from-scratch run
 (no pretraining, for honesty: merging needs a shared start).
 
+On the embedded digits streams each method's λ is chosen at every boundary on
+the streams' validation data (``validation_stream=True``: 1,005 training
+images, 252 validation images split like the test stream, the 540 test
+images untouched; ``scale="validate"``), and the table shows the λ chosen at
+the last boundary. The default streams are split digits (class-incremental)
+and rotated digits (domain-incremental); permuted digits, where no merge comes
+within 15 points of joint training, is in ``benchmarks/quality.py``.
+
 The same recipe runs on Avalanche's own ``SplitMNIST`` read from a local
 folder (``cl-plugin demo --benchmark split_mnist --dataset-root DIR``, DIR
 holding ``MNIST/raw/``): each 28×28 image is brought to the digits' 8×8
@@ -22,8 +30,10 @@ algorithms it calls stay Lightning-free.
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
+from concurrent.futures import Future, as_completed
 import time
 import warnings
 from collections.abc import Sequence
@@ -36,7 +46,7 @@ from torch import nn
 
 from cl_plugin._io import atomic_output
 
-__all__ = ["ImageClassifier", "StreamRecipe", "RECIPES", "run_demo", "format_table"]
+__all__ = ["DEMO_BENCHMARKS", "ImageClassifier", "StreamRecipe", "RECIPES", "run_demo", "format_table"]
 
 
 @dataclass(frozen=True)
@@ -65,7 +75,19 @@ RECIPES: dict[str, StreamRecipe] = {
     "split_mnist": StreamRecipe("digits", 60, 1e-3, mask_classes=True, mnist_as_digits=True),
 }
 
-METHODS = ("magmax", "average", "random", "ties", "opcm", "task_arithmetic")
+METHODS = ("magmax", "average", "random", "ties", "opcm", "task_arithmetic", "dop", "fisher")
+#: The streams ``cl-plugin demo`` runs by default: one class-incremental, one domain-incremental.
+DEMO_BENCHMARKS = ("split_digits", "rotated_digits")
+#: DOP's Adam steps per fold in the quality benchmark: FusionBench's default, 200, about 11 s per
+#: stream of 5 experiences on one core with the digits ViT.
+DOP_OPTIONS = {"num_steps": 200}
+#: ... and in the demo, which must run in a few minutes on two cores: 50 steps (about 3 s per stream).
+DEMO_DOP_OPTIONS = {"num_steps": 50}
+#: Evaluation batches: the accuracy matrices and the λ grids evaluate thousands of small images.
+EVAL_BATCH_SIZE = 512
+#: The demo's λ grid: each method's default λ times these (half of ModelMerging's default grid, to
+#: keep the demo in a few minutes; benchmarks/quality.py tries the default grid).
+DEMO_SCALE_FACTORS = (0.4, 0.8, 1.2, 1.6, 2.0)
 
 
 def _lightning():
@@ -129,6 +151,7 @@ class RunSpec:
     batch_size: int = 32
     lr: float | None = None
     n_experiences: int | None = None
+    validation_stream: bool = False  # embedded digits: train on 1,005 images, validate on 252, test on 540
 
     @property
     def recipe(self) -> StreamRecipe:
@@ -147,6 +170,8 @@ class RunSpec:
             options["n_experiences"] = 5
         if self.benchmark not in EMBEDDED_BENCHMARKS:
             options["dataset_root"] = self.dataset_root
+        elif self.validation_stream:
+            options["validation_stream"] = True
         if self.recipe.mnist_as_digits:
             from cl_plugin.benchmarks.pretraining import MnistAsDigits
 
@@ -215,25 +240,100 @@ def _trainer(max_epochs: int, progress: bool, **kwargs):
     )
 
 
-def run_stream(spec: RunSpec, methods: Sequence[str], out_dir: Path | None, progress: bool = True) -> dict[str, dict[str, Any]]:
-    """One sequential fine-tuning run with every method compared; returns ContinualEvaluation's results."""
+def run_stream(
+    spec: RunSpec,
+    methods: Sequence[str],
+    out_dir: Path | None,
+    progress: bool = True,
+    *,
+    start_from: str = "finetuned",
+    validate: bool = False,
+    hindsight: bool = False,
+    dop_options: dict[str, Any] | None = None,
+    variant: tuple[str, str, dict[str, Any]] | None = None,
+    scale_factors: Sequence[float] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """One fine-tuning run with every method compared; returns ContinualEvaluation's results.
+
+    Args:
+        start_from: ``"finetuned"`` (sequential fine-tuning) or ``"pretrained"``
+            (independent fine-tuning: every experience starts from θ₀).
+        validate: choose each method's λ on the validation stream at every
+            boundary (``spec.validation_stream`` must be on).
+        hindsight: also add to each method's results ``"hindsight"``: the
+            final average *test* accuracy at every λ of its grid (the best λ in
+            hindsight, for reporting only; nothing chooses with it).
+        dop_options: DOP's options (default :data:`DOP_OPTIONS`).
+        scale_factors: with ``validate``, each method's λ grid is its default
+            λ times these (default: ModelMerging's default grid).
+        variant: ``(label, method, options)``: the ``ModelMerging`` callback
+            merges with this method and options (e.g. a method of ``methods``
+            with other options) instead of ``methods[0]``; its final average
+            test accuracy is reported under ``label`` (at the validated λ with
+            ``validate``, and with ``hindsight`` at every λ of its grid).
+    """
     L = _lightning()
     from cl_plugin.benchmarks import ContinualDataModule
     from cl_plugin.callbacks import ClassIncrementalMasking, ContinualEvaluation, ModelMerging
+    from cl_plugin.callbacks._boundary_data import scale_grid_for
+    from cl_plugin.merging import MERGERS
 
     L.seed_everything(spec.seed, verbose=False)
     benchmark = spec.build_benchmark()
     datamodule = ContinualDataModule(
-        benchmark, batch_size=spec.batch_size, epochs_per_experience=spec.epochs, seed=spec.seed
+        benchmark, batch_size=spec.batch_size, epochs_per_experience=spec.epochs, seed=spec.seed,
+        eval_batch_size=EVAL_BATCH_SIZE,
     )
     module = spec.build_module(benchmark.n_classes, _channels(benchmark))
-    evaluation = ContinualEvaluation(compare=methods, output_dir=out_dir)
-    callbacks = [ModelMerging(methods[0]), evaluation]
+    options = {"dop": dict(DOP_OPTIONS if dop_options is None else dop_options)} if "dop" in methods else None
+    if variant is not None and variant[1] in methods:
+        # the compared method keeps its own options (else it would take the ModelMerging callback's)
+        options = {variant[1]: {}, **(options or {})}
+    grids = None
+    if scale_factors is not None:
+        grids = {m: [round(MERGERS[m].default_scale * f, 6) for f in scale_factors] for m in methods}
+    evaluation = ContinualEvaluation(
+        compare=methods, output_dir=out_dir, scales="validate" if validate else None, method_options=options,
+        scale_grid=grids,
+    )
+    method, method_options = (methods[0], (options or {}).get(methods[0], {})) if variant is None else variant[1:]
+    # Without a variant the callback only sets where each experience starts: its λ is not reported
+    # (ContinualEvaluation validates its method), so it is not validated a second time.
+    merging = ModelMerging(
+        method, start_from=start_from, scale="validate" if validate and variant is not None else None, **method_options
+    )
+    callbacks = [merging, evaluation]
     if spec.recipe.mask_classes:
         callbacks.append(ClassIncrementalMasking(head=_head_name(module)))
     trainer = _trainer(datamodule.total_epochs, progress, callbacks=callbacks, reload_dataloaders_every_n_epochs=1)
     trainer.fit(module, datamodule=datamodule)
-    return evaluation.results
+    results = {name: dict(result) for name, result in evaluation.results.items()}
+    if hindsight:
+        loaders = datamodule.experience_dataloaders("test")
+        for name in methods:
+            grid = scale_grid_for(MERGERS[name].default_scale, None)
+            accuracies = []
+            for value in grid:
+                with evaluation.merged_weights(module, name, scale=value):
+                    row = accuracy_per_experience(module, loaders)
+                accuracies.append(sum(row) / len(row))
+            results[name]["hindsight"] = {"grid": list(grid), "test_accuracy": accuracies}
+    if variant is not None:
+        loaders = datamodule.experience_dataloaders("test")
+        row = accuracy_per_experience(module, loaders)  # the module holds the callback's merge at its last λ
+        result: dict[str, Any] = {"average_accuracy": sum(row) / len(row), "forgetting": math.nan, "bwt": math.nan}
+        if validate:
+            result["scale"] = [r["scale"] for r in merging.scale_log]
+        if hindsight:
+            grid = scale_grid_for(MERGERS[method].default_scale, None)
+            accuracies = []
+            for value in grid:
+                merging.core.write_merged(module, scale=value)
+                row = accuracy_per_experience(module, loaders)
+                accuracies.append(sum(row) / len(row))
+            result["hindsight"] = {"grid": list(grid), "test_accuracy": accuracies}
+        results[variant[0]] = result
+    return results
 
 
 def _channels(benchmark) -> int:
@@ -259,7 +359,9 @@ def run_joint(spec: RunSpec, progress: bool = True) -> dict[str, Any]:
 
     L.seed_everything(spec.seed, verbose=False)
     benchmark = spec.build_benchmark()
-    datamodule = ContinualDataModule(benchmark, batch_size=spec.batch_size, epochs_per_experience=1, seed=spec.seed)
+    datamodule = ContinualDataModule(
+        benchmark, batch_size=spec.batch_size, epochs_per_experience=1, seed=spec.seed, eval_batch_size=EVAL_BATCH_SIZE
+    )
     # `epochs` passes over the union of the experiences: the same number of
     # examples, so of optimizer steps, as the stream's `epochs` per experience.
     train = ConcatDataset([e.dataset for e in benchmark.train_stream])
@@ -286,6 +388,12 @@ def _aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
         values = [r[key] for r in per_seed]
         return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
+    extra: dict[str, Any] = {}
+    if all("scale" in r for r in per_seed):
+        extra["scale"] = [r["scale"][-1] for r in per_seed]  # the λ of the last row, per seed
+    if all("hindsight" in r for r in per_seed):
+        extra["hindsight"] = [r["hindsight"] for r in per_seed]
+
     acc, acc_std = mean_std("average_accuracy")
     forgetting, _ = mean_std("forgetting")
     bwt, _ = mean_std("bwt")
@@ -299,7 +407,80 @@ def _aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
         "accuracy_matrix": mean_matrix,
         "seeds": len(per_seed),
         "per_seed_average_accuracy": [r["average_accuracy"] for r in per_seed],
+        **extra,
     }
+
+
+def _run_job(job: tuple[str, dict[str, Any]], recipes: dict[str, StreamRecipe] | None = None) -> Any:
+    """One unit of a grid, in this process or a worker: ``("pretrain" | "stream" | "joint", arguments)``."""
+    if recipes is not None:  # a worker: the parent's recipes (a test may have replaced one)
+        RECIPES.update(recipes)
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+    kind, arguments = job
+    with single_thread():
+        if kind == "pretrain":
+            return pretrained_weights(**arguments)
+        if kind == "stream":
+            return run_stream(**arguments)
+        return run_joint(**arguments)
+
+
+class _Inline:
+    """An executor that runs each job at once, in this process (``workers=1``)."""
+
+    def submit(self, fn: Any, *args: Any) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
+            future.set_exception(exc)
+        return future
+
+    def __enter__(self) -> _Inline:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+class _Workers:
+    """``workers`` spawned processes, each told the parent's recipes (a test may have replaced one)."""
+
+    def __init__(self, workers: int) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def submit(self, fn: Any, job: tuple[str, dict[str, Any]]) -> Future:
+        return self._pool.submit(fn, job, dict(RECIPES))
+
+    def __enter__(self) -> _Workers:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=exc[0] is not None)
+
+
+def _executor(workers: int) -> _Inline | _Workers:
+    return _Inline() if workers <= 1 else _Workers(workers)
+
+
+def run_jobs(jobs: Sequence[tuple[str, dict[str, Any]]], workers: int = 1) -> list[Any]:
+    """Run independent jobs (see :func:`_run_job`), in this process or in ``workers`` processes, results in order.
+
+    Each job seeds itself and runs with one intra-op thread, so the results do
+    not depend on ``workers``; two workers use the two cores of a small machine.
+    """
+    with _executor(workers if len(jobs) > 1 else 1) as pool:
+        futures = [pool.submit(_run_job, job) for job in jobs]
+        return [f.result() for f in futures]
+
+
+def default_workers() -> int:
+    """Processes for the demo's grid: 2 where the machine has 2 cores or more, else 1."""
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
 
 
 class single_thread:
@@ -320,7 +501,7 @@ class single_thread:
 
 def run_demo(
     out: str | os.PathLike = "cl-plugin-results",
-    benchmarks: Sequence[str] = ("split_digits", "permuted_digits"),
+    benchmarks: Sequence[str] = DEMO_BENCHMARKS,
     seeds: int = 3,
     epochs: int = 3,
     methods: Sequence[str] = METHODS,
@@ -332,8 +513,19 @@ def run_demo(
     n_experiences: int | None = None,
     batch_size: int = 32,
     lr: float | None = None,
+    validate: bool = True,
+    workers: int = 1,
 ) -> dict[str, dict[str, Any]]:
     """Run the grid, write ``results.json`` and heatmaps to ``out``, and return the aggregated results.
+
+    ``workers`` > 1 runs the independent runs (pretraining, each seed's
+    stream, joint training) in that many processes, one thread each: the same
+    results, sooner on a machine with several cores (``cl-plugin demo`` uses 2).
+    Lightning's progress bars are off then.
+
+    With ``validate`` (default) the embedded digits streams are built with a
+    validation stream and every method's λ is chosen on it at each boundary
+    (the table's λ column); other benchmarks use each method's default λ.
 
     Embedded benchmarks (``split_digits``, ``permuted_digits``,
     ``rotated_digits``) use the digits ViT pretrained on MNIST-5k (cached in
@@ -371,29 +563,66 @@ def run_demo(
     out = Path(out)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"`workers` must be an integer >= 1, got {workers!r}.")
+    if workers > 1:
+        progress = False
     started = time.perf_counter()
-    results: dict[str, dict[str, Any]] = {}
-    with single_thread():
+    # The digits ViT for the embedded streams always, for split_mnist unless a timm model is named.
+    digits_vit = {name: name in EMBEDDED_BENCHMARKS or (name in RECIPES and model_name is None) for name in benchmarks}
+    # Pretraining variants first (each cached once); a benchmark's runs start as soon as its weights exist.
+    variants: dict[tuple[str, int], list[str]] = {}
+    for name in benchmarks:
+        if digits_vit[name]:
+            variants.setdefault((RECIPES[name].pretraining, RECIPES[name].pretraining_epochs), []).append(name)
+
+    def benchmark_jobs(name: str, weights: Path | None) -> list[tuple[tuple[str, str], tuple[str, dict[str, Any]]]]:
+        common = dict(
+            benchmark=name, epochs=epochs, model_name=None if digits_vit[name] else model_name,
+            pretrained=pretrained, dataset_root=dataset_root, batch_size=batch_size, lr=lr,
+            n_experiences=n_experiences,
+        )
+        validated = validate and name in EMBEDDED_BENCHMARKS
+        first, later = [], []  # the long runs first, so that two workers finish together
+        for seed in range(seeds):
+            spec = RunSpec(seed=seed, weights=weights, validation_stream=validated, **common)
+            first.append(((name, "stream"), ("stream", dict(
+                spec=spec, methods=methods, out_dir=out / name if seed == 0 else None, progress=progress,
+                validate=validated, dop_options=DEMO_DOP_OPTIONS, scale_factors=DEMO_SCALE_FACTORS,
+            ))))
+            later.append(((name, "joint"), ("joint", dict(spec=spec, progress=progress))))
+        if from_scratch and digits_vit[name]:
+            spec = RunSpec(seed=0, weights=None, validation_stream=validated, **common)
+            later.append(((name, "scratch"), ("stream", dict(
+                spec=spec, methods=methods[:1], out_dir=None, progress=progress, validate=validated,
+                scale_factors=DEMO_SCALE_FACTORS,
+            ))))
+        return first + later
+
+    submitted: dict[str, list[tuple[tuple[str, str], Any]]] = {}
+    with _executor(workers) as pool:
+        pretraining = {
+            pool.submit(_run_job, ("pretrain", {"cache_dir": out / "cache", "benchmark_name": names[0]})): names
+            for names in variants.values()
+        }
         for name in benchmarks:
-            # The digits ViT for the embedded streams always, for split_mnist unless a timm model is named.
-            digits_vit = name in EMBEDDED_BENCHMARKS or (name in RECIPES and model_name is None)
-            common = dict(
-                benchmark=name, epochs=epochs, model_name=None if digits_vit else model_name,
-                pretrained=pretrained, dataset_root=dataset_root, batch_size=batch_size, lr=lr,
-                n_experiences=n_experiences,
-            )
-            weights = pretrained_weights(out / "cache", name) if digits_vit else None
-            runs: dict[str, list[dict[str, Any]]] = {}
-            for seed in range(seeds):
-                spec = RunSpec(seed=seed, weights=weights, **common)
-                for method, result in run_stream(spec, methods, out / name if seed == 0 else None, progress).items():
-                    runs.setdefault(method, []).append(result)
-                runs.setdefault("joint", []).append(run_joint(spec, progress))
-            if from_scratch and digits_vit:
-                spec = RunSpec(seed=0, weights=None, **common)
-                for method, result in run_stream(spec, methods[:1], None, progress).items():
-                    runs.setdefault(f"{method}_from_scratch", []).append(result)
-            results[name] = {method: _aggregate(r) for method, r in runs.items()}
+            if not digits_vit[name]:
+                submitted[name] = [(key, pool.submit(_run_job, job)) for key, job in benchmark_jobs(name, None)]
+        for done in as_completed(pretraining):
+            for name in pretraining[done]:
+                weights = done.result()
+                submitted[name] = [(key, pool.submit(_run_job, job)) for key, job in benchmark_jobs(name, weights)]
+        outcomes = [(key, future.result()) for name in benchmarks for key, future in submitted[name]]
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {name: {} for name in benchmarks}
+    for (name, kind), result in outcomes:
+        if kind == "joint":
+            runs[name].setdefault("joint", []).append(result)
+            continue
+        for method, r in result.items():
+            runs[name].setdefault(method if kind == "stream" else f"{method}_from_scratch", []).append(r)
+    results: dict[str, dict[str, Any]] = {
+        name: {method: _aggregate(r) for method, r in by_method.items()} for name, by_method in runs.items()
+    }
     with atomic_output(out / "results.json") as tmp:
         tmp.write_text(json.dumps(results, indent=2))
     elapsed = time.perf_counter() - started
@@ -410,8 +639,16 @@ def format_accuracy(result: dict[str, Any]) -> str:
     return f"{result['average_accuracy']:.3f} (1 seed)"
 
 
+def format_scale(result: dict[str, Any] | None) -> str:
+    """The λ of the last row per seed (``0.4/0.5/0.4``), or "-" for a model that is not a merge."""
+    values = (result or {}).get("scale")
+    if not values:
+        return "-"
+    return "/".join(f"{v:g}" for v in values)
+
+
 def format_table(results: dict[str, dict[str, Any]]) -> str:
-    """A markdown table: one row per method, per benchmark average accuracy ± std, forgetting, BWT."""
+    """A markdown table: one row per method, per benchmark average accuracy ± std, forgetting, BWT and λ."""
     benchmarks = list(results)
     methods: list[str] = []
     for b in benchmarks:
@@ -420,16 +657,16 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
                 methods.append(m)
     order = ["joint", "sequential_finetuning", *METHODS]
     methods.sort(key=lambda m: (order.index(m) if m in order else len(order), m))
-    header = "| method | " + " | ".join(f"{b}: accuracy | forgetting | BWT" for b in benchmarks) + " |"
-    rule = "|---|" + "---|---|---|" * len(benchmarks)
+    header = "| method | " + " | ".join(f"{b}: accuracy | forgetting | BWT | λ" for b in benchmarks) + " |"
+    rule = "|---|" + "---|---|---|---|" * len(benchmarks)
     lines = [header, rule]
     for m in methods:
         cells = []
         for b in benchmarks:
             r = results[b].get(m)
             if r is None:
-                cells.append(" - | - | - ")
+                cells.append(" - | - | - | - ")
                 continue
-            cells.append(f" {format_accuracy(r)} | {r['forgetting']:.3f} | {r['bwt']:.3f} ")
+            cells.append(f" {format_accuracy(r)} | {r['forgetting']:.3f} | {r['bwt']:.3f} | {format_scale(r)} ")
         lines.append(f"| {m} |" + "|".join(cells) + "|")
     return "\n".join(lines)

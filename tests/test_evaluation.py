@@ -167,6 +167,10 @@ def test_demo_writes_results_in_the_documented_schema(tmp_path, monkeypatch):
         assert {"average_accuracy", "forgetting", "bwt", "accuracy_matrix", "seeds"} <= set(r), name
         assert 0.0 <= r["average_accuracy"] <= 1.0
     assert methods["magmax"]["seeds"] == 2
+    # λ chosen on the validation stream at every boundary: the last one per seed, from MagMax's grid
+    assert len(methods["magmax"]["scale"]) == 2
+    assert all(v in {round(0.5 * f, 6) for f in demo.DEMO_SCALE_FACTORS} for v in methods["magmax"]["scale"])
+    assert "scale" not in methods["joint"]
     assert (tmp_path / "split_digits" / "accuracy_matrix_magmax.png").exists()
     assert (tmp_path / "cache").is_dir()
 

@@ -409,6 +409,8 @@ class ContinualDataModule(LightningDataModule):
         seed: seed of the training sampler; the order of an epoch is a pure
             function of ``(seed, epoch)``.
         batch_format: ``"lightning"`` (default) or ``"avalanche"``, see above.
+        eval_batch_size: batch size of the validation and test loaders
+            (default None: ``batch_size``); a larger one evaluates faster.
         benchmark_options: keyword arguments for
             :func:`~cl_plugin.benchmarks.benchmark_by_name` when ``benchmark``
             is a name, e.g. ``{"n_experiences": 5, "seed": 0}`` or
@@ -420,7 +422,7 @@ class ContinualDataModule(LightningDataModule):
             experience datasets travel).
         benchmark_name: the name given, or None when a benchmark object was.
         benchmark_options: the options given (a dict, empty for none).
-        epochs_per_experience, batch_size, num_workers, eval_on, seed,
+        epochs_per_experience, batch_size, eval_batch_size, num_workers, eval_on, seed,
         batch_format: as given.
         classes_in_experience: per training experience, its sorted classes.
 
@@ -461,8 +463,11 @@ class ContinualDataModule(LightningDataModule):
         seed: int = 0,
         batch_format: str = "lightning",
         benchmark_options: Optional[dict[str, Any]] = None,
+        eval_batch_size: Optional[int] = None,
     ) -> None:
         super().__init__()
+        if eval_batch_size is not None:
+            _check_int("eval_batch_size", eval_batch_size, 1)
         self._validate_init(
             benchmark, batch_size, epochs_per_experience, num_workers, eval_on, seed, batch_format, benchmark_options
         )
@@ -481,13 +486,15 @@ class ContinualDataModule(LightningDataModule):
             )
         valid_stream = getattr(benchmark, "valid_stream", None)
         val_stream = list(valid_stream) if valid_stream is not None else []
-        if len(val_stream) != len(train_stream):
+        has_validation_stream = len(val_stream) == len(train_stream)
+        if not has_validation_stream:
             val_stream = test_stream
 
         self.benchmark = benchmark
         self.benchmark_name = name
         self.benchmark_options = options
         self.batch_size = int(batch_size)
+        self.eval_batch_size = int(batch_size if eval_batch_size is None else eval_batch_size)
         self.epochs_per_experience = int(epochs_per_experience)
         self.num_workers = int(num_workers)
         self.eval_on = eval_on
@@ -501,6 +508,7 @@ class ContinualDataModule(LightningDataModule):
         self._train_labels = [_task_label_of(e) for e in train_stream]
         self._test_labels = [_task_label_of(e) for e in test_stream]
         self._val_labels = [_task_label_of(e) for e in val_stream]
+        self._has_validation_stream = has_validation_stream
         self._fixed: int | None = None
         self._current = 0
 
@@ -552,6 +560,12 @@ class ContinualDataModule(LightningDataModule):
     def n_experiences(self) -> int:
         """Number of training experiences."""
         return len(self._train_sets)
+
+    @property
+    def has_validation_stream(self) -> bool:
+        """True when validation reads the benchmark's own ``valid_stream`` (one experience per training
+        experience), False when it falls back to the test stream (see :meth:`experience_dataloaders`)."""
+        return self._has_validation_stream
 
     @property
     def total_epochs(self) -> int:
@@ -719,7 +733,7 @@ class ContinualDataModule(LightningDataModule):
     def _eval_loader(self, dataset: Dataset) -> DataLoader:
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
+            batch_size=self.eval_batch_size,
             shuffle=False,
             num_workers=self.num_workers,
             collate_fn=getattr(dataset, "collate_fn", None),
@@ -730,7 +744,7 @@ class ContinualDataModule(LightningDataModule):
         dataset: Dataset = items[0] if len(items) == 1 else ConcatDataset(items)
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
+            batch_size=self.eval_batch_size,
             shuffle=False,
             num_workers=self.num_workers,
             collate_fn=items[0].collate_fn,
@@ -784,6 +798,48 @@ class ContinualDataModule(LightningDataModule):
             # that iterator draws its order at once, so the epoch must be right from the start.
             loader.sampler.set_epoch(self._epoch_to_train(trainer))
         return loader
+
+    def experience_train_dataloader(self, experience: int, epoch: int | None = None) -> DataLoader:
+        """The training loader ``experience`` had in epoch ``epoch``: its data, this rank's shard, that epoch's order.
+
+        What a callback that needs an experience's own training data after the
+        Trainer has moved on reads (``ModelMerging("fisher")`` estimates the
+        experience's Fisher from it at the boundary, which one ``fit`` over the
+        stream reaches after the next experience's loader is built). A plain
+        loader that shares nothing with the Trainer's: iterating it changes no
+        training state, and it gives the same batches in a resumed run.
+
+        Args:
+            experience: an index of the training stream.
+            epoch: the epoch whose order to give; default the experience's last
+                epoch in one ``fit`` over the stream,
+                ``(experience + 1) * epochs_per_experience - 1``.
+
+        Raises:
+            ConfigError: ``experience`` is not an index of the stream, or
+                ``epoch`` is not an int >= 0.
+        """
+        if isinstance(experience, bool) or not isinstance(experience, numbers.Integral) or not 0 <= experience < self.n_experiences:
+            raise ConfigError(
+                f"`experience` must be an int in [0, {self.n_experiences - 1}], got {experience!r} "
+                "(ContinualDataModule.experience_train_dataloader)."
+            )
+        if epoch is None:
+            epoch = (int(experience) + 1) * self.epochs_per_experience - 1
+        elif isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or epoch < 0:
+            raise ConfigError(
+                f"`epoch` must be an int >= 0 or None, got {epoch!r} (ContinualDataModule.experience_train_dataloader)."
+            )
+        dataset = _Items(self._train_sets[experience], self._with_task_labels, self._train_labels[experience])
+        sampler = self.train_sampler(int(experience))
+        sampler.set_epoch(int(epoch))
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=dataset.collate_fn,
+        )
 
     def _evaluated_val_experiences(self) -> int:
         """How many experiences of the validation stream :meth:`val_dataloader` serves."""

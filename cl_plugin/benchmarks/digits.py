@@ -11,7 +11,12 @@ with, so results over several seeds are measured on the same test images.
 Every stream also takes ``validation=True``, for choosing hyperparameters
 without touching the test images: 20 % of the training images (stratified,
 ``random_state=0``; 252 images) become the evaluation stream and the other
-1,005 the training stream.
+1,005 the training stream. With ``validation_stream=True`` instead, the stream
+trains on the same 1,005 images, has a ``valid_stream`` of the other 252
+(split per experience like the test stream: the same classes, permutation or
+angle) and tests on the 540 test images, as Avalanche's
+``benchmark_with_validation_stream`` lays a benchmark out: what
+``ModelMerging(scale="validate")`` chooses λ on.
 Images are float32 tensors of shape ``(1, 8, 8)`` scaled to [0, 1] (the raw
 pixel values run from 0 to 16).
 
@@ -159,6 +164,42 @@ def _check_int(name: str, value: object, minimum: int, what: str) -> int:
     return int(value)
 
 
+def _check_validation(validation: object, validation_stream: object, what: str) -> tuple[bool, bool]:
+    validation = check_bool(validation, "validation", what)
+    validation_stream = check_bool(validation_stream, "validation_stream", what)
+    if validation and validation_stream:
+        raise ConfigError(
+            f"`validation=True` and `validation_stream=True` exclude each other ({what}): `validation=True` "
+            "evaluates on the 252 held-out training images instead of the test images, `validation_stream=True` "
+            "adds them as a `valid_stream` and keeps the test images as the test stream. Pass one."
+        )
+    return validation, validation_stream
+
+
+def _with_valid_stream(build, train, test, valid):
+    """``build(train, test)``'s benchmark with a ``valid_stream``: ``build(train, valid)``'s test stream.
+
+    Both calls get the same arguments but the held-out images, so experience
+    ``k`` of the validation stream has the classes, task label and transform
+    of experience ``k`` of the test stream. The three streams become one
+    Avalanche benchmark (``create_multi_dataset_generic_benchmark``, the
+    generator behind ``dataset_benchmark``); ``n_classes`` is carried over.
+    """
+    from avalanche.benchmarks.scenarios.deprecated.generic_benchmark_creation import (
+        create_multi_dataset_generic_benchmark,
+    )
+
+    tested = build(train, test)
+    validated = build(train, valid)
+    benchmark = create_multi_dataset_generic_benchmark(
+        [e.dataset for e in tested.train_stream],
+        [e.dataset for e in tested.test_stream],
+        other_streams_datasets={"valid": [e.dataset for e in validated.test_stream]},
+    )
+    benchmark.n_classes = tested.n_classes
+    return benchmark
+
+
 def _domain_benchmark(train_sets: list[_DigitsDataset], test_sets: list[_DigitsDataset], task_labels: bool):
     """One experience per (train, test) pair, all 10 classes in each, class ids kept."""
     from avalanche.benchmarks import nc_benchmark
@@ -184,6 +225,7 @@ def split_digits(
     *,
     task_labels: bool = False,
     validation: bool = False,
+    validation_stream: bool = False,
 ):
     """Class-incremental digits: the 10 classes split evenly over the experiences.
 
@@ -200,15 +242,22 @@ def split_digits(
         validation: train on 1,005 of the training images and evaluate on the
             other 252 (``test_stream`` then holds them) instead of the test
             images; for choosing hyperparameters. Default False.
+        validation_stream: train on 1,005 of the training images, add the
+            other 252 as a ``valid_stream`` (one experience per training
+            experience, the same split), and keep the 540 test images as the
+            test stream. Default False; excludes ``validation``.
 
     Returns:
         An Avalanche ``NCScenario``: ``train_stream`` of 1,257 images and
         ``test_stream`` of 540 images in total, split by class (1,005 and
-        252 with ``validation=True``).
+        252 with ``validation=True``). With ``validation_stream=True``, an
+        Avalanche ``GenericCLScenario`` with ``train_stream`` (1,005),
+        ``valid_stream`` (252) and ``test_stream`` (540).
 
     Raises:
         ConfigError: ``n_experiences`` does not divide 10, ``seed`` is not an
-            int, or ``class_order`` is not a permutation of 0-9.
+            int, ``class_order`` is not a permutation of 0-9, or both
+            ``validation`` and ``validation_stream``.
 
     Example:
         >>> bm = split_digits(n_experiences=5, class_order=range(10))
@@ -227,7 +276,7 @@ def split_digits(
         )
     seed = _check_int("seed", seed, 0, what)
     task_labels = check_bool(task_labels, "task_labels", what)
-    validation = check_bool(validation, "validation", what)
+    validation, validation_stream = _check_validation(validation, validation_stream, what)
     order = None
     if class_order is not None:
         try:
@@ -238,17 +287,24 @@ def split_digits(
             raise ConfigError(
                 f"`class_order` must list each of the classes 0-9 exactly once, got {class_order!r} ({what})."
             )
-    data = _cached_split(validation)
-    return nc_benchmark(
-        # Copies: the cached split must not change if a user edits a stream in place.
-        _DigitsDataset(data.x_train.clone(), data.y_train.clone()),
-        _DigitsDataset(data.x_test.clone(), data.y_test.clone()),
-        n_experiences=n,
-        task_labels=task_labels,
-        shuffle=True,
-        seed=seed,
-        fixed_class_order=order,
-    )
+
+    def build(train: _DigitsDataset, test: _DigitsDataset):
+        return nc_benchmark(
+            train, test, n_experiences=n, task_labels=task_labels, shuffle=True, seed=seed, fixed_class_order=order
+        )
+
+    # Copies: the cached split must not change if a user edits a stream in place.
+    data = _cached_split(validation or validation_stream)
+    train = _DigitsDataset(data.x_train.clone(), data.y_train.clone())
+    if validation_stream:
+        tested = _cached_split(False)
+        return _with_valid_stream(
+            build,
+            train,
+            _DigitsDataset(tested.x_test.clone(), tested.y_test.clone()),
+            _DigitsDataset(data.x_test.clone(), data.y_test.clone()),
+        )
+    return build(train, _DigitsDataset(data.x_test.clone(), data.y_test.clone()))
 
 
 def _pixel_permutations(n_experiences: int, seed: int) -> list[Tensor]:
@@ -264,7 +320,14 @@ def _permute_pixels(images: Tensor, perm: Tensor) -> Tensor:
     return flat[:, perm].reshape(images.shape)
 
 
-def permuted_digits(n_experiences: int = 5, seed: int = 0, *, task_labels: bool = False, validation: bool = False):
+def permuted_digits(
+    n_experiences: int = 5,
+    seed: int = 0,
+    *,
+    task_labels: bool = False,
+    validation: bool = False,
+    validation_stream: bool = False,
+):
     """Domain-incremental digits: each experience shuffles the pixels its own way.
 
     Experience 0 is the unpermuted data; experience ``k > 0`` applies the
@@ -281,13 +344,19 @@ def permuted_digits(n_experiences: int = 5, seed: int = 0, *, task_labels: bool 
         validation: train on 1,005 of the training images and evaluate on the
             other 252 instead of the test images (see :func:`load_digits_tensors`).
             Default False.
+        validation_stream: train on 1,005 of the training images, add the
+            other 252 as a ``valid_stream`` (one experience per training
+            experience, the same split), and keep the 540 test images as the
+            test stream. Default False; excludes ``validation``.
 
     Returns:
         An Avalanche ``NCScenario`` with ``n_experiences`` experiences in each
-        of ``train_stream`` and ``test_stream``.
+        of ``train_stream`` and ``test_stream`` (and ``valid_stream`` with
+        ``validation_stream=True``, then a ``GenericCLScenario``).
 
     Raises:
-        ConfigError: ``n_experiences`` < 1 or a non-int argument.
+        ConfigError: ``n_experiences`` < 1, a non-int argument, or both
+            ``validation`` and ``validation_stream``.
 
     Example:
         >>> bm = permuted_digits(n_experiences=3, seed=0)
@@ -300,12 +369,26 @@ def permuted_digits(n_experiences: int = 5, seed: int = 0, *, task_labels: bool 
     n = _check_int("n_experiences", n_experiences, 1, what)
     seed = _check_int("seed", seed, 0, what)
     task_labels = check_bool(task_labels, "task_labels", what)
-    data = _cached_split(check_bool(validation, "validation", what))
-    train_sets, test_sets = [], []
-    for perm in _pixel_permutations(n, seed):
-        train_sets.append(_DigitsDataset(_permute_pixels(data.x_train, perm), data.y_train))
-        test_sets.append(_DigitsDataset(_permute_pixels(data.x_test, perm), data.y_test))
-    return _domain_benchmark(train_sets, test_sets, task_labels)
+    validation, validation_stream = _check_validation(validation, validation_stream, what)
+    perms = _pixel_permutations(n, seed)
+    return _domain_streams(lambda images, k: _permute_pixels(images, perms[k]), n, task_labels, validation, validation_stream)
+
+
+def _domain_streams(transform, n: int, task_labels: bool, validation: bool, validation_stream: bool):
+    """A domain-incremental benchmark: experience ``k`` holds every image of a split under ``transform(images, k)``."""
+    data = _cached_split(validation or validation_stream)
+
+    def sets(images: Tensor, labels: Tensor) -> list[_DigitsDataset]:
+        return [_DigitsDataset(transform(images, k), labels) for k in range(n)]
+
+    def build(train, test):
+        return _domain_benchmark(train, test, task_labels)
+
+    train = sets(data.x_train, data.y_train)
+    if validation_stream:
+        tested = _cached_split(False)
+        return _with_valid_stream(build, train, sets(tested.x_test, tested.y_test), sets(data.x_test, data.y_test))
+    return build(train, sets(data.x_test, data.y_test))
 
 
 def _rotate(images: Tensor, angle: float) -> Tensor:
@@ -325,6 +408,7 @@ def rotated_digits(
     *,
     task_labels: bool = False,
     validation: bool = False,
+    validation_stream: bool = False,
 ):
     """Domain-incremental digits: each experience rotates the images by its own angle.
 
@@ -343,15 +427,22 @@ def rotated_digits(
         validation: train on 1,005 of the training images and evaluate on the
             other 252 instead of the test images (see :func:`load_digits_tensors`).
             Default False.
+        validation_stream: train on 1,005 of the training images, add the
+            other 252 as a ``valid_stream`` (one experience per training
+            experience, the same split), and keep the 540 test images as the
+            test stream. Default False; excludes ``validation``.
 
     Returns:
         An Avalanche ``NCScenario``; every experience holds all 1,257 training
         and 540 test images (1,005 and 252 with ``validation=True``) and all
-        10 classes.
+        10 classes. With ``validation_stream=True`` a ``GenericCLScenario``
+        whose experiences hold 1,005 training, 252 validation and 540 test
+        images.
 
     Raises:
-        ConfigError: ``n_experiences`` < 1, ``angles`` of the wrong length, or
-            an angle that is not a finite number.
+        ConfigError: ``n_experiences`` < 1, ``angles`` of the wrong length, an
+            angle that is not a finite number, or both ``validation`` and
+            ``validation_stream``.
 
     Example:
         >>> bm = rotated_digits(n_experiences=2, angles=[0, 90])
@@ -377,7 +468,5 @@ def rotated_digits(
             )
         if not all(math.isfinite(a) for a in chosen):
             raise ConfigError(f"`angles` must be finite numbers of degrees, got {angles!r} ({what}).")
-    data = _cached_split(check_bool(validation, "validation", what))
-    train_sets = [_DigitsDataset(_rotate(data.x_train, a), data.y_train) for a in chosen]
-    test_sets = [_DigitsDataset(_rotate(data.x_test, a), data.y_test) for a in chosen]
-    return _domain_benchmark(train_sets, test_sets, task_labels)
+    validation, validation_stream = _check_validation(validation, validation_stream, what)
+    return _domain_streams(lambda images, k: _rotate(images, chosen[k]), n, task_labels, validation, validation_stream)

@@ -27,6 +27,7 @@ No Lightning import: usable from any training loop.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -388,26 +389,83 @@ class ContinualMerge:
             tau = {n: torch.sub(t.to(self.theta0[n].device), self.theta0[n]) for n, t in live.items()}
         return TaskVector(tau, check_finite=False)
 
-    def fold(self, module: nn.Module | TaskVector) -> TaskVector:
+    def fold(self, module: nn.Module | TaskVector, *, fisher: Mapping[str, Tensor] | None = None) -> TaskVector:
         """Fold ``module``'s task vector (or a given one) into the merge; return it.
+
+        Args:
+            module: the module (its task vector is taken) or a task vector of
+                this rank's parts (what :meth:`task_vector` returns).
+            fisher: for a method that weighs tasks by their Fisher
+                (``"fisher"``): the task's diagonal Fisher as *whole* tensors,
+                one per merged name (e.g. every rank's all-reduced estimate);
+                each rank folds its slices of it (:meth:`local`).
 
         All or nothing: on any error the merge is as it was.
         """
         tv = module if isinstance(module, TaskVector) else self.task_vector(module)
         weights = TaskVector({n: tv[n] for n in self.names}, check_finite=False)
+        extras, weighted = self._fisher_extras(weights, fisher)
         if not self.statistic_names:
-            self.merger.update(weights)
+            with weighted:
+                self.merger.update(weights, **extras)
             return tv
         saved = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in self._statistics_merger.state_dict().items()}
         self._statistics_merger.update(TaskVector({n: tv[n] for n in self.statistic_names}, check_finite=False))
         try:
-            self.merger.update(weights)
+            with weighted:
+                self.merger.update(weights, **extras)
         except BaseException:
             self._statistics_merger = get_merger("average")
             if saved["num_tasks"]:
                 self._statistics_merger.load_state_dict(saved)
             raise
         return tv
+
+    def _fisher_extras(
+        self, weights: TaskVector, fisher: Mapping[str, Tensor] | None
+    ) -> tuple[dict[str, Any], contextlib.AbstractContextManager]:
+        """``update``'s ``fisher=`` for this rank's slices, and the context to fold it in.
+
+        Unsharded, the slices are the whole tensors. In a sharded merge a
+        Fisher merger that normalises (w_t = 1 / (‖F_t‖ + min_fisher), the
+        norm over *all* of task t's Fisher) would see only this rank's slices:
+        each rank would weigh the task differently. So w_t is computed here
+        from the whole tensors, exactly as the unsharded merger computes it,
+        and each rank folds w_t · (F_t + min_fisher) of its slices with the
+        merger's own normalisation and floor off for that one update: the
+        same values, rounded the same way, as the unsharded fold.
+        """
+        if fisher is None:
+            return {}, contextlib.nullcontext()
+        if not getattr(self.merger, "requires_fisher", False):
+            raise ConfigError(
+                f"The {self.method!r} merger does not use a Fisher; pass `fisher` only to method 'fisher'."
+            )
+        if not isinstance(fisher, Mapping):
+            raise ConfigError(f"`fisher` must map tensor names to tensors, got {type(fisher).__name__}.")
+        missing = [n for n in self.names if n not in fisher]
+        if missing:
+            raise ConfigError(
+                f"`fisher` lacks {len(missing)} merged tensor(s) ({preview(missing, 3)}): give one Fisher per "
+                "merged name (a tensor without a gradient may get zeros)."
+            )
+        sharded = self.layout is not None and self.layout.distributed
+        if not sharded or not getattr(self.merger, "normalize", False):
+            return {"fisher": {n: self.local(fisher[n], n) for n in self.names}}, contextlib.nullcontext()
+        from cl_plugin.merging.base import accumulate_dtype
+        from cl_plugin.merging.fisher import fisher_task_weight
+
+        floor = self.merger.min_fisher
+        weight = fisher_task_weight({n: fisher[n] for n in self.names}, floor, True)
+        local = {}
+        for n in self.names:
+            f = self.local(fisher[n], n).to(device=weights[n].device, dtype=accumulate_dtype(weights[n].dtype), copy=True)
+            if floor:
+                f.add_(floor)
+            if weight != 1.0:
+                f.mul_(weight)
+            local[n] = f
+        return {"fisher": local}, _prenormalised(self.merger)
 
     def write_merged(self, module: nn.Module, scale: float | None = None) -> None:
         """Write θ₀ + λ·merged into the module in place, one tensor at a time, without materialising the merge.
@@ -615,6 +673,17 @@ class ContinualMerge:
                 self.names, self.statistic_names = names, statistic_names
 
         return apply
+
+
+@contextlib.contextmanager
+def _prenormalised(merger: Any):
+    """A Fisher merger that takes its ``fisher`` as already weighted (w_t · (F_t + min_fisher)) inside the block."""
+    normalize, floor = merger.normalize, merger.min_fisher
+    merger.normalize, merger.min_fisher = False, 0.0
+    try:
+        yield
+    finally:
+        merger.normalize, merger.min_fisher = normalize, floor
 
 
 def _first_not_finite(tensors: Mapping[str, Tensor]) -> str | None:
