@@ -122,6 +122,34 @@ def broadcast_buffers(trainer: Trainer, module: LightningModule) -> None:
             torch.distributed.broadcast(buffer, src=0)
 
 
+def check_ranks_agree(
+    trainer: Trainer, module: torch.nn.Module, owner: str, names: Iterable[str] | None = None
+) -> None:
+    """Under DDP, all-gather a checksum of the module's floating-point state and raise if the ranks differ.
+
+    ``names`` restricts the checksum to those state-dict entries (default: all
+    of them). FSDP2 shards (``DTensor``) differ across ranks by design and are
+    left out.
+    """
+    if trainer.world_size <= 1:
+        return
+    from cl_plugin.merging.continual import is_dtensor
+
+    state = module.state_dict()
+    chosen = state if names is None else {n: state[n] for n in names}
+    tensors = [t.detach().double() for t in chosen.values() if t.is_floating_point() and not is_dtensor(t)]
+    total = torch.zeros((), dtype=torch.float64)
+    for t in tensors:
+        total = total + t.sum().cpu() + t.abs().sum().cpu()
+    device = next(iter(module.parameters()), total).device
+    gathered = trainer.strategy.all_gather(total.to(device))
+    if not torch.all(gathered == gathered.reshape(-1)[0]):
+        raise RuntimeError(
+            f"{owner}: the weights differ across ranks after a task boundary (checksums {gathered.tolist()}). "
+            "Every rank must make the same updates at a boundary; report this with your Trainer settings."
+        )
+
+
 def merge_shard(trainer: Trainer) -> tuple[int, int, None] | None:
     """How the boundary core splits the merge of replicated weights: ``(rank, world, None)`` over the ranks, or None.
 

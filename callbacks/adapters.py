@@ -43,6 +43,7 @@ from cl_plugin.adapters.matching import Patterns, match_modules
 from cl_plugin.adapters.share import SharedLinear, SharedSubspace, wrap_for_loading
 from cl_plugin.callbacks._boundaries import (
     TaskBoundaryCallback,
+    check_ranks_agree,
     experience_of,
     merge_shard,
     reset_optimizer_state,
@@ -70,23 +71,6 @@ _CPU = torch.device("cpu")
 def _exact_names_regex(names: Sequence[str]) -> str:
     """A full-match regex selecting exactly ``names`` (no suffix matching)."""
     return "|".join(re.escape(n) for n in names)
-
-
-def check_ranks_agree(trainer: Trainer, module: torch.nn.Module, owner: str) -> None:
-    """Under DDP, all-gather a checksum of the module's floating-point state and raise if ranks differ."""
-    if trainer.world_size <= 1:
-        return
-    total = torch.zeros((), dtype=torch.float64)
-    for t in module.state_dict().values():
-        if t.is_floating_point():
-            d = t.detach().double()
-            total = total + d.sum().cpu() + d.abs().sum().cpu()
-    gathered = trainer.strategy.all_gather(total.to(module.device))
-    if not torch.all(gathered == gathered.reshape(-1)[0]):
-        raise RuntimeError(
-            f"{owner}: the weights differ across ranks after a task boundary (checksums {gathered.tolist()}). "
-            "Every rank must make the same adapter updates; report this with your Trainer settings."
-        )
 
 
 def frozen_normalisation_layers(module: torch.nn.Module) -> list[torch.nn.Module]:

@@ -42,6 +42,7 @@ from cl_plugin.callbacks._boundary_data import (
 )
 from cl_plugin.callbacks._boundaries import (
     TaskBoundaryCallback,
+    check_ranks_agree,
     check_base_weights,
     load_base_weights,
     merge_shard,
@@ -329,6 +330,10 @@ class ModelMerging(TaskBoundaryCallback):
             )
         return state_dict
 
+    def _starts_a_new_stream(self) -> bool:
+        # θ₀ given by the user: a new stream on purpose, whoever merged this module before.
+        return self._base_weights_source is not None
+
     def _second_instance_message(self, same) -> str:
         methods = [getattr(cb, "method", "?") for cb in same]
         return (
@@ -524,7 +529,7 @@ class ModelMerging(TaskBoundaryCallback):
                 self._experiences_finished += 1  # the fold is done and stays counted: a retry must not fold it twice
                 raise
         if self.check_ranks:
-            self._check_ranks_agree(trainer, pl_module)
+            check_ranks_agree(trainer, pl_module, "ModelMerging", names=self.core.all_names)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_end(trainer, pl_module)  # the last boundary
@@ -658,21 +663,6 @@ class ModelMerging(TaskBoundaryCallback):
             f"there is no task vector to fold. The merge is unchanged ({self.merger.num_tasks} experience(s) "
             f"folded) and the module holds {restored} again. {how}"
         )
-
-    def _check_ranks_agree(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.world_size <= 1:
-            return
-        state = pl_module.state_dict()
-        names = [n for n in self.core.all_names if not is_dtensor(state[n])]  # FSDP2 shards differ by design
-        checksum = torch.stack(
-            [state[n].detach().double().sum() for n in names] + [state[n].detach().double().abs().sum() for n in names]
-        ).sum()
-        gathered = trainer.strategy.all_gather(checksum.to(pl_module.device))
-        if not torch.all(gathered == gathered.reshape(-1)[0]):
-            raise RuntimeError(
-                f"ModelMerging: the weights differ across ranks after a boundary (checksums {gathered.tolist()}). "
-                "Every rank must fold the same task vectors; report this with your Trainer settings."
-            )
 
     # -- checkpointing ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -5,11 +5,12 @@ model. Here the "checkpoints" come from a few steps of SGD on three different
 synthetic tasks, so the script runs anywhere in seconds; with real checkpoints,
 replace ``finetune`` by ``safetensors.torch.load_file(path)``.
 
-    python examples/merge_state_dicts.py
+    python examples/merge_state_dicts.py [--steps 40]
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 
 import timm
@@ -61,10 +62,13 @@ def finetune(model: nn.Module, task: int, steps: int = 40) -> dict[str, torch.Te
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40, help="SGD steps of each fine-tuning")
+    args = parser.parse_args()
     torch.manual_seed(0)
     pretrained = build_model()
     base = pretrained.state_dict()
-    finetuned = [finetune(pretrained, task) for task in range(3)]
+    finetuned = [finetune(pretrained, task, steps=args.steps) for task in range(3)]
     task_vectors = [TaskVector.between(ft, base) for ft in finetuned]
     print(task_vectors[0])
     for task, weights in enumerate(finetuned):

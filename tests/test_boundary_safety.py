@@ -312,6 +312,20 @@ def test_a_new_callback_in_a_later_fit_of_the_same_module_is_refused(make):
         trainer.fit(model, datamodule=dm)
     assert trainer.global_step == 0
 
+def test_a_new_model_merging_with_base_weights_starts_a_new_stream_on_purpose():
+    model = TinyClassifier()
+    dm = EvalStream(2, 1)
+    dm.set_experience(0)
+    L.Trainer(max_epochs=1, callbacks=[ModelMerging("magmax")], **trainer_kwargs()).fit(model, datamodule=dm)
+    start = {k: v.clone() for k, v in model.state_dict().items()}  # the first stream's merged weights
+    dm.set_experience(1)
+    second = ModelMerging("magmax", base_weights=start)
+    L.Trainer(max_epochs=1, callbacks=[second], **trainer_kwargs()).fit(model, datamodule=dm)
+    assert second.merger.num_tasks == 1
+    for name, value in second.core.theta0.items():  # θ₀ of the new stream is what the user gave
+        assert torch.equal(value, start[name]), name
+
+
 
 def test_adapter_callbacks_refuse_fsdp2_until_it_is_tested():
     import types

@@ -1,7 +1,8 @@
 """The examples run as a user runs them: a fresh process, from the repository root.
 
-Small settings (one epoch per experience, a two-epoch pretraining cached in
-``tmp_path``) keep the file under a minute on two idle cores.
+Small settings (one epoch per experience, a two-epoch pretraining cached once
+for the file under pytest's temporary directory) keep each example well under a
+minute on two idle cores.
 """
 
 from __future__ import annotations
@@ -13,7 +14,15 @@ from pathlib import Path
 
 import pytest
 
+from cl_plugin.merging import MERGERS
+
 REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def pretrain_cache(tmp_path_factory):
+    """One cache of pretrained backbones for the examples of this file (each pretraining is done once)."""
+    return tmp_path_factory.mktemp("pretrain_cache")
 TIMEOUT_S = 240
 
 
@@ -34,19 +43,19 @@ def run_example(script: str, *args: str) -> str:
 
 @pytest.mark.slow
 def test_merge_state_dicts_prints_every_method():
-    out = run_example("merge_state_dicts.py")
-    for method in ("average", "magmax", "opcm", "random", "task_arithmetic", "ties"):
+    out = run_example("merge_state_dicts.py", "--steps", "4")
+    for method in MERGERS:
         assert any(line.startswith(method) and "mean" in line for line in out.splitlines()), out
 
 
 @pytest.mark.slow
-def test_magmax_trainer_prints_merged_and_finetuned_accuracy(tmp_path):
+def test_magmax_trainer_prints_merged_and_finetuned_accuracy(pretrain_cache):
     # The one-fit style; the per-experience loop and DDP are covered in test_callbacks.py.
     out = run_example(
         "magmax_trainer.py",
         "--epochs", "1",
         "--pretrain-epochs", "2",
-        "--cache-dir", str(tmp_path / "cache"),
+        "--cache-dir", str(pretrain_cache),
     )
     assert "final test accuracy per experience (split_digits, one-fit, magmax)" in out, out
     rows = {line[:24].strip(): line[24:].split() for line in out.splitlines() if line.startswith(("merged", "sequential"))}
@@ -58,13 +67,13 @@ def test_magmax_trainer_prints_merged_and_finetuned_accuracy(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method, per_task_bytes", [("share", 9_512), ("lora", 100_904)])
-def test_adapters_trainer_prints_accuracy_forgetting_and_bytes(tmp_path, method, per_task_bytes):
+def test_adapters_trainer_prints_accuracy_forgetting_and_bytes(pretrain_cache, method, per_task_bytes):
     out = run_example(
         "adapters_trainer.py",
         "--method", method,
         "--epochs", "1",
         "--pretrain-epochs", "2",
-        "--cache-dir", str(tmp_path / "cache"),
+        "--cache-dir", str(pretrain_cache),
     )
     accuracy = [line.split()[1:] for line in out.splitlines() if line.startswith("accuracy")]
     assert len(accuracy) == 1 and len(accuracy[0]) == 6, out  # five experiences and the average
