@@ -81,3 +81,23 @@ def test_fsdp2_and_ddp_end_with_the_same_weights(trainer_runs, method):
     assert ddp.keys() == fsdp2.keys()
     for n in ddp:
         assert torch.equal(ddp[n], fsdp2[n]), n
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_owner_rounds_cover_each_item_once_with_one_item_per_rank_and_round(world):
+    from cl_plugin.merging.layout import ShardLayout
+
+    cost = {"a": 5.0, "b": 1.0, "c": 4.0, "d": 4.0, "e": 0.0, "f": 2.0, "g": 9.0}
+    layout = ShardLayout.split({n: (3,) for n in cost}, rank=0, world=world)
+    owners = layout.owners(cost)
+    rounds = layout.rounds(owners, cost)
+    assert sorted(n for r in rounds for n in r) == sorted(cost)
+    order = list(owners)  # the order every rank computes owners in
+    for r in rounds:
+        assert len({owners[n] for n in r}) == len(r)  # one item per owner rank in a round
+        assert r == sorted(r, key=order.index)  # every rank issues the collectives in one order
+    # each rank's items come largest first, so a round holds items of similar cost
+    for rank in range(world):
+        mine = [cost[n] for r in rounds for n in r if owners[n] == rank]
+        assert mine == sorted(mine, reverse=True)
+    assert len(rounds) == max(sum(1 for n in cost if owners[n] == k) for k in range(world))

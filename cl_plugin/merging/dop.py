@@ -433,22 +433,36 @@ class DOPMerger(Merger):
         for n in merged:
             if len(layout[n].shape) != 2:
                 torch.mul(merged[n], 0.5, out=new_merged[n]).add_(tasks[n], alpha=0.5)
-        groups = _batches(matrices, whole)
-        owners = layout.owners({str(i): float(sum(whole[n].numel() for n in g)) for i, g in enumerate(groups)})
+        groups = {str(i): g for i, g in enumerate(_batches(matrices, whole))}
+        cost = {k: float(sum(whole[n].numel() for n in g)) for k, g in groups.items()}
+        owners = layout.owners(cost)
         failed = torch.zeros(1)
-        for i, group in enumerate(groups):
-            owner = owners[str(i)]
-            gathered_m = [layout.gather_whole(n, merged[n], owner) for n in group]
-            gathered_t = [layout.gather_whole(n, tasks[n], owner) for n in group]
-            out = None
-            if layout.rank == owner:
+        # In each round every rank optimises one of its groups while the others optimise theirs.
+        for round_keys in layout.rounds(owners, cost):
+            gathered = {
+                k: (
+                    [layout.gather_whole(n, merged[n], owners[k]) for n in groups[k]],
+                    [layout.gather_whole(n, tasks[n], owners[k]) for n in groups[k]],
+                )
+                for k in round_keys
+            }
+            out: dict[str, Tensor] = {}
+            for k in round_keys:
+                if owners[k] != layout.rank:
+                    continue
+                gathered_m, gathered_t = gathered.pop(k)
                 try:
-                    out = dop_merge_weights(torch.stack(gathered_m), torch.stack(gathered_t), self.dop)
+                    out[k] = dop_merge_weights(torch.stack(gathered_m), torch.stack(gathered_t), self.dop)
                 except Exception:  # noqa: BLE001 - every rank must reach the collectives below
                     failed += 1
-                    out = torch.zeros((len(group), *layout[group[0]].shape), dtype=merged[group[0]].dtype)
-            for j, n in enumerate(group):
-                layout.scatter_slices(n, None if out is None else out[j], owner, new_merged[n])
+                    first = groups[k][0]
+                    out[k] = torch.zeros((len(groups[k]), *layout[first].shape), dtype=merged[first].dtype)
+                del gathered_m, gathered_t
+            del gathered
+            for k in round_keys:
+                for j, n in enumerate(groups[k]):
+                    layout.scatter_slices(n, out[k][j] if k in out else None, owners[k], new_merged[n])
+            del out
         layout.all_reduce_(failed)
         bad = torch.tensor([0.0 if is_finite(t) else 1.0 for t in new_merged.values()])
         layout.all_reduce_(bad)

@@ -243,6 +243,27 @@ class ShardLayout:
             load[r] += cost[name]
         return owner
 
+    def rounds(self, owners: Mapping[str, int], cost: Mapping[str, float]) -> list[list[str]]:
+        """The items in rounds of at most one per owner rank, for work the owners do at the same time.
+
+        A loop that gathers an item to its owner, lets the owner compute and
+        scatters the result before the next item keeps every other rank
+        waiting: the work runs one rank at a time. In round k each rank works
+        on its k-th item (its items largest ``cost`` first, so a round holds
+        items of similar cost), and each rank holds one item whole at a time.
+        Items within a round keep ``owners``' order; a pure function of
+        ``owners`` and ``cost``, so every rank issues the same collectives.
+        """
+        order = {n: i for i, n in enumerate(owners)}
+        per_rank: dict[int, list[str]] = {}
+        for name in sorted(owners, key=lambda n: (-cost[n], order[n])):
+            per_rank.setdefault(owners[name], []).append(name)
+        depth = max((len(v) for v in per_rank.values()), default=0)
+        return [
+            sorted((items[k] for items in per_rank.values() if k < len(items)), key=order.__getitem__)
+            for k in range(depth)
+        ]
+
 
 # -- exact distributed order statistics ---------------------------------------------------------------------
 _SAMPLE = 1 << 16

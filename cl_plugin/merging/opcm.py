@@ -223,36 +223,50 @@ class OPCMMerger(Merger):
         """
         merged = self._state["merged"]
         names = list(tv)
-        owners = layout.owners({n: _projection_cost(layout[n].shape) for n in names})
+        index = {n: i for i, n in enumerate(names)}
+        cost = {n: _projection_cost(layout[n].shape) for n in names}
+        owners = layout.owners(cost)
         first = self.num_tasks == 0
         previous_lambda = float(self._scalars["lambda_t"])
         task_norms = torch.zeros(len(names), dtype=torch.float64)
         new_norms = torch.zeros(len(names), dtype=torch.float64)
         failed = torch.zeros(len(names), dtype=torch.float64)
         new_merged = None if first else _views_of_flat_buffers(merged)
-        for i, n in enumerate(names):
-            owner = owners[n]
-            whole_task = layout.gather_whole(n, tv[n], owner)
-            whole_merged = None if first else layout.gather_whole(n, merged[n], owner)
-            new = None
-            if layout.rank == owner:
-                task_norms[i] = tensor_norm(whole_task)
-                if not first:
-                    try:
-                        task = whole_task.to(whole_merged.dtype)
-                        if whole_merged.dim() == 2 and bool(whole_merged.any()):
-                            added = project_out_merged_directions(whole_merged, task, self.alpha)
-                        else:
-                            added = task
-                        new = torch.add(added, whole_merged, alpha=previous_lambda)
-                        new_norms[i] = tensor_norm(new)
-                        failed[i] = 0.0 if math.isfinite(float(new_norms[i])) else 1.0
-                    except Exception:  # noqa: BLE001 - every rank must reach the collectives below
-                        failed[i] = 2.0
-                    if failed[i]:
-                        new = torch.zeros(layout[n].shape, dtype=merged[n].dtype, device=merged[n].device)
+
+        def project(n: str, whole_task: Tensor, whole_merged: Tensor | None) -> Tensor | None:
+            """The owner's work on tensor ``n``, exactly as :meth:`_fold` does it; the new merged tensor."""
+            i = index[n]
+            task_norms[i] = tensor_norm(whole_task)
+            if first:
+                return None
+            try:
+                task = whole_task.to(whole_merged.dtype)
+                if whole_merged.dim() == 2 and bool(whole_merged.any()):
+                    added = project_out_merged_directions(whole_merged, task, self.alpha)
+                else:
+                    added = task
+                new = torch.add(added, whole_merged, alpha=previous_lambda)
+                new_norms[i] = tensor_norm(new)
+                failed[i] = 0.0 if math.isfinite(float(new_norms[i])) else 1.0
+            except Exception:  # noqa: BLE001 - every rank must reach the collectives below
+                failed[i] = 2.0
+            if failed[i]:
+                new = torch.zeros(layout[n].shape, dtype=merged[n].dtype, device=merged[n].device)
+            return new
+
+        # In each round every rank projects one of its tensors while the others project theirs.
+        for group in layout.rounds(owners, cost):
+            gathered = {
+                n: (layout.gather_whole(n, tv[n], owners[n]), None if first else layout.gather_whole(n, merged[n], owners[n]))
+                for n in group
+            }
+            mine = [n for n in group if owners[n] == layout.rank]
+            results = {n: project(n, *gathered.pop(n)) for n in mine}
+            del gathered
             if not first:
-                layout.scatter_slices(n, new, owner, new_merged[n])
+                for n in group:
+                    layout.scatter_slices(n, results.get(n), owners[n], new_merged[n])
+            del results
         for values in (task_norms, new_norms, failed):
             layout.all_reduce_(values)
         bad = [(names[i], int(v)) for i, v in enumerate(failed.tolist()) if v]
