@@ -362,10 +362,10 @@ class ReplayLoader:
 
 def evaluation_views(loaders: Sequence[DataLoader], trainer: Trainer) -> list[ReplayLoader]:
     """This rank's share of each evaluation loader, replayable (see :class:`ReplayLoader`)."""
-    return [ReplayLoader(_shard(loader, trainer)) for loader in loaders]
+    return [ReplayLoader(shard_loader(loader, trainer)) for loader in loaders]
 
 
-def _shard(loader: DataLoader, trainer: Trainer) -> DataLoader:
+def shard_loader(loader: DataLoader, trainer: Trainer) -> DataLoader:
     """This rank's share of an evaluation loader: every ``world_size``-th example, none twice."""
     if trainer.world_size <= 1:
         return loader
@@ -402,7 +402,7 @@ def accuracies(
     counts = torch.zeros(len(loaders), 2, dtype=torch.float64)
     try:
         for j, loader in enumerate(loaders):
-            for batch in loader if isinstance(loader, ReplayLoader) else _shard(loader, trainer):
+            for batch in loader if isinstance(loader, ReplayLoader) else shard_loader(loader, trainer):
                 batch = trainer.strategy.batch_to_device(batch, dataloader_idx=j)
                 logits = predict(pl_module, batch)
                 if classes is not None:
@@ -436,7 +436,7 @@ def choose_scale(
     θ₀ + λ·merged of the last λ tried: the caller writes what it needs next.
     Every rank takes the same decision (the counts are summed over ranks).
     """
-    views = [v if isinstance(v, ReplayLoader) else ReplayLoader(_shard(v, trainer)) for v in loaders]
+    views = [v if isinstance(v, ReplayLoader) else ReplayLoader(shard_loader(v, trainer)) for v in loaders]
     scores = []
     for value in grid:
         try:

@@ -36,7 +36,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from cl_plugin._checkpoint import check_tensor_dict, read
 from cl_plugin._checks import check_bool, check_scale
@@ -58,6 +58,7 @@ from cl_plugin.callbacks._boundary_data import (
     experience_fisher,
     refuse_fisher_on_dtensors,
     scale_grid_for,
+    shard_loader,
     validation_loaders,
 )
 from cl_plugin.callbacks.model_merging import VALIDATE, ModelMerging
@@ -413,19 +414,6 @@ class ContinualEvaluation(TaskBoundaryCallback):
             )
         return [sorted(int(c) for c in cs) for cs in classes]
 
-    def _shard(self, loader: DataLoader, trainer: Trainer) -> DataLoader:
-        """This rank's share of a test loader: every ``world_size``-th example, none twice."""
-        if trainer.world_size <= 1:
-            return loader
-        indices = list(range(trainer.global_rank, len(loader.dataset), trainer.world_size))
-        return DataLoader(
-            Subset(loader.dataset, indices),
-            batch_size=loader.batch_size or 256,
-            shuffle=False,
-            num_workers=loader.num_workers,
-            collate_fn=loader.collate_fn,
-        )
-
     @torch.no_grad()
     def _evaluate(
         self,
@@ -442,7 +430,7 @@ class ContinualEvaluation(TaskBoundaryCallback):
         was_training = pl_module.training
         pl_module.eval()
         if views is None:
-            views = [self._shard(loader, trainer) for loader in self._test_loaders(trainer)]
+            views = [shard_loader(loader, trainer) for loader in self._test_loaders(trainer)]
         try:
             for j, loader in enumerate(views):
                 for batch in loader:

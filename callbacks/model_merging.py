@@ -28,7 +28,6 @@ from torch import Tensor
 from cl_plugin._checks import check_bool, check_same_layout, check_scale, is_finite
 from cl_plugin.errors import CheckpointError, ConfigError, DtypeMismatchError, NonFiniteError, did_you_mean
 from cl_plugin.merging.continual import ContinualMerge, check_exclude, is_dtensor, merge_method_options
-from cl_plugin.task_vectors import TaskVector
 from cl_plugin.callbacks._boundary_data import (
     DEFAULT_FISHER_BATCHES,
     check_fisher_batches,
@@ -48,7 +47,7 @@ from cl_plugin.callbacks._boundaries import (
     merge_shard,
     reset_optimizer_state,
 )
-from cl_plugin._checkpoint import check_bool_field, check_tensor_dict, layout_of
+from cl_plugin._checkpoint import check_bool_field, check_tensor_dict
 
 __all__ = ["ModelMerging"]
 

@@ -11,27 +11,11 @@ import sys
 import lightning as L
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from cl_plugin.benchmarks import ContinualDataModule, rotated_digits
 from cl_plugin.callbacks import ModelMerging
 from cl_plugin.callbacks import _boundary_data
-from stream_helpers import trainer_kwargs
-
-
-class DigitsMLP(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        return nn.functional.cross_entropy(self(batch[0]), batch[1])
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+from stream_helpers import DigitsMLP, trainer_kwargs
 
 
 if __name__ == "__main__":

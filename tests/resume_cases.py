@@ -12,7 +12,6 @@ callback state is still the freshly constructed one after an error.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import traceback
 from pathlib import Path

@@ -21,7 +21,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cl_plugin.merging import get_merger
 from cl_plugin.merging.continual import ContinualMerge
 from cl_plugin.merging.layout import ShardLayout
 

@@ -105,3 +105,34 @@ def trainer_kwargs(**overrides):
     )
     kwargs.update(overrides)
     return kwargs
+
+
+class DigitsMLP(L.LightningModule):
+    """An MLP on the 64 pixels of the digits streams, written as Lightning's docs write one; SGD with momentum.
+
+    ``batchnorm`` adds a BatchNorm1d (running statistics a boundary must not
+    disturb); ``crash_at_step`` raises before that step's batch trains.
+    """
+
+    def __init__(self, lr: float = 0.05, batchnorm: bool = False, crash_at_step: int | None = None):
+        super().__init__()
+        norm = [nn.BatchNorm1d(32)] if batchnorm else []
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), *norm, nn.ReLU(), nn.Linear(32, 10))
+        self.lr = lr
+        self.crash_at_step = crash_at_step
+
+    def forward(self, x):
+        return self.net(x)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.crash_at_step is not None and self.global_step == self.crash_at_step:
+            raise RuntimeError("simulated crash")
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)

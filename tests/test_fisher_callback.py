@@ -29,7 +29,7 @@ from cl_plugin.merging import diagonal_fisher
 from cl_plugin.merging.continual import ContinualMerge
 
 from reference_merging import reference_fisher
-from stream_helpers import trainer_kwargs
+from stream_helpers import DigitsMLP, trainer_kwargs
 
 FIXTURES = Path(__file__).resolve().parent / "fusionbench_reference"
 
@@ -136,28 +136,6 @@ def test_fisher_loss_replaces_the_training_step_loss():
 # -- one fit over a ContinualDataModule: the boundary comes after the next loader is built -------------------------
 
 
-class DigitsMLP(L.LightningModule):
-    def __init__(self, crash_at_step: int | None = None):
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
-        self.crash_at_step = crash_at_step
-
-    def forward(self, x):
-        return self.net(x)
-
-    def on_train_batch_start(self, batch, batch_idx):
-        if self.crash_at_step is not None and self.global_step == self.crash_at_step:
-            raise RuntimeError("simulated crash")
-
-    def training_step(self, batch, batch_idx):
-        loss = nn.functional.cross_entropy(self(batch[0]), batch[1])
-        self.log("train_loss", loss, prog_bar=True)
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
-
-
 N_EXP, EPE = 3, 2
 
 
@@ -177,7 +155,7 @@ class RecordExperienceEnds(Callback):
 
 
 def _reference_fisher_of(weights, dm, experience, n_batches):
-    model = DigitsMLP()
+    model = DigitsMLP(batchnorm=True)
     model.load_state_dict(weights)
     model.train()  # as training left it: BatchNorm on the batch's statistics
     loader = dm.experience_train_dataloader(experience)
@@ -189,7 +167,7 @@ def _reference_fisher_of(weights, dm, experience, n_batches):
 
 def test_one_fit_estimates_each_fisher_on_the_experience_own_training_data():
     L.seed_everything(0, verbose=False)
-    model = DigitsMLP()
+    model = DigitsMLP(batchnorm=True)
     theta0 = {n: t.detach().clone() for n, t in model.state_dict().items()}
     record = RecordExperienceEnds()
     merging = ModelMerging("fisher", fisher_batches=3)
@@ -218,7 +196,7 @@ def test_the_estimate_leaves_statistics_rng_and_grad_as_they_were():
     from cl_plugin.callbacks._boundary_data import experience_fisher
 
     L.seed_everything(0, verbose=False)
-    model = DigitsMLP()
+    model = DigitsMLP(batchnorm=True)
     dm = digits_datamodule()
     dm.set_experience(0)
     trainer = L.Trainer(max_epochs=1, **trainer_kwargs())
@@ -254,7 +232,7 @@ def test_experience_train_dataloader_gives_the_last_epoch_order():
 
 def _fit(tmp_path, crash_at_step=None, ckpt_path=None):
     L.seed_everything(0 if ckpt_path is None else 123, verbose=False)
-    model = DigitsMLP(crash_at_step=crash_at_step)
+    model = DigitsMLP(batchnorm=True, crash_at_step=crash_at_step)
     merging = ModelMerging("fisher", scale="validate", fisher_batches=2, scale_grid=[0.5, 1.0, 1.5])
     evaluation = ContinualEvaluation(compare=["average"], scales={"average": "validate"})
     callbacks = [merging, evaluation, ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_epochs=1)]

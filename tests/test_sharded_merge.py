@@ -49,23 +49,12 @@ def trainer_runs(tmp_path_factory):
         pytest.fail("torch.distributed with gloo is required for the sharded tests and is not available")
     out = tmp_path_factory.mktemp("sharded-trainer")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
-    # Both 2-process runs at once: most of each run is its processes importing torch and Lightning.
-    runs = {
-        mode: subprocess.Popen(
+    for mode in ("ddp", "fsdp2"):
+        result = subprocess.run(
             [sys.executable, str(HERE / "sharded_trainer_script.py"), str(out), mode],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=out / mode,
+            capture_output=True, text=True, timeout=900, env=env, cwd=out,
         )
-        for mode in ("ddp", "fsdp2")
-        if (out / mode).mkdir() is None
-    }
-    for mode, process in runs.items():
-        try:
-            stdout, stderr = process.communicate(timeout=900)
-        except subprocess.TimeoutExpired:
-            for p in runs.values():
-                p.kill()
-            raise
-        assert process.returncode == 0, f"{mode}: " + stdout[-3000:] + stderr[-3000:]
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out
 
 

@@ -16,25 +16,10 @@ from cl_plugin.callbacks import _boundary_data
 from cl_plugin.demo import format_scale, format_table
 from cl_plugin.errors import ConfigError
 
-from stream_helpers import trainer_kwargs
+from stream_helpers import DigitsMLP, trainer_kwargs
 
 N_EXP, EPE = 2, 1
 GRID = (0.25, 0.5, 1.0, 1.5)
-
-
-class DigitsMLP(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        return nn.functional.cross_entropy(self(batch[0]), batch[1])
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
 
 def datamodule(**options) -> ContinualDataModule:
@@ -44,7 +29,7 @@ def datamodule(**options) -> ContinualDataModule:
 
 def fit(callbacks, dm=None, model=None):
     L.seed_everything(0, verbose=False)
-    model = model or DigitsMLP()
+    model = model or DigitsMLP(lr=0.1)
     dm = dm or datamodule()
     trainer = L.Trainer(max_epochs=N_EXP * EPE, reload_dataloaders_every_n_epochs=1, callbacks=callbacks, **trainer_kwargs())
     trainer.fit(model, datamodule=dm)
@@ -119,7 +104,7 @@ def test_each_boundary_chooses_the_best_lambda_on_the_validation_data_only(valid
     # the last record's accuracies are those of θ₀ + λ·merged, evaluated independently
     merged = merging.merger.merged()
     theta0 = merging.base_weights
-    probe = DigitsMLP()
+    probe = DigitsMLP(lr=0.1)
     loaders = dm.experience_dataloaders("val")
     for value, score in zip(GRID, merging.scale_log[-1]["validation_accuracy"]):
         probe.load_state_dict({n: theta0[n] + value * merged[n] for n in theta0})
@@ -156,7 +141,7 @@ def test_merged_weights_of_the_evaluation_and_restore(validated_run):
 
 def test_one_fit_per_experience_validates_on_the_experiences_seen():
     dm = datamodule()
-    model = DigitsMLP()
+    model = DigitsMLP(lr=0.1)
     merging = ModelMerging("magmax", scale="validate", scale_grid=[0.5, 1.0])
     for k in range(N_EXP):
         dm.set_experience(k)
@@ -168,11 +153,11 @@ def test_scale_validate_needs_a_validation_stream():
     dm = ContinualDataModule(rotated_digits(n_experiences=2), batch_size=64)
     trainer = L.Trainer(max_epochs=2, reload_dataloaders_every_n_epochs=1, callbacks=[ModelMerging(scale="validate")], **trainer_kwargs())
     with pytest.raises(ConfigError, match=r"no `valid_stream`.*validation_stream=True.*benchmark_with_validation_stream"):
-        trainer.fit(DigitsMLP(), datamodule=dm)
+        trainer.fit(DigitsMLP(lr=0.1), datamodule=dm)
     evaluation = ContinualEvaluation(compare=["average"], scales="validate")
     trainer = L.Trainer(max_epochs=2, reload_dataloaders_every_n_epochs=1, callbacks=[evaluation], **trainer_kwargs())
     with pytest.raises(ConfigError, match="ContinualEvaluation: `scale='validate'`"):
-        trainer.fit(DigitsMLP(), datamodule=dm)
+        trainer.fit(DigitsMLP(lr=0.1), datamodule=dm)
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import numbers
 
-import torch
 
 from cl_plugin.errors import ConfigError
 from cl_plugin.merging._kernels import DRAW_BITS, random_select_
