@@ -18,6 +18,7 @@ from cl_plugin.merging import _kernels
 from cl_plugin.merging.opcm import project_out_merged_directions, split_rank
 from cl_plugin.merging.registry import _REGISTRY
 
+from merger_helpers import assert_same_state, snapshot
 from reference_merging import (
     reference,
     reference_opcm,
@@ -66,20 +67,6 @@ def assert_close(actual, expected, *, atol, rtol):
     assert list(actual) == list(expected)
     for n in expected:
         torch.testing.assert_close(actual[n].double(), expected[n].double(), atol=atol, rtol=rtol, msg=n)
-
-
-def snapshot(merger: Merger) -> dict:
-    """A deep copy of the merger's state (its live tensors are cloned)."""
-    return {k: v.clone() if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in merger.state_dict().items()}
-
-
-def assert_same_state(actual: dict, expected: dict):
-    assert list(actual) == list(expected)
-    for k, v in expected.items():
-        if isinstance(v, Tensor):
-            assert actual[k].dtype == v.dtype and torch.equal(actual[k], v), k
-        else:
-            assert actual[k] == v, k
 
 
 def state_numel(merger: Merger) -> int:

@@ -7,7 +7,6 @@ FusionBench.
 
 from __future__ import annotations
 
-import copy
 import io
 import math
 from pathlib import Path
@@ -24,6 +23,7 @@ from cl_plugin.merging import dare as dare_module
 from cl_plugin.merging.dare import dare, dare_keep_mask, dare_task_vector, stream_key
 from cl_plugin.merging.dop import DOPOptions, dop_merge_weights, dop_split_rank
 
+from merger_helpers import assert_same_state, snapshot
 from reference_merging import reference_dare, reference_dare_draw, reference_dop, reference_fisher
 
 FIXTURES = Path(__file__).resolve().parent / "fusionbench_reference"
@@ -46,19 +46,6 @@ def fishers_for(tvs, seed=0):
 
 def max_diff(a, b) -> float:
     return max(float((a[n].double() - b[n].double()).abs().max()) for n in b)
-
-
-def snapshot(merger: Merger) -> dict:
-    return {k: v.clone() if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in merger.state_dict().items()}
-
-
-def assert_same_state(actual: dict, expected: dict):
-    assert list(actual) == list(expected)
-    for k, v in expected.items():
-        if isinstance(v, Tensor):
-            assert actual[k].dtype == v.dtype and torch.equal(actual[k], v), k
-        else:
-            assert actual[k] == v, k
 
 
 def feed(merger: Merger, tvs, fishers=None) -> Merger:
