@@ -754,6 +754,15 @@ class Merger:
         """Fold ``tv`` into ``self._state`` (a method with :attr:`requires_fisher` also receives ``fisher=``)."""
         raise NotImplementedError
 
+    def _copy_first_task(self, tv: TaskVector, role: str = "merged") -> bool:
+        """Before any task is folded, state ``role`` becomes ``tv`` itself: copy it in and return True; else False."""
+        if self.num_tasks:
+            return False
+        state = self._state[role]
+        for n, t in tv.items():
+            state[n].copy_(t)
+        return True
+
     def _finalize(self) -> dict[str, Tensor]:
         raise NotImplementedError
 

@@ -384,9 +384,7 @@ class DOPMerger(Merger):
 
     def _fold(self, tv: TaskVector) -> None:
         merged = self._state["merged"]
-        if self.num_tasks == 0:
-            for n, t in tv.items():
-                merged[n].copy_(t)
+        if self._copy_first_task(tv):
             return
         if self.layout is not None and self.layout.distributed:
             self._fold_sharded(tv, self.layout)

@@ -50,9 +50,7 @@ class MagMaxMerger(Merger):
 
     def _fold(self, tv: TaskVector) -> None:
         merged = self._state["merged"]
-        if self.num_tasks == 0:
-            for n, t in tv.items():
-                merged[n].copy_(t)
+        if self._copy_first_task(tv):
             return
         for n, t in tv.items():
             magmax_fold_(merged[n], t)

@@ -167,9 +167,7 @@ class OPCMMerger(Merger):
             return
         merged = self._state["merged"]
         norm = tv.norm()
-        if self.num_tasks == 0:
-            for n, t in tv.items():
-                merged[n].copy_(t)
+        if self._copy_first_task(tv):
             self._scalars.update(lambda_t=1.0, norm_sum=norm)
             return
         previous_lambda = float(self._scalars["lambda_t"])

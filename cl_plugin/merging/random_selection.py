@@ -74,9 +74,7 @@ class RandomMerger(Merger):
 
     def _fold(self, tv: TaskVector) -> None:
         merged = self._state["merged"]
-        if self.num_tasks == 0:
-            for n, t in tv.items():
-                merged[n].copy_(t)
+        if self._copy_first_task(tv):
             return
         # Reservoir sampling: the new task takes each entry with probability 1/t.
         threshold = (1 << DRAW_BITS) // (self.num_tasks + 1)
