@@ -331,17 +331,20 @@ class AdapterLayer(nn.Module):
 
 
 # -- model-level selection and the one forward_by_task -------------------------------------------------
-def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
-    """Every adapter layer (LoRA or Share) of ``model``, by module name, in module order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
+def adapter_layers(model: nn.Module, kind: type[AdapterLayer] = AdapterLayer) -> dict[str, AdapterLayer]:
+    """Every adapter layer of ``model`` (of type ``kind``: default LoRA or Share), by module name, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, kind)}
 
 
-def _require_adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
-    layers = adapter_layers(model)
+def require_layers(
+    model: nn.Module,
+    kind: type[AdapterLayer] = AdapterLayer,
+    missing: str = "has no adapter layers (LoRA or Share); inject adapters first.",
+) -> dict[str, AdapterLayer]:
+    """:func:`adapter_layers`, or NoMatchingModulesError("<model class> ``missing``") when there is none."""
+    layers = adapter_layers(model, kind)
     if not layers:
-        raise NoMatchingModulesError(
-            f"{type(model).__name__} has no adapter layers (LoRA or Share); inject adapters first."
-        )
+        raise NoMatchingModulesError(f"{type(model).__name__} {missing}")
     return layers
 
 
@@ -354,7 +357,7 @@ def use_adapter(model: nn.Module, name: str | int | None) -> Iterator[None]:
     Raises:
         ConfigError: a layer has no adapter ``name`` (nothing is changed then).
     """
-    layers = list(_require_adapter_layers(model).values())
+    layers = list(require_layers(model).values())
     key = None if name is None else adapter_key(name, "task label")
     if key is not None:
         missing = [layer.layer_name or type(layer).__name__ for layer in layers if not layer.has_adapter(key)]
@@ -382,7 +385,7 @@ def forward_routed(
     (default ``model``; e.g. a ``torch.func.functional_call`` of it).
     """
     call = model if call is None else call
-    layers = list(_require_adapter_layers(model).values())
+    layers = list(require_layers(model).values())
     if len(keys) != inputs.shape[0]:
         raise ConfigError(f"Got {len(keys)} task labels for a batch of {inputs.shape[0]}; pass one per sample.")
     distinct = list(dict.fromkeys(keys))
@@ -450,7 +453,7 @@ def forward_by_task(model: nn.Module, inputs: Tensor, task_labels: Tensor | Sequ
         >>> torch.equal(out[1], net[0]._base_forward(torch.ones(2))), torch.equal(out[0], out[1])
         (True, False)
     """
-    layers = _require_adapter_layers(model)
+    layers = require_layers(model)
     keys = labels_to_keys(task_labels, inputs.shape[0])
     known = set.intersection(*(set(layer.adapters) for layer in layers.values()))
     return forward_routed(model, inputs, [k if k in known else None for k in keys])

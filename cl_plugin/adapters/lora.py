@@ -22,11 +22,13 @@ from cl_plugin._checks import check_finite
 from cl_plugin.adapters.config import DEFAULT_LAYER_TYPES, LoRAConfig, adapter_key
 from cl_plugin.adapters.layer import (
     InjectionSummary,
+    adapter_layers,
     check_parent_calls_forward,
     count_parameters,
     forward_by_task,
     freeze_except,
     replace_module,
+    require_layers,
     use_adapter,
 )
 from cl_plugin.adapters.lora_layer import (
@@ -40,7 +42,7 @@ from cl_plugin.adapters.lora_layer import (
     merge_layers,
 )
 from cl_plugin.adapters.matching import Patterns, match_modules
-from cl_plugin.errors import ConfigError, NoMatchingModulesError, StateDictMismatchError, preview
+from cl_plugin.errors import ConfigError, StateDictMismatchError, preview
 from cl_plugin.task_vectors import TaskVector
 
 __all__ = [
@@ -82,16 +84,11 @@ _INJECT_DEFAULTS = dict(
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
     """Every LoRA layer of ``model`` (any layer type), by module name, in module order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALayer)}
+    return adapter_layers(model, LoRALayer)
 
 
 def _require_layers(model: nn.Module) -> dict[str, LoRALayer]:
-    layers = lora_layers(model)
-    if not layers:
-        raise NoMatchingModulesError(
-            f"{type(model).__name__} has no LoRA layers. Call inject_lora(model, target_modules=...) first."
-        )
-    return layers
+    return require_layers(model, LoRALayer, "has no LoRA layers. Call inject_lora(model, target_modules=...) first.")
 
 
 def weight_key(name: str) -> str:
