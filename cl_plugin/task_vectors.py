@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from cl_plugin._checks import check_finite, check_same_aliases, check_same_layout, tensor_norm
 from cl_plugin._io import atomic_output
+from cl_plugin._packed import packed_like
 from cl_plugin.errors import CheckpointError, ConfigError, NoMatchingModulesError, StateDictMismatchError, preview
 
 __all__ = ["TaskVector", "select_names", "tied_aliases"]
@@ -205,7 +206,7 @@ class TaskVector(Mapping[str, Tensor]):
                 [ 0.0000,  2.0000]])
     """
 
-    __slots__ = ("_tensors", "_skipped", "_aliases")
+    __slots__ = ("_tensors", "_skipped", "_aliases", "_finite_stamp")
 
     def __init__(
         self,
@@ -260,6 +261,33 @@ class TaskVector(Mapping[str, Tensor]):
         self._tensors = floats
         self._skipped = tuple(dict.fromkeys(left_out))
         self._aliases = {**given, **detected}
+        self._finite_stamp: dict[str, tuple[int, int]] = {}
+        if check_finite:
+            self._stamp_finite()
+
+    # -- known finiteness --------------------------------------------------
+    def _stamp_finite(self) -> None:
+        """Record that every tensor has just been checked finite (see :meth:`_known_finite`)."""
+        self._finite_stamp = {n: (t.data_ptr(), t._version) for n, t in self._tensors.items()}
+
+    def _known_finite(self) -> bool:
+        """True when every tensor was checked finite and none has been written in place since.
+
+        The check reads each tensor's memory address and version counter, which
+        every in-place operation on it (or on any view of its memory) advances,
+        so a merger can skip a second pass over values already checked.
+        """
+        stamp = self._finite_stamp
+        return bool(stamp) and all(
+            stamp.get(n) == (t.data_ptr(), t._version) for n, t in self._tensors.items()
+        )
+
+    def _with_stamp_of(self, other: TaskVector) -> TaskVector:
+        """This task vector, carrying ``other``'s finiteness record for the tensors they share."""
+        self._finite_stamp = {n: other._finite_stamp[n] for n in self._tensors if n in other._finite_stamp}
+        if len(self._finite_stamp) != len(self._tensors):
+            self._finite_stamp = {}
+        return self
 
     # -- construction -----------------------------------------------------
     @classmethod
@@ -314,10 +342,15 @@ class TaskVector(Mapping[str, Tensor]):
                     "tensor under two names), but `base` holds different values under the two names. Take θ₀ from "
                     "the same tied model, or exclude one of the names."
                 )
+        # Packed (one buffer per dtype and device), so a merger folds it in one pass per rule.
+        diff = packed_like({n: ft[n] for n in names if n not in aliases}, fill=None)
         with torch.no_grad():
-            diff = {n: torch.sub(ft[n].detach(), b[n].detach().to(ft[n].device)) for n in names if n not in aliases}
+            for n, out in diff.items():
+                torch.sub(ft[n].detach(), b[n].detach().to(ft[n].device), out=out)
         _check_finite_fn(diff, "TaskVector.between(finetuned, base)")
-        return cls(diff, skipped=skipped, aliases=aliases, check_finite=False)
+        tv = cls(diff, skipped=skipped, aliases=aliases, check_finite=False)
+        tv._stamp_finite()
+        return tv
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> TaskVector:

@@ -35,9 +35,9 @@ from torch import Tensor
 __all__ = [
     "CHUNK_NUMEL",
     "COMPILE_MIN_NUMEL",
-    "count_magnitudes",
+    "count_below",
     "magmax_fold_",
-    "magnitudes_between",
+    "magnitudes_in",
     "random_fold_",
     "random_select_",
     "splitmix_draws",
@@ -178,55 +178,68 @@ def ties_fold_(
 
 #: Elements per piece of the order-statistics passes: large, so each compiled call pays its dispatch once.
 SELECT_CHUNK_NUMEL = 1 << 24
+#: Thresholds per counting pass of :func:`count_below` (fixed, so the compiled rule is built once).
+COUNT_THRESHOLDS = 3
+#: Elements per row of :func:`rows_holding`: a row is the unit the final selection copies.
+ROW_NUMEL = 1 << 10
 
 
-def _count_rule(x: Tensor, lo: float, hi: float) -> tuple[Tensor, Tensor]:
+def _count_below_rule(x: Tensor, thresholds: Tensor) -> Tensor:
     a = x.abs().to(torch.float32)
-    return (a < lo).sum(), ((a >= lo) & (a <= hi)).sum()
+    return torch.stack([(a < thresholds[i]).sum() for i in range(COUNT_THRESHOLDS)])
 
 
-def _between_rule(x: Tensor, lo: float, hi: float) -> Tensor:
-    # uint8, viewed as bool by the caller: inductor writes bytes faster than bools (measured).
-    a = x.abs().to(torch.float32)
-    return ((a >= lo) & (a <= hi)).to(torch.uint8)
+def _rows_holding_rule(rows: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    a = rows.abs().to(torch.float32)
+    return ((a >= lo) & (a < hi)).sum(dim=1)
 
 
-def count_magnitudes(x: Tensor, lo: float, hi: float) -> tuple[int, int]:
-    """``(#|x| < lo, #lo <= |x| <= hi)`` over the flat ``x``, magnitudes in float32: one fused pass."""
-    below = inside = 0
+def _run_compiled(name: str, rule, *args):
+    """``rule(*args)``, compiled when the compiler is on and the input large enough; eager otherwise."""
+    if args[0].numel() >= COMPILE_MIN_NUMEL and _compile_enabled():
+        try:
+            return _compiled(name, rule)(*args)
+        except Exception as exc:  # no compiler, unsupported device, ...
+            _compile_state["failed"] = True
+            warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); running {name} eagerly.", stacklevel=3)
+    return rule(*args)
+
+
+def count_below(x: Tensor, thresholds: list[float]) -> list[int]:
+    """``[#(|x| < t) for t in thresholds]`` over the flat ``x``, magnitudes in float32: one fused read of ``x``.
+
+    Args:
+        x: any shape, floating point.
+        thresholds: exactly :data:`COUNT_THRESHOLDS` float32-representable values.
+    """
+    ts = torch.tensor(thresholds, dtype=torch.float32, device=x.device)
+    counts = torch.zeros(COUNT_THRESHOLDS, dtype=torch.int64)
     flat = x.reshape(-1)
     for start in range(0, flat.numel(), SELECT_CHUNK_NUMEL):
-        piece = flat[start : start + SELECT_CHUNK_NUMEL]
-        if piece.numel() >= COMPILE_MIN_NUMEL and _compile_enabled():
-            try:
-                b, i = _compiled("count_magnitudes", _count_rule)(piece, float(lo), float(hi))
-                below, inside = below + int(b), inside + int(i)
-                continue
-            except Exception as exc:  # no compiler, unsupported device, ...
-                _compile_state["failed"] = True
-                warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); counting eagerly.", stacklevel=2)
-        b, i = _count_rule(piece, float(lo), float(hi))
-        below, inside = below + int(b), inside + int(i)
-    return below, inside
+        counts += _run_compiled("count_below", _count_below_rule, flat[start : start + SELECT_CHUNK_NUMEL], ts).cpu()
+    return [int(c) for c in counts]
 
 
-def magnitudes_between(x: Tensor, lo: float, hi: float) -> Tensor:
-    """The float32 magnitudes of the flat ``x`` that lie in ``[lo, hi]``, in element order."""
+def magnitudes_in(x: Tensor, lo: float, hi: float) -> Tensor:
+    """The float32 magnitudes of the flat ``x`` in ``[lo, hi)``, in element order.
+
+    Meant for a narrow interval: one fused pass counts the hits per row of
+    :data:`ROW_NUMEL` elements (no mask the size of ``x``), and only the rows
+    that hold one are copied and filtered.
+    """
     flat = x.reshape(-1)
-    out = []
-    for start in range(0, flat.numel(), SELECT_CHUNK_NUMEL):
-        piece = flat[start : start + SELECT_CHUNK_NUMEL]
-        if piece.numel() >= COMPILE_MIN_NUMEL and _compile_enabled():
-            try:
-                mask = _compiled("magnitudes_between", _between_rule)(piece, float(lo), float(hi))
-            except Exception as exc:  # no compiler, unsupported device, ...
-                _compile_state["failed"] = True
-                warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); selecting eagerly.", stacklevel=2)
-                mask = _between_rule(piece, float(lo), float(hi))
-        else:
-            mask = _between_rule(piece, float(lo), float(hi))
-        out.append(piece[mask.view(torch.bool)].abs().to(torch.float32))
-    return torch.cat(out) if out else flat.new_zeros(0, dtype=torch.float32)
+    lo_t = torch.tensor(lo, dtype=torch.float32, device=flat.device)
+    hi_t = torch.tensor(hi, dtype=torch.float32, device=flat.device)
+    body = flat.numel() - flat.numel() % ROW_NUMEL
+    pieces = []
+    for start in range(0, body, SELECT_CHUNK_NUMEL):
+        rows = flat[start : min(start + SELECT_CHUNK_NUMEL, body)].view(-1, ROW_NUMEL)
+        hits = _run_compiled("rows_holding", _rows_holding_rule, rows, lo_t, hi_t).nonzero().reshape(-1)
+        if hits.numel():
+            pieces.append(rows.index_select(0, hits).reshape(-1))
+    pieces.append(flat[body:])
+    a = torch.cat(pieces).abs().to(torch.float32)
+    return a[(a >= lo_t) & (a < hi_t)]
 
 
 # -- counter-based draws: a pure function of (key, element index) -------------------------------------------

@@ -38,6 +38,7 @@ from cl_plugin._checks import (
     max_abs,
 )
 from cl_plugin.errors import CheckpointError, ConfigError, NonFiniteError, preview
+from cl_plugin._packed import aligned_runs, packed_like
 from cl_plugin.task_vectors import StateDictLike, TaskVector
 
 __all__ = ["Merger", "accumulate_dtype"]
@@ -186,18 +187,29 @@ class Merger:
         # Upper bounds of the magnitudes in the summed roles: role -> name -> float.
         self._bounds: dict[str, dict[str, float]] = {role: {} for role in self.summed_roles}
 
+    def _role_dtype(self, role: str, input_dtype: torch.dtype) -> torch.dtype:
+        """The dtype role ``role`` keeps for an input tensor of ``input_dtype``."""
+        kind = self.tensor_states[role]
+        if kind == "count":
+            return torch.int32
+        return accumulate_dtype(input_dtype) if kind == "accumulate" else input_dtype
+
     def _allocated(self, tv: TaskVector) -> dict[str, dict[str, Tensor]]:
-        """A new zero state shaped as ``tv``."""
-        state: dict[str, dict[str, Tensor]] = {}
-        for role, kind in self.tensor_states.items():
-            state[role] = {}
-            for n, t in tv.items():
-                if kind == "count":
-                    dtype = torch.int32
-                else:
-                    dtype = accumulate_dtype(t.dtype) if kind == "accumulate" else t.dtype
-                state[role][n] = torch.zeros(t.shape, dtype=dtype, device=t.device)
-        return state
+        """A new zero state shaped as ``tv``, each role packed (one buffer per dtype, see :mod:`cl_plugin._packed`)."""
+        return {
+            role: packed_like(tv, dtype=lambda t, role=role: self._role_dtype(role, t.dtype))
+            for role in self.tensor_states
+        }
+
+    def _runs(self, tv: TaskVector, *roles: str) -> list[tuple[Tensor, ...]]:
+        """Flat views ``(state[role] for role in roles) + (incoming,)`` over the names of ``tv``, as few as possible.
+
+        The whole state in one run when the state and ``tv`` are packed (the
+        boundary core's task vectors are); else one run per tensor. The state
+        views write through (the state is always contiguous).
+        """
+        names = list(tv)
+        return aligned_runs(*([self._state[role][n] for n in names] for role in roles), [tv[n] for n in names])
 
     @property
     def device(self) -> torch.device | None:
@@ -254,10 +266,14 @@ class Merger:
         """
         loaded = self._validated(state)
         with torch.no_grad():
-            tensors = {
-                role: {n: t.detach().clone(memory_format=torch.contiguous_format) for n, t in by_name.items()}
-                for role, by_name in loaded.tensors.items()
-            }
+            tensors = {}
+            position = {n: i for i, n in enumerate(loaded.layout)}
+            for role, by_name in loaded.tensors.items():
+                # Packed in the layout's order, the order updates fold in.
+                by_name = {n: by_name[n] for n in sorted(by_name, key=lambda n: position.get(n, len(position)))}
+                tensors[role] = packed_like(by_name, fill=None)
+                for n, t in by_name.items():
+                    tensors[role][n].copy_(t.detach())
         # Every check has passed and every copy is made: nothing below can fail.
         self._state = tensors
         self._layout = loaded.layout
@@ -550,7 +566,7 @@ class Merger:
             # Folded in the first task's name order: random draws and sums over
             # tensors must not depend on the order in which a mapping lists its names.
             if list(tv) != list(self._layout):
-                tv = TaskVector({n: tv[n] for n in self._layout}, aliases=tv.aliases, check_finite=False)
+                tv = TaskVector({n: tv[n] for n in self._layout}, aliases=tv.aliases, check_finite=False)._with_stamp_of(tv)
             device = self.device
             if any(t.device != device for t in tv.values()):
                 tv = tv.to(device=device)
@@ -558,7 +574,12 @@ class Merger:
             # Checked here even for a TaskVector: one built with check_finite=False,
             # or by arithmetic that overflowed, can hold inf. The same reduction
             # gives each tensor's largest magnitude for the overflow bound.
-            largest = finite_max_abs(tv, what)
+            if self.summed_roles or self._dare is not None:
+                largest = finite_max_abs(tv, what)
+            elif tv._known_finite():  # checked by its maker and not written since: no second pass
+                largest = {}
+            else:  # no overflow bound to keep: one finiteness check per packed run is enough
+                largest = _check_finite_in_runs(tv, what)
             extras: dict[str, Any] = {}
             if self.requires_fisher:
                 extras["fisher"] = _checked_fisher(fisher, tv, what)
@@ -758,9 +779,8 @@ class Merger:
         """Before any task is folded, state ``role`` becomes ``tv`` itself: copy it in and return True; else False."""
         if self.num_tasks:
             return False
-        state = self._state[role]
-        for n, t in tv.items():
-            state[n].copy_(t)
+        for state, incoming in self._runs(tv, role):
+            state.copy_(incoming)
         return True
 
     def _finalize(self) -> dict[str, Tensor]:
@@ -768,6 +788,18 @@ class Merger:
 
 
 _MISSING = object()
+
+
+def _check_finite_in_runs(tv: TaskVector, what: str) -> dict[str, float]:
+    """Raise NonFiniteError naming the first tensor of ``tv`` with NaN or inf; return no bounds (``{}``).
+
+    One reduction per packed run (:func:`~cl_plugin._packed.aligned_runs`)
+    instead of one per tensor; only a run that fails is searched tensor by tensor.
+    """
+    for (flat,) in aligned_runs(list(tv.values())):
+        if not math.isfinite(max_abs(flat)):
+            finite_max_abs(tv, what)
+    return {}
 
 
 def _float_dtype(name: str, value: object) -> torch.dtype:

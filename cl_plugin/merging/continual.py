@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from cl_plugin._checkpoint import check_tensor_dict, read
 from cl_plugin._checks import check_same_layout, check_scale, is_finite, max_abs
 from cl_plugin.errors import CheckpointError, ConfigError, NonFiniteError, did_you_mean, preview
+from cl_plugin._packed import aligned_runs, packed_like
 from cl_plugin.merging.layout import ShardLayout
 from cl_plugin.merging.registry import MERGERS, get_merger
 from cl_plugin.task_vectors import TaskVector, select_names, tied_aliases
@@ -305,8 +306,12 @@ class ContinualMerge:
     def snapshot(self, module: nn.Module, names: Iterable[str] | None = None) -> dict[str, Tensor]:
         """Copies of this rank's part of the module's tensors, on :attr:`device`."""
         state = module.state_dict()
+        parts = {n: self.local(state[n], n) for n in (names or self.all_names)}
+        copies = packed_like(parts, device=self.device, fill=None)
         with torch.no_grad():
-            return {n: self.local(state[n], n).to(device=self.device, copy=True) for n in (names or self.all_names)}
+            for n, part in parts.items():
+                copies[n].copy_(part)
+        return copies
 
     def whole(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Whole tensors, on every rank, from every rank's parts ``tensors`` (a collective when sharded)."""
@@ -376,18 +381,22 @@ class ContinualMerge:
         """
         state = module.state_dict()
         live = {n: self.local(state[n], n) for n in self.all_names}
-        self._agree(
-            _first_not_finite(live),
-            lambda n: NonFiniteError(
-                f"The weights hold NaN or infinite values ({'in ' + repr(n) if n else 'on another rank'}): training "
-                "diverged, and there is no task vector to fold."
-            ),
-        )
         check_same_layout(self.theta0, live, "The model against θ₀")
+        # Packed (one buffer per dtype), so the merger folds it in one pass; the
+        # live weights are read in place, not copied first.
+        tau = packed_like(self.theta0, fill=None)
         with torch.no_grad():
-            # One new tensor per name: the live weights are read in place, not copied first.
-            tau = {n: torch.sub(t.to(self.theta0[n].device), self.theta0[n]) for n, t in live.items()}
-        return TaskVector(tau, check_finite=False)
+            for n, t in live.items():
+                torch.sub(t.to(self.theta0[n].device), self.theta0[n], out=tau[n])
+        # θ₀ is finite, so τ is finite exactly when the weights are and θ − θ₀
+        # does not overflow: one check of τ (a reduction per packed run) covers both.
+        bad = None
+        if not all(is_finite(flat) for (flat,) in aligned_runs(list(tau.values()))):
+            bad = _first_not_finite(live) or _first_not_finite(tau)
+        self._agree(bad, lambda n: _task_vector_error(n, live))
+        tv = TaskVector(tau, check_finite=False)
+        tv._stamp_finite()  # checked above: a merger need not read it again
+        return tv
 
     def fold(self, module: nn.Module | TaskVector, *, fisher: Mapping[str, Tensor] | None = None) -> TaskVector:
         """Fold ``module``'s task vector (or a given one) into the merge; return it.
@@ -403,7 +412,7 @@ class ContinualMerge:
         All or nothing: on any error the merge is as it was.
         """
         tv = module if isinstance(module, TaskVector) else self.task_vector(module)
-        weights = TaskVector({n: tv[n] for n in self.names}, check_finite=False)
+        weights = TaskVector({n: tv[n] for n in self.names}, check_finite=False)._with_stamp_of(tv)
         extras, weighted = self._fisher_extras(weights, fisher)
         if not self.statistic_names:
             with weighted:
@@ -688,6 +697,23 @@ def _prenormalised(merger: Any):
 
 def _first_not_finite(tensors: Mapping[str, Tensor]) -> str | None:
     return next((n for n, t in tensors.items() if not is_finite(t)), None)
+
+
+def _task_vector_error(name: str | None, live: Mapping[str, Tensor]) -> NonFiniteError:
+    if name is None:
+        return NonFiniteError(
+            "The weights hold NaN or infinite values on another rank: training diverged, and there is no task vector "
+            "to fold."
+        )
+    if not is_finite(live[name]):
+        return NonFiniteError(
+            f"The weights hold NaN or infinite values (in {name!r}): training diverged, and there is no task vector "
+            "to fold."
+        )
+    return NonFiniteError(
+        f"θ − θ₀ overflows its dtype in {name!r}: the weights are finite but moved too far from θ₀ to subtract. "
+        "Train in a wider dtype, or with a smaller learning rate."
+    )
 
 
 def _theta0_error(what: str, name: str | None) -> NonFiniteError:

@@ -24,13 +24,15 @@ No Lightning import.
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from cl_plugin.merging._kernels import count_magnitudes, magnitudes_between
+from cl_plugin.merging._kernels import COUNT_THRESHOLDS, count_below, magnitudes_in
+from cl_plugin._packed import aligned_runs
 
 __all__ = [
     "Shard",
@@ -284,24 +286,51 @@ def _gather_varying(local: Tensor, layout: ShardLayout | None) -> Tensor:
     return torch.cat([p[: int(n)] for p, n in zip(parts, sizes)])
 
 
+def _float_of(bits: int) -> float:
+    """The float32 whose bit pattern is the non-negative int32 ``bits``."""
+    return struct.unpack("<f", struct.pack("<i", bits))[0]
+
+
+def _bits_of(value: float) -> int:
+    """The bit pattern of the non-negative float32 nearest ``value``."""
+    return struct.unpack("<i", struct.pack("<f", value))[0]
+
+
+#: The bit pattern of float32 +inf: every finite magnitude's pattern is below it.
+_INF_BITS = 0x7F800000
+#: Counting passes narrow the bracket until it holds at most this many magnitudes (over all ranks) ...
+_FEW = 1 << 10
+#: ... or for at most this many passes; then the rows holding the bracket are copied and selected from.
+_MAX_COUNT_PASSES = 6
+
+
 def kth_smallest_magnitude(tensors: Iterable[Tensor], k: int, layout: ShardLayout | None = None) -> float:
     """The ``k``-th smallest ``|x|`` (1-based, as ``torch.kthvalue``) over every element of ``tensors`` on every rank.
 
-    Exact, with one pass over the data: a strided sample of the magnitudes
-    (gathered from every rank) brackets the answer in ``[lo, hi]``; one pass
-    counts the magnitudes below ``lo`` and keeps those inside the bracket (a
-    few percent of them); every rank gathers the kept ones and takes the
-    ``(k − below)``-th of them with ``torch.kthvalue``. A bracket that misses
-    (the count shows it) is widened to everything and the pass repeated. The
+    Exact, and with no temporary the size of the data: the answer's float32
+    bit pattern is bracketed in ``[L, H]``, with ``#(|x| < f(L)) < k <=
+    #(|x| < f(H + 1))``, and each pass counts the magnitudes below three
+    thresholds inside the bracket in one fused read (:func:`count_below`,
+    one ``all_reduce`` of three counts), keeping the sub-bracket that holds
+    the answer. The first pass takes its thresholds from a strided sample
+    (gathered from every rank); later ones interpolate the answer's position
+    inside the bracket, plus ``L + 1`` (is the answer ``f(L)`` itself? this
+    ends at once on a value many entries share, such as 0) and, when the last
+    pass did not halve the bracket, its midpoint. Once the bracket holds at
+    most :data:`_FEW` magnitudes (or after :data:`_MAX_COUNT_PASSES` passes),
+    the rows that hold them are copied (:func:`magnitudes_in`), every rank
+    gathers them, and ``torch.kthvalue`` picks the answer among them. The
     result equals ``torch.kthvalue(torch.cat([t.abs().float().flatten() ...]), k)``
     over every rank's tensors, whatever their split.
 
     Args:
         tensors: this rank's values (any shapes, floating point, finite).
+            Tensors packed in one buffer (:mod:`cl_plugin._packed`) are read in one call.
         k: 1 <= k <= the total number of elements over all ranks.
         layout: the ranks to count over (None: this process only).
     """
-    flats = [t.detach().reshape(-1) for t in tensors if t.numel()]
+    tensors = [t.detach() for t in tensors if t.numel()]
+    flats = [run for (run,) in aligned_runs(tensors)] if tensors else []
     local_numel = sum(f.numel() for f in flats)
     stride = max(1, local_numel // _SAMPLE)
     empty = torch.zeros(0, dtype=torch.float32)
@@ -313,26 +342,65 @@ def kth_smallest_magnitude(tensors: Iterable[Tensor], k: int, layout: ShardLayou
     total = int(total)
     if not 1 <= k <= total:
         raise ValueError(f"k={k} is outside [1, {total}].")
-    q = k / total
-    margin = 6.0 * math.sqrt(max(q * (1 - q), 1.0 / max(sample.numel(), 1)) / max(sample.numel(), 1)) + 2.0 / max(sample.numel(), 1)
-    n = sample.numel()
-    lo_index, hi_index = math.floor((q - margin) * n), math.ceil((q + margin) * n)
-    bounds = [
-        float(sample[lo_index]) if n and lo_index >= 0 else 0.0,
-        float(sample[hi_index]) if n and hi_index < n else math.inf,
-    ]
-    for lo, hi in (bounds, [0.0, math.inf]):
-        # Two cheap passes instead of one that keeps candidates: counting is one fused
-        # read, and only a bracket that holds the answer pays for the selection.
-        counts = torch.zeros(2, dtype=torch.int64)
+
+    def counts_below(bit_thresholds: list[int]) -> list[int]:
+        values = [_float_of(b) for b in bit_thresholds]
+        counts = torch.zeros(len(values), dtype=torch.int64)
         for f in flats:
-            below, inside = count_magnitudes(f, lo, hi)
-            counts += torch.tensor([below, inside])
+            counts += torch.tensor(count_below(f, values))
         if layout is not None:
             layout.all_reduce_(counts)
-        below_all, inside_all = int(counts[0]), int(counts[1])
-        if below_all < k <= below_all + inside_all:
-            kept = [magnitudes_between(f, lo, hi).cpu() for f in flats]
-            candidates = _gather_varying(torch.cat(kept) if kept else empty, layout)
-            return float(torch.kthvalue(candidates, k - below_all).values)
-    raise AssertionError("unreachable: the second bracket holds every element")  # pragma: no cover
+        return [int(c) for c in counts]
+
+    low, high, below_low, below_high = 0, _INF_BITS - 1, 0, total
+    # First guesses: the sample's quantiles 3 standard errors either side of k / total.
+    n = sample.numel()
+    q = k / total
+    margin = 3.0 * math.sqrt(max(q * (1 - q), 1.0 / max(n, 1)) / max(n, 1)) + 2.0 / max(n, 1)
+    guesses = [float(sample[i]) for i in (math.floor((q - margin) * n), math.ceil((q + margin) * n)) if 0 <= i < n]
+    halved = True
+    for _ in range(_MAX_COUNT_PASSES):
+        if low == high or below_high - below_low <= _FEW:
+            break
+        width = high - low
+        if guesses is None:
+            guesses = _interpolated(low, high, below_low, below_high, k)
+        # By priority: is the answer f(low)? the midpoint (when the last pass did
+        # not halve the bracket, or when it is unbounded above), the guesses.
+        candidates = [low + 1]
+        if not halved or not guesses:
+            candidates.append(low + (width + 1) // 2)
+        candidates += [_bits_of(min(v, _float_of(high))) for v in guesses]
+        chosen = list(dict.fromkeys(b for b in candidates if low < b <= high))[:COUNT_THRESHOLDS]
+        thresholds = sorted(chosen + [low + 1] * (COUNT_THRESHOLDS - len(chosen)))
+        for bits, below in sorted(zip(thresholds, counts_below(thresholds))):
+            if low < bits <= high:
+                if below < k:
+                    low, below_low = bits, below
+                else:
+                    high, below_high = bits - 1, below
+        halved = (high - low) * 2 <= width
+        guesses = None
+    if low == high:
+        return _float_of(low)
+    lo_value, hi_value = _float_of(low), _float_of(high + 1)
+    kept = [magnitudes_in(f, lo_value, hi_value).cpu() for f in flats]
+    candidates = _gather_varying(torch.cat(kept) if kept else empty, layout)
+    return float(torch.kthvalue(candidates, k - below_low).values)
+
+
+def _interpolated(low: int, high: int, below_low: int, below_high: int, k: int) -> list[float]:
+    """Two values around where the k-th magnitude lies, if the magnitudes in the bracket were evenly spread.
+
+    The bracket holds ``below_high - below_low`` magnitudes in ``[f(low), f(high + 1))``;
+    the two values sit a few standard deviations of that guess either side of it
+    (none when the bracket is unbounded above).
+    """
+    if high + 1 >= _INF_BITS:  # unbounded above: no position to interpolate (the caller bisects)
+        return []
+    inside = below_high - below_low
+    rank = k - below_low
+    spread = 3.0 * math.sqrt(inside) + inside / 256
+    lo_value = _float_of(low)
+    span = _float_of(high + 1) - lo_value
+    return [lo_value + span * min(max(r, 0.0), inside) / inside for r in (rank - spread, rank + spread)]

@@ -49,11 +49,10 @@ class MagMaxMerger(Merger):
     merged_role = "merged"
 
     def _fold(self, tv: TaskVector) -> None:
-        merged = self._state["merged"]
         if self._copy_first_task(tv):
             return
-        for n, t in tv.items():
-            magmax_fold_(merged[n], t)
+        for merged, incoming in self._runs(tv, "merged"):
+            magmax_fold_(merged, incoming)
 
     def _finalize(self):
         return {n: t.clone() for n, t in self._state["merged"].items()}

@@ -42,8 +42,8 @@ class TaskArithmeticMerger(Merger):
     summed_roles = ("sum",)
 
     def _fold(self, tv: TaskVector) -> None:
-        for n, t in tv.items():
-            self._state["sum"][n].add_(t)
+        for total, incoming in self._runs(tv, "sum"):
+            total.add_(incoming)
 
     def _finalize(self):
         return {n: t.clone() for n, t in self._state["sum"].items()}

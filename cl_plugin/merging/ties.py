@@ -102,9 +102,8 @@ class TiesMerger(Merger):
     def _fold(self, tv: TaskVector) -> None:
         threshold = self._trim_threshold(tv)
         self._threshold = None
-        s = self._state
-        for n, t in tv.items():
-            ties_fold_(s["pos_sum"][n], s["neg_sum"][n], s["pos_count"][n], s["neg_count"][n], t, threshold)
+        for pos_sum, neg_sum, pos_count, neg_count, incoming in self._runs(tv, *self.tensor_states):
+            ties_fold_(pos_sum, neg_sum, pos_count, neg_count, incoming, threshold)
 
     def _fold_max_abs(self, tv, keys):
         # The kept entries only, selected as ties_fold_ selects them: in the

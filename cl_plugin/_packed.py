@@ -1,0 +1,106 @@
+"""Packed tensors: many named tensors as views of one flat buffer, so an elementwise pass is one call.
+
+A model has hundreds of tensors (ViT-S: 152, a third of them biases and norm
+weights of a few hundred elements). An update rule called once per tensor
+pays its dispatch (and, for a compiled kernel, its guards) per tensor; on
+ViT-S that overhead alone made the MagMax update 2 to 3 times its one-pass
+cost. The merger state, θ₀ and the task vectors the boundary core forms are
+therefore allocated as *packed* dicts: one contiguous buffer per dtype and
+device, each name a view of its range, in name order. :func:`aligned_runs`
+finds, for several such dicts, the longest stretches of names that are
+consecutive in every one of them, and returns each stretch as one flat view:
+a whole dict in one call when every input is packed, one tensor per call when
+none is (a user's own task vector). The results are the same either way (the
+rules are elementwise).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["aligned_runs", "packed_like"]
+
+
+def packed_like(
+    tensors: Mapping[str, Tensor],
+    *,
+    dtype: Callable[[Tensor], torch.dtype] | None = None,
+    device: torch.device | None = None,
+    fill: float | None = 0.0,
+) -> dict[str, Tensor]:
+    """New tensors shaped as ``tensors``, as views of one flat buffer per (dtype, device), in the same order.
+
+    Args:
+        tensors: name -> tensor; only shapes, dtypes and devices are read.
+        dtype: the dtype of each new tensor, from the old one (default: the same).
+        device: where to allocate (default: each tensor's device).
+        fill: the initial value, or None for uninitialised memory (the caller
+            overwrites every element).
+    """
+    groups: dict[tuple[torch.dtype, torch.device], list[tuple[str, Tensor]]] = {}
+    for name, t in tensors.items():
+        key = (dtype(t) if dtype is not None else t.dtype, device if device is not None else t.device)
+        groups.setdefault(key, []).append((name, t))
+    out: dict[str, Tensor] = {}
+    for (group_dtype, group_device), members in groups.items():
+        total = sum(t.numel() for _, t in members)
+        if fill is None:
+            buffer = torch.empty(total, dtype=group_dtype, device=group_device)
+        else:
+            buffer = torch.full((total,), fill, dtype=group_dtype, device=group_device)
+        start = 0
+        for name, t in members:
+            out[name] = buffer[start : start + t.numel()].view(t.shape)
+            start += t.numel()
+    return {name: out[name] for name in tensors}
+
+
+def _follows(previous: Tensor, current: Tensor) -> bool:
+    """True when ``current`` starts in the same storage right where the contiguous ``previous`` ends."""
+    return (
+        current.is_contiguous()
+        and current.dtype == previous.dtype
+        and current.device == previous.device
+        and current.untyped_storage().data_ptr() == previous.untyped_storage().data_ptr()
+        and current.storage_offset() == previous.storage_offset() + previous.numel()
+    )
+
+
+def _flat(tensors: Sequence[Tensor]) -> Tensor:
+    """One 1-D view over tensors that follow each other in one storage (a single tensor: its flat view)."""
+    first = tensors[0]
+    if len(tensors) == 1:
+        return first.reshape(-1)
+    total = sum(t.numel() for t in tensors)
+    return first.as_strided((total,), (1,), first.storage_offset())
+
+
+def aligned_runs(*lists: Sequence[Tensor]) -> list[tuple[Tensor, ...]]:
+    """Equal-length lists of equally sized tensors as few matching flat views as possible.
+
+    Consecutive positions i..j form one run when, in every list, tensor i is
+    contiguous and each next one starts where the previous ends in the same
+    storage. Each run is returned as one tuple of 1-D views (one per list),
+    covering the runs in order; a position that cannot join its neighbour is
+    a run of its own (``reshape(-1)``: a copy only if that tensor is not
+    contiguous, as an elementwise rule on it would need anyway).
+
+    Writing into a returned view writes into the tensors when they were
+    contiguous; callers that write check that (the merger state always is).
+    """
+    count = len(lists[0])
+    if any(len(tensors) != count for tensors in lists):
+        raise ValueError("aligned_runs needs lists of equal length.")
+    runs: list[tuple[Tensor, ...]] = []
+    start = 0
+    while start < count:
+        stop = start + 1
+        if all(tensors[start].is_contiguous() for tensors in lists):
+            while stop < count and all(_follows(tensors[stop - 1], tensors[stop]) for tensors in lists):
+                stop += 1
+        runs.append(tuple(_flat(tensors[start:stop]) for tensors in lists))
+        start = stop
+    return runs

@@ -1,0 +1,168 @@
+"""The exact k-th smallest magnitude (TIES's trim threshold) and the packed tensors the folds run on.
+
+`kth_smallest_magnitude` must equal `torch.kthvalue` over the concatenated
+magnitudes for every distribution a task vector can have (smooth, mostly
+zeros, many ties, heavy tails, values spanning many decades), for every k,
+on packed and on separate tensors, compiled and eager; its sharded form is
+tested against the unsharded merge in tests/test_sharded_merge.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cl_plugin.merging import _kernels, layout
+from cl_plugin._packed import aligned_runs, packed_like
+from cl_plugin.merging.continual import ContinualMerge
+from cl_plugin.errors import NonFiniteError
+
+
+def _cases() -> dict[str, list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    n = 300_000
+    return {
+        "gaussian, three tensors": [torch.randn(400, 500, generator=g) * 0.01, torch.randn(700, generator=g), torch.randn(90, 90, generator=g)],
+        "85% exact zeros": [torch.where(torch.rand(n, generator=g) < 0.85, 0.0, torch.randn(n, generator=g))],
+        "bfloat16 (many ties)": [torch.randn(n, generator=g).to(torch.bfloat16)],
+        "heavy tail": [torch.randn(n, generator=g) / torch.randn(n, generator=g).clamp(min=1e-3)],
+        "one value": [torch.full((n,), 0.5)],
+        "seven values": [torch.randn(7, generator=g)],
+        "sixty decades": [torch.randn(n // 2, generator=g) * 1e-30, torch.randn(n // 2, generator=g) * 1e30],
+        "float64": [torch.randn(n, generator=g, dtype=torch.float64)],
+        "two scales": [torch.cat([torch.randn(n // 2, generator=g) * 1e-6, torch.randn(n // 2, generator=g)])],
+    }
+
+
+CASES = _cases()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 0.8, 0.85, 0.999, 1.0])
+def test_kth_smallest_magnitude_equals_kthvalue(case, fraction):
+    tensors = CASES[case]
+    magnitudes = torch.cat([t.abs().float().flatten() for t in tensors])
+    k = min(magnitudes.numel(), max(1, int(magnitudes.numel() * fraction)))
+    assert layout.kth_smallest_magnitude(tensors, k) == float(torch.kthvalue(magnitudes, k).values)
+
+
+@pytest.mark.parametrize("case", ["gaussian, three tensors", "bfloat16 (many ties)", "two scales"])
+def test_every_path_of_the_selection_gives_the_same_value(case, monkeypatch):
+    tensors = CASES[case]
+    magnitudes = torch.cat([t.abs().float().flatten() for t in tensors])
+    k = int(magnitudes.numel() * 0.8)
+    expected = float(torch.kthvalue(magnitudes, k).values)
+    # Packed into one buffer: one call per pass instead of one per tensor.
+    packed = packed_like(dict(enumerate(tensors)), fill=None)
+    for i, t in enumerate(tensors):
+        packed[i].copy_(t)
+    assert len(aligned_runs(list(packed.values()))) == len({t.dtype for t in tensors})
+    assert layout.kth_smallest_magnitude(packed.values(), k) == expected
+    # No counting pass at all: the rows holding the whole range are selected from.
+    monkeypatch.setattr(layout, "_MAX_COUNT_PASSES", 0)
+    assert layout.kth_smallest_magnitude(tensors, k) == expected
+    # Count until a single value is left (never stop early for a small bracket).
+    monkeypatch.setattr(layout, "_MAX_COUNT_PASSES", 64)
+    monkeypatch.setattr(layout, "_FEW", 0)
+    assert layout.kth_smallest_magnitude(tensors, k) == expected
+    # The eager rules, as where no compiler is installed.
+    monkeypatch.setitem(_kernels._compile_state, "failed", True)
+    assert layout.kth_smallest_magnitude(tensors, k) == expected
+
+
+def test_a_smooth_task_vector_takes_a_few_counting_passes(monkeypatch):
+    passes = []
+    count_below = layout.count_below
+    monkeypatch.setattr(layout, "count_below", lambda x, t: passes.append(1) or count_below(x, t))
+    x = torch.randn(4_000_000, generator=torch.Generator().manual_seed(1))
+    k = int(x.numel() * 0.8)
+    assert layout.kth_smallest_magnitude([x], k) == float(torch.kthvalue(x.abs(), k).values)
+    assert 1 <= len(passes) <= 3
+
+
+def test_k_outside_the_data_is_refused():
+    with pytest.raises(ValueError, match="outside"):
+        layout.kth_smallest_magnitude([torch.ones(3)], 4)
+
+
+# -- packed tensors ---------------------------------------------------------------------------------------
+def test_packed_like_shares_one_buffer_per_dtype_in_order():
+    src = {"a": torch.ones(2, 3), "b": torch.ones(4, dtype=torch.float64), "c": torch.ones(5)}
+    out = packed_like(src)
+    assert list(out) == ["a", "b", "c"]
+    assert all(out[n].shape == src[n].shape and out[n].dtype == src[n].dtype and not out[n].any() for n in src)
+    assert out["a"].untyped_storage().data_ptr() == out["c"].untyped_storage().data_ptr()
+    assert out["c"].storage_offset() == 6
+    runs = aligned_runs(list(out.values()))
+    assert [r[0].numel() for r in runs] == [6, 4, 5]  # a float64 tensor in between breaks the float32 run
+
+
+def test_aligned_runs_join_only_what_is_consecutive_in_every_list():
+    state = packed_like({"a": torch.zeros(3), "b": torch.zeros(2)})
+    separate = [torch.arange(3.0), torch.arange(2.0)]
+    runs = aligned_runs(list(state.values()), separate)
+    assert [r[0].numel() for r in runs] == [3, 2]
+    for (s, x) in runs:
+        s.copy_(x)  # writes through to the state
+    assert state["a"].tolist() == [0.0, 1.0, 2.0] and state["b"].tolist() == [0.0, 1.0]
+    packed = packed_like({"a": torch.zeros(3), "b": torch.zeros(2)})
+    (run,) = aligned_runs(list(state.values()), list(packed.values()))
+    assert run[0].numel() == 5
+
+
+def test_a_transposed_task_vector_is_folded_per_tensor_with_the_same_result():
+    from cl_plugin.merging import get_merger
+
+    g = torch.Generator().manual_seed(0)
+    tvs = [{"w": torch.randn(5, 4, generator=g), "b": torch.randn(4, generator=g)} for _ in range(3)]
+    packed, transposed = get_merger("magmax"), get_merger("magmax")
+    for tv in tvs:
+        packed.update(tv)
+        transposed.update({"w": tv["w"].t().contiguous().t(), "b": tv["b"]})
+    assert all(torch.equal(packed.merged()[n], transposed.merged()[n]) for n in ("w", "b"))
+
+
+# -- a task vector checked once -----------------------------------------------------------------------------
+def _core_with_task(method: str = "magmax"):
+    net = torch.nn.Linear(4, 3)
+    core = ContinualMerge(method)
+    core.bind(net)
+    core.capture_theta0(net)
+    with torch.no_grad():
+        net.weight.add_(0.5)
+    return core, net
+
+
+def test_the_core_checks_its_task_vector_once_and_the_merger_trusts_it(monkeypatch):
+    from cl_plugin.merging import base
+
+    core, net = _core_with_task()
+    tv = core.task_vector(net)
+    assert tv._known_finite()
+    monkeypatch.setattr(base, "_check_finite_in_runs", lambda tv, what: pytest.fail("checked twice"))
+    core.fold(tv)
+    assert core.num_tasks == 1
+
+
+def test_a_task_vector_written_after_its_check_is_checked_again():
+    core, net = _core_with_task()
+    tv = core.task_vector(net)
+    tv["weight"][0, 0] = float("nan")  # in place: advances the version counter
+    assert not tv._known_finite()
+    with pytest.raises(NonFiniteError, match="'weight'"):
+        core.fold(tv)
+    assert core.num_tasks == 0
+
+
+def test_diverged_weights_and_an_overflowing_difference_are_told_apart():
+    core, net = _core_with_task()
+    with torch.no_grad():
+        net.bias[0] = float("inf")
+    with pytest.raises(NonFiniteError, match="training diverged"):
+        core.task_vector(net)
+    core, net = _core_with_task()
+    core.theta0["bias"].fill_(-3e38)
+    with torch.no_grad():
+        net.bias.fill_(3e38)
+    with pytest.raises(NonFiniteError, match="overflows its dtype in 'bias'"):
+        core.task_vector(net)
