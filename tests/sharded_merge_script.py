@@ -88,11 +88,24 @@ def _row_offset(t) -> int:
 
 def whole(core: ContinualMerge, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Whole tensors on every rank from this rank's slices."""
+    # Independent of the core's own gathering (ShardLayout.complete_in_place): a padded all_gather of
+    # every rank's slice with its offset, concatenated in offset order.
+    layout = core.layout
     out = {}
     for n, t in tensors.items():
-        shard = core.layout[n]
+        shard = layout[n]
+        local = t.reshape(-1)
+        meta = torch.tensor([shard.start, local.numel()])
+        metas = [torch.zeros_like(meta) for _ in range(layout.world)]
+        dist.all_gather(metas, meta, group=layout.group)
+        width = max(int(m[1]) for m in metas) or 1
+        padded = torch.zeros(width, dtype=t.dtype)
+        padded[: local.numel()] = local
+        parts = [torch.empty_like(padded) for _ in range(layout.world)]
+        dist.all_gather(parts, padded, group=layout.group)
         buf = torch.empty(shard.numel, dtype=t.dtype)
-        core.layout.all_gather_into(n, t.reshape(-1), buf)
+        for (start, size), part in zip((m.tolist() for m in metas), parts):
+            buf[start : start + size] = part[:size]
         out[n] = buf.reshape(shard.shape)
     return out
 
@@ -127,6 +140,12 @@ def make_model(mode: str, world: int):
 def run(rank: int, world: int, out: str, mode: str, store: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    if world == 3:
+        # Small buckets, so completing replicated tensors takes every path: slices broadcast alone
+        # (>= one bucket), buckets flushed when full, and several slices packed into one.
+        import cl_plugin.merging.layout as layout_module
+
+        layout_module.BROADCAST_BUCKET_NUMEL = 16
     results = {}
     try:
         plain = Net.__new__(Net)
@@ -153,6 +172,15 @@ def run(rank: int, world: int, out: str, mode: str, store: str) -> None:
                     saved = saved[0]
             got = whole(core, core.merged_tensors())
             same = all(torch.equal(got[n], expected[n]) for n in expected)
+            # θ₀ + λ·merged written into the module in place (replicated tensors completed from every rank)
+            core.write_merged(model)
+            written = {n: (t.full_tensor() if hasattr(t, "full_tensor") else t) for n, t in model.state_dict().items()}
+            written_equal = all(torch.equal(written[n], expected[n]) for n in expected)
+            # A rule on whole matrices (OPCM) under a split it chooses: each matrix whole on one rank.
+            matrices = [n for n in core.names if len(core.layout[n].shape) == 2 and not core.layout[n].sharded]
+            counts = torch.tensor([int(core.layout[n].whole) for n in matrices], dtype=torch.int64)
+            dist.all_reduce(counts)
+            matrices_whole = bool(matrices) and bool((counts == 1).all())
             # resume from the state saved after task 2, in a new core on the same ranks
             resumed = ContinualMerge(method.split("+")[0], method_options=options)
             resumed.bind(model, shard=(rank, world, None))
@@ -165,7 +193,13 @@ def run(rank: int, world: int, out: str, mode: str, store: str) -> None:
             same_resumed = all(torch.equal(got_resumed[n], expected[n]) for n in expected)
             # the merged weights written back into the module
             resumed.write(model, resumed.merged_tensors())
-            results[method] = {"equal": same, "resumed_equal": same_resumed, "sharded": core.layout is not None}
+            results[method] = {
+                "equal": same,
+                "resumed_equal": same_resumed,
+                "written_equal": written_equal,
+                "sharded": core.layout is not None,
+                "matrices_whole": matrices_whole,
+            }
         # Negative control: TIES thresholds taken per rank (each on its own slices) are not the exact ones.
         layout = ShardLayout.split({"w": (1000,)}, rank, world)
         g = torch.Generator().manual_seed(rank)

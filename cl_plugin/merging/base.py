@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -122,6 +122,12 @@ class Merger:
     #: the task vectors hold whole tensors. Elementwise rules ignore it; rules that need
     #: a global statistic or a whole tensor use its collectives.
     layout = None
+    #: For a rule that works on whole matrices (OPCM): the cost of one tensor's
+    #: update from its shape, by which ``ShardLayout.owners`` assigns each tensor
+    #: an owner rank. When the core splits replicated weights itself (DDP), it
+    #: places each 2-D tensor whole on its owner, which then folds it with no
+    #: gather and no scatter. None: every tensor split evenly.
+    whole_matrix_cost: ClassVar[Callable[[tuple[int, ...]], float] | None] = None
 
     def __init__(self, *, scale: float | None = None) -> None:
         self._scale = None if scale is None else check_scale(scale, f"{type(self).__name__}")

@@ -282,7 +282,7 @@ class ContinualMerge:
         shapes = {n: tuple(t.shape) for n, t in tensors.items()}
         if not dtensors:
             rank, world, group = shard
-            return ShardLayout.split(shapes, rank, world, group)
+            return ShardLayout.split(shapes, rank, world, group, whole_on=self._matrix_owners(shapes, rank, world, group))
         first = next(iter(dtensors.values()))
         dim = _dtensor_shard_dim(first)
         mesh = first.device_mesh
@@ -293,6 +293,14 @@ class ContinualMerge:
         rank, world = mesh.get_local_rank(dim), mesh.size(dim)
         local = {n: (t.to_local().numel() if is_dtensor(t) else None) for n, t in tensors.items()}
         return ShardLayout.from_local_sizes(shapes, local, rank, world, group)
+
+    def _matrix_owners(self, shapes: Mapping[str, tuple[int, ...]], rank: int, world: int, group) -> dict[str, int]:
+        """For a merger that works on whole matrices: each merged 2-D tensor's owner rank, as its fold assigns them."""
+        cost = self.merger.whole_matrix_cost
+        if cost is None:
+            return {}
+        owners = ShardLayout.split(shapes, rank, world, group).owners({n: cost(shapes[n]) for n in self.names})
+        return {n: r for n, r in owners.items() if len(shapes[n]) == 2}
 
     def local(self, tensor: Tensor, name: str) -> Tensor:
         """This rank's part of a module tensor: the whole tensor unsharded, else its flat slice (a view)."""
@@ -317,13 +325,13 @@ class ContinualMerge:
         """Whole tensors, on every rank, from every rank's parts ``tensors`` (a collective when sharded)."""
         if self.layout is None or not self.layout.distributed:
             return dict(tensors)
-        out = {}
+        flat = {}
         for n, t in tensors.items():
             shard = self.layout[n]
-            buffer = t.new_empty(shard.numel)
-            self.layout.all_gather_into(n, t.reshape(-1), buffer)
-            out[n] = buffer.reshape(shard.shape)
-        return out
+            flat[n] = t.new_empty(shard.numel)
+            flat[n][shard.start : shard.stop].copy_(t.reshape(-1))
+        self.layout.complete_in_place(flat)
+        return {n: t.reshape(self.layout[n].shape) for n, t in flat.items()}
 
     def write(self, module: nn.Module, tensors: Mapping[str, Tensor]) -> None:
         """Write this rank's parts ``tensors`` into the module in place; replicated tensors are completed on every rank.
@@ -332,16 +340,18 @@ class ContinualMerge:
         are all-gathered from the ranks' slices).
         """
         state = module.state_dict()
+        replicated = {}
         with torch.no_grad():
             for n, value in tensors.items():
                 dest = state[n]
                 if self.layout is None:
                     dest.copy_(value)
                     continue
-                local = self.local(dest, n)
-                local.copy_(value.reshape(-1))
+                self.local(dest, n).copy_(value.reshape(-1))
                 if not is_dtensor(dest):
-                    self.layout.all_gather_into(n, local, dest.view(-1))
+                    replicated[n] = dest.view(-1)
+            if replicated:
+                self.layout.complete_in_place(replicated)
 
     def check_unchanged(self, module: nn.Module, when: str) -> None:
         """Raise a ConfigError if a floating-point tensor was added to or removed from ``module`` since :meth:`bind`."""
@@ -518,13 +528,16 @@ class ContinualMerge:
                 {n: torch.add(self.theta0[n], merged[n], alpha=scales[n]) for n in merged if n in self._module_statistics},
                 self._module_statistics,
             )
+        replicated = {}
         with torch.no_grad():
             for n, m in merged.items():
                 dest = state[n]
                 local = self.local(dest, n)
                 local.copy_(self.theta0[n]).add_(m.to(device=local.device, dtype=local.dtype), alpha=scales[n])
                 if self.layout is not None and not is_dtensor(dest):
-                    self.layout.all_gather_into(n, local, dest.view(-1))
+                    replicated[n] = dest.view(-1)
+            if replicated:
+                self.layout.complete_in_place(replicated)
 
     def merged_tensors(self, scale: float | None = None) -> dict[str, Tensor]:
         """θ₀ + λ·merged over the merged names, and θ₀ + mean(τ) over the statistics; checked before returned.

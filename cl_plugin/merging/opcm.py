@@ -144,6 +144,7 @@ class OPCMMerger(Merger):
     tensor_states = {"merged": "accumulate"}
     merged_role = "merged"
     scalar_states = {"lambda_t": 1.0, "norm_sum": 0.0}
+    whole_matrix_cost = staticmethod(_projection_cost)
 
     def __init__(self, *, alpha: float = 0.5, scale: float | None = None) -> None:
         self.alpha = check_fraction(alpha, "alpha", "OPCMMerger", low=0.0, high=1.0, low_open=False)
@@ -222,7 +223,7 @@ class OPCMMerger(Merger):
         merged = self._state["merged"]
         names = list(tv)
         index = {n: i for i, n in enumerate(names)}
-        cost = {n: _projection_cost(layout[n].shape) for n in names}
+        cost = {n: self.whole_matrix_cost(layout[n].shape) for n in names}
         owners = layout.owners(cost)
         first = self.num_tasks == 0
         previous_lambda = float(self._scalars["lambda_t"])
@@ -253,7 +254,11 @@ class OPCMMerger(Merger):
             return new
 
         # In each round every rank projects one of its tensors while the others project theirs.
-        for group in layout.rounds(owners, cost):
+        # Tensors the owner holds whole (DDP places matrices so) need no collective: they come
+        # last, so the ones that do are exchanged while the ranks are still in step.
+        alone = {n: r for n, r in owners.items() if layout.holds_whole(n, r)}
+        exchanged = {n: r for n, r in owners.items() if n not in alone}
+        for group in layout.rounds(exchanged, cost) + layout.rounds(alone, cost):
             gathered = {
                 n: (layout.gather_whole(n, tv[n], owners[n]), None if first else layout.gather_whole(n, merged[n], owners[n]))
                 for n in group
