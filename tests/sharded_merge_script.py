@@ -146,6 +146,11 @@ def run(rank: int, world: int, out: str, mode: str, store: str) -> None:
         import cl_plugin.merging.layout as layout_module
 
         layout_module.BROADCAST_BUCKET_NUMEL = 16
+    # OPCM exchanges small tensors in batches and larger ones one per round: thresholds that send
+    # this model's tensors down both paths (under FSDP2 the 3x13 matrix batched, the others by rounds).
+    import cl_plugin.merging.opcm as opcm_module
+
+    opcm_module._BATCHED_NUMEL = 8 if world == 3 else 40
     results = {}
     try:
         plain = Net.__new__(Net)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -250,6 +250,16 @@ class ShardLayout:
         broadcast, and each call has a fixed cost). Extra memory: one bucket.
         All ranks must call it with the same names.
         """
+        sizes = {n: self._slice_sizes(n) for n in wholes}
+        self._broadcast_ranges(wholes, lambda n, r: (sum(sizes[n][:r]), sum(sizes[n][: r + 1])))
+
+    def share_from_owners(self, wholes: Mapping[str, Tensor], owners: Mapping[str, int]) -> None:
+        """Copy each flat tensor ``wholes[n]`` from rank ``owners[n]`` (which holds it whole) to every rank,
+        in buckets as :meth:`complete_in_place` does. All ranks must call it with the same names and owners."""
+        self._broadcast_ranges(wholes, lambda n, r: (0, wholes[n].numel()) if r == owners[n] else (0, 0))
+
+    def _broadcast_ranges(self, wholes: Mapping[str, Tensor], range_of: Callable[[str, int], tuple[int, int]]) -> None:
+        """For each rank in turn, broadcast the range ``range_of(name, rank)`` of every flat tensor in ``wholes``."""
         if not self.distributed:
             return
         for source in range(self.world):
@@ -260,8 +270,7 @@ class ShardLayout:
                 nonlocal pending, pending_numel
                 if not pending:
                     return
-                first = pending[0][0]
-                bucket = first.new_empty(pending_numel)
+                bucket = pending[0][0].new_empty(pending_numel)
                 if self.rank == source:
                     torch.cat([w[a:b] for w, a, b in pending], out=bucket)
                 torch.distributed.broadcast(bucket, src=self._global_rank(source), group=self.group)
@@ -273,9 +282,7 @@ class ShardLayout:
                 pending, pending_numel = [], 0
 
             for name, whole in wholes.items():
-                sizes = self._slice_sizes(name)
-                start = sum(sizes[:source])
-                stop = start + sizes[source]
+                start, stop = range_of(name, source)
                 if stop == start:
                     continue
                 if stop - start >= BROADCAST_BUCKET_NUMEL:  # large enough alone: broadcast in place, no packing

@@ -39,6 +39,7 @@ Differences from the reference:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -46,6 +47,7 @@ from torch import Tensor
 from cl_plugin._checks import is_finite, tensor_norm
 from cl_plugin.errors import CheckpointError, ConfigError, NonFiniteError
 from cl_plugin.merging.base import Merger, check_fraction
+import cl_plugin.merging.layout as layouts
 from cl_plugin.merging.layout import ShardLayout
 from cl_plugin.merging.registry import register_merger
 from cl_plugin.task_vectors import TaskVector
@@ -97,6 +99,33 @@ def _combined_norm(norms: list[float]) -> float:
     for value in norms:
         squared += value * value
     return math.sqrt(squared) if math.isfinite(squared) else math.hypot(*norms)
+
+
+#: Tensors exchanged between ranks with at most this many elements go in batches (:meth:`OPCMMerger._fold_sharded`).
+_BATCHED_NUMEL = 1 << 18
+
+
+def _batches(names: list[str], numel: Callable[[str], int], limit: int) -> list[list[str]]:
+    """``names`` in order, cut into consecutive batches of at most ``limit`` elements (a larger name alone)."""
+    out: list[list[str]] = []
+    total = 0
+    for n in names:
+        if not out or total + numel(n) > limit:
+            out.append([])
+            total = 0
+        out[-1].append(n)
+        total += numel(n)
+    return out
+
+
+def _made_whole(layout: ShardLayout, slices: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Flat whole tensors on every rank from every rank's flat ``slices`` (bucketed broadcasts)."""
+    wholes = {}
+    for n, t in slices.items():
+        wholes[n] = t.new_empty(layout[n].numel)
+        wholes[n][layout[n].start : layout[n].stop].copy_(t.reshape(-1))
+    layout.complete_in_place(wholes)
+    return wholes
 
 
 def _views_of_flat_buffers(like: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -253,11 +282,31 @@ class OPCMMerger(Merger):
                 new = torch.zeros(layout[n].shape, dtype=merged[n].dtype, device=merged[n].device)
             return new
 
-        # In each round every rank projects one of its tensors while the others project theirs.
         # Tensors the owner holds whole (DDP places matrices so) need no collective: they come
-        # last, so the ones that do are exchanged while the ranks are still in step.
+        # last, so the ones that do are exchanged while the ranks are still in step. Small ones
+        # (biases, norms) are exchanged in batches, a few bucketed broadcasts per batch instead of
+        # three collectives per tensor.
         alone = {n: r for n, r in owners.items() if layout.holds_whole(n, r)}
-        exchanged = {n: r for n, r in owners.items() if n not in alone}
+        small = [n for n in names if n not in alone and layout[n].numel <= _BATCHED_NUMEL]
+        for batch in _batches(small, lambda n: layout[n].numel, layouts.BROADCAST_BUCKET_NUMEL):
+            whole_tasks = _made_whole(layout, {n: tv[n] for n in batch})
+            whole_merged = None if first else _made_whole(layout, {n: merged[n] for n in batch})
+            results = {
+                n: project(n, whole_tasks[n].view(layout[n].shape), None if first else whole_merged[n].view(layout[n].shape))
+                for n in batch
+                if owners[n] == layout.rank
+            }
+            del whole_tasks, whole_merged
+            if not first:
+                new = {
+                    n: results[n].reshape(-1) if n in results else merged[n].new_empty(layout[n].numel) for n in batch
+                }
+                layout.share_from_owners(new, {n: owners[n] for n in batch})
+                for n in batch:
+                    new_merged[n].copy_(new[n][layout[n].start : layout[n].stop])
+            del results
+        exchanged = {n: r for n, r in owners.items() if n not in alone and n not in set(small)}
+        # In each round every rank projects one of its tensors while the others project theirs.
         for group in layout.rounds(exchanged, cost) + layout.rounds(alone, cost):
             gathered = {
                 n: (layout.gather_whole(n, tv[n], owners[n]), None if first else layout.gather_whole(n, merged[n], owners[n]))
