@@ -261,21 +261,31 @@ class TaskVector(Mapping[str, Tensor]):
         self._tensors = floats
         self._skipped = tuple(dict.fromkeys(left_out))
         self._aliases = {**given, **detected}
+        # Set only by the boundary core, between forming a task vector and folding it (no user
+        # code runs in between): see _stamp_finite.
         self._finite_stamp: dict[str, tuple[int, int]] = {}
-        if check_finite:
-            self._stamp_finite()
 
     # -- known finiteness --------------------------------------------------
     def _stamp_finite(self) -> None:
-        """Record that every tensor has just been checked finite (see :meth:`_known_finite`)."""
+        """Record that every tensor has just been checked finite (see :meth:`_known_finite`).
+
+        For the library's own use only, on tensors it has just made and not
+        handed out: a write through ``.data``, NumPy or DLPack does not
+        advance a version counter, so a stamp on tensors a user holds could
+        vouch for a NaN written that way. Inference tensors keep no version
+        counter and are never stamped.
+        """
+        if any(t.is_inference() for t in self._tensors.values()):
+            self._finite_stamp = {}
+            return
         self._finite_stamp = {n: (t.data_ptr(), t._version) for n, t in self._tensors.items()}
 
     def _known_finite(self) -> bool:
-        """True when every tensor was checked finite and none has been written in place since.
+        """True when every tensor was stamped finite and none has been written in place since.
 
         The check reads each tensor's memory address and version counter, which
-        every in-place operation on it (or on any view of its memory) advances,
-        so a merger can skip a second pass over values already checked.
+        in-place operations on it (or on a view of its memory) advance, so a
+        merger can skip a second pass over values already checked.
         """
         stamp = self._finite_stamp
         return bool(stamp) and all(
@@ -342,15 +352,17 @@ class TaskVector(Mapping[str, Tensor]):
                     "tensor under two names), but `base` holds different values under the two names. Take θ₀ from "
                     "the same tied model, or exclude one of the names."
                 )
-        # Packed (one buffer per dtype and device), so a merger folds it in one pass per rule.
-        diff = packed_like({n: ft[n] for n in names if n not in aliases}, fill=None)
-        with torch.no_grad():
-            for n, out in diff.items():
-                torch.sub(ft[n].detach(), b[n].detach().to(ft[n].device), out=out)
+        kept = [n for n in names if n not in aliases]
+        if all(ft[n].layout == torch.strided and b[n].layout == torch.strided and not _is_dtensor(ft[n]) for n in kept):
+            # Packed (one buffer per dtype and device), so a merger folds it in one pass per rule.
+            diff = packed_like({n: ft[n] for n in kept}, fill=None)
+            with torch.no_grad():
+                for n, out in diff.items():
+                    torch.sub(ft[n].detach(), b[n].detach().to(ft[n].device), out=out)
+        else:  # sparse or distributed tensors keep their own kind
+            diff = {n: torch.sub(ft[n].detach(), b[n].detach().to(ft[n].device)) for n in kept}
         _check_finite_fn(diff, "TaskVector.between(finetuned, base)")
-        tv = cls(diff, skipped=skipped, aliases=aliases, check_finite=False)
-        tv._stamp_finite()
-        return tv
+        return cls(diff, skipped=skipped, aliases=aliases, check_finite=False)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> TaskVector:
@@ -641,3 +653,8 @@ def _metadata_json(metadata: Mapping[str, str], key: str, default, path: str):
 
 
 _check_finite_fn = check_finite
+
+
+def _is_dtensor(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a ``torch.distributed`` DTensor (without importing torch.distributed)."""
+    return type(tensor).__name__ == "DTensor"

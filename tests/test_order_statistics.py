@@ -12,10 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cl_plugin.merging import _kernels, layout
+from cl_plugin.merging import _kernels, get_merger, layout
 from cl_plugin._packed import aligned_runs, packed_like
 from cl_plugin.merging.continual import ContinualMerge
 from cl_plugin.errors import NonFiniteError
+from cl_plugin.task_vectors import TaskVector
 
 
 def _cases() -> dict[str, list[torch.Tensor]]:
@@ -137,21 +138,74 @@ def test_the_core_checks_its_task_vector_once_and_the_merger_trusts_it(monkeypat
     from cl_plugin.merging import base
 
     core, net = _core_with_task()
-    tv = core.task_vector(net)
-    assert tv._known_finite()
     monkeypatch.setattr(base, "_check_finite_in_runs", lambda tv, what: pytest.fail("checked twice"))
-    core.fold(tv)
+    core.fold(net)  # formed, checked and folded inside the core: one check
     assert core.num_tasks == 1
 
 
-def test_a_task_vector_written_after_its_check_is_checked_again():
+def test_a_task_vector_handed_out_is_not_trusted():
+    # A user may write into it in ways no version counter sees (.data, NumPy, DLPack).
     core, net = _core_with_task()
     tv = core.task_vector(net)
+    assert not tv._known_finite()
+    tv["weight"].data[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="'weight'"):
+        core.fold(tv)
+    assert core.num_tasks == 0
+    w = torch.ones(3, 3)
+    user_tv = TaskVector({"w": w})  # checked on construction, but the user keeps `w`
+    w.data[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError):
+        get_merger("magmax").update(user_tv)
+
+
+def test_a_stamped_task_vector_written_in_place_is_checked_again():
+    core, net = _core_with_task()
+    tv = core.task_vector(net)
+    tv._stamp_finite()
+    assert tv._known_finite()
     tv["weight"][0, 0] = float("nan")  # in place: advances the version counter
     assert not tv._known_finite()
     with pytest.raises(NonFiniteError, match="'weight'"):
         core.fold(tv)
     assert core.num_tasks == 0
+
+
+def test_task_vectors_under_inference_mode():
+    net = torch.nn.Linear(3, 2)
+    base_weights = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.inference_mode():
+        tv = TaskVector.between(net.state_dict(), base_weights)
+        tv._stamp_finite()  # inference tensors keep no version counter: never stamped
+        assert not tv._known_finite()
+        core = ContinualMerge("magmax")
+        core.bind(net)
+        core.capture_theta0(net)
+        core.fold(net)
+    assert core.num_tasks == 1
+
+
+def test_between_keeps_sparse_tensors_sparse():
+    finetuned, base_weights = torch.eye(3).to_sparse(), (2 * torch.eye(3)).to_sparse()
+    tv = TaskVector.between({"w": finetuned}, {"w": base_weights})
+    assert tv["w"].layout == torch.sparse_coo
+    assert torch.equal(tv["w"].to_dense(), -torch.eye(3))
+
+
+def test_float64_magnitudes_beyond_float32_are_infinite_in_the_selection():
+    # The contract is kthvalue over float32 magnitudes, where 1e39 is inf.
+    values = torch.tensor([1.0, 2.0, 1e39], dtype=torch.float64)
+    for k in (1, 2, 3):
+        assert layout.kth_smallest_magnitude([values], k) == float(torch.kthvalue(values.abs().float(), k).values)
+
+
+def test_a_gathered_state_is_a_copy_when_rank_0_holds_the_tensor_whole():
+    core = ContinualMerge("magmax")
+    core.layout = layout.ShardLayout.split({"w": (1,)}, rank=0, world=2)  # 1 element: all on rank 0, no collective
+    local = torch.ones(1)
+    gathered = core._whole("w", local)
+    gathered.add_(1.0)
+    assert torch.equal(local, torch.ones(1))
 
 
 def test_diverged_weights_and_an_overflowing_difference_are_told_apart():

@@ -404,9 +404,7 @@ class ContinualMerge:
         if not all(is_finite(flat) for (flat,) in aligned_runs(list(tau.values()))):
             bad = _first_not_finite(live) or _first_not_finite(tau)
         self._agree(bad, lambda n: _task_vector_error(n, live))
-        tv = TaskVector(tau, check_finite=False)
-        tv._stamp_finite()  # checked above: a merger need not read it again
-        return tv
+        return TaskVector(tau, check_finite=False)
 
     def fold(self, module: nn.Module | TaskVector, *, fisher: Mapping[str, Tensor] | None = None) -> TaskVector:
         """Fold ``module``'s task vector (or a given one) into the merge; return it.
@@ -421,7 +419,13 @@ class ContinualMerge:
 
         All or nothing: on any error the merge is as it was.
         """
-        tv = module if isinstance(module, TaskVector) else self.task_vector(module)
+        if isinstance(module, TaskVector):
+            tv = module
+        else:
+            tv = self.task_vector(module)
+            # Checked finite as it was formed, and no other code has held it since:
+            # the merger need not read it a second time.
+            tv._stamp_finite()
         weights = TaskVector({n: tv[n] for n in self.names}, check_finite=False)._with_stamp_of(tv)
         extras, weighted = self._fisher_extras(weights, fisher)
         if not self.statistic_names:
@@ -589,7 +593,11 @@ class ContinualMerge:
 
     def _whole(self, name: str, local: Tensor) -> Tensor | None:
         whole = self.layout.gather_whole(name, local.reshape(-1), owner=0)
-        return None if whole is None else whole.reshape(self.layout[name].shape)
+        if whole is None:
+            return None
+        if whole.data_ptr() == local.data_ptr():  # rank 0 holds it whole: a copy, not the live state
+            whole = whole.clone()
+        return whole.reshape(self.layout[name].shape)
 
     def _whole_state(self, state: Mapping[str, Any]) -> dict[str, Any]:
         """A merger state with each sliced tensor (``"<role>.<name>"``) made whole on rank 0."""

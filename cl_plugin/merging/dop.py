@@ -91,7 +91,7 @@ from torch import Tensor
 from cl_plugin._checks import check_bool, is_finite
 from cl_plugin.errors import ConfigError, NonFiniteError
 from cl_plugin.merging.base import Merger, check_fraction
-from cl_plugin.merging.opcm import _views_of_flat_buffers
+from cl_plugin._packed import packed_like
 from cl_plugin.merging.registry import register_merger
 from cl_plugin.task_vectors import TaskVector
 
@@ -391,7 +391,7 @@ class DOPMerger(Merger):
             return
         # Built into new buffers and swapped in at the end (as OPCM does): a failure midway
         # (an SVD that does not converge, an overflow) leaves the previous state intact.
-        new_merged = _views_of_flat_buffers(merged)
+        new_merged = packed_like(merged, fill=None)
         tasks = {n: t.to(merged[n].dtype) for n, t in tv.items()}
         matrices = [n for n, m in merged.items() if m.dim() == 2]
         for n, m in merged.items():
@@ -424,7 +424,7 @@ class DOPMerger(Merger):
         back: the result is bit-identical to the unsharded update.
         """
         merged = self._state["merged"]
-        new_merged = _views_of_flat_buffers(merged)
+        new_merged = packed_like(merged, fill=None)
         tasks = {n: t.to(merged[n].dtype) for n, t in tv.items()}
         whole = {n: _Shape(layout[n].shape, merged[n].dtype, merged[n].device) for n in merged}
         matrices = [n for n in merged if len(layout[n].shape) == 2]

@@ -433,6 +433,11 @@ def kth_smallest_magnitude(tensors: Iterable[Tensor], k: int, layout: ShardLayou
         return [int(c) for c in counts]
 
     low, high, below_low, below_high = 0, _INF_BITS - 1, 0, total
+    if any(f.dtype == torch.float64 for f in flats):
+        # A float64 magnitude above float32's maximum is inf in float32, outside the bracket.
+        below_high = counts_below([_INF_BITS] * COUNT_THRESHOLDS)[0]
+        if k > below_high:
+            return math.inf
     # First guesses: the sample's quantiles 3 standard errors either side of k / total.
     n = sample.numel()
     q = k / total

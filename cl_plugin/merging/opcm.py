@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from cl_plugin._checks import is_finite, tensor_norm
+from cl_plugin._packed import packed_like
 from cl_plugin.errors import CheckpointError, ConfigError, NonFiniteError
 from cl_plugin.merging.base import Merger, check_fraction
 import cl_plugin.merging.layout as layouts
@@ -128,21 +129,6 @@ def _made_whole(layout: ShardLayout, slices: Mapping[str, Tensor]) -> dict[str, 
     return wholes
 
 
-def _views_of_flat_buffers(like: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Uninitialised tensors shaped as ``like``'s, views into one flat buffer per (dtype, device)."""
-    sizes: dict[tuple[torch.dtype, torch.device], int] = {}
-    for t in like.values():
-        sizes[(t.dtype, t.device)] = sizes.get((t.dtype, t.device), 0) + t.numel()
-    flat = {key: torch.empty(n, dtype=key[0], device=key[1]) for key, n in sizes.items()}
-    offsets = dict.fromkeys(flat, 0)
-    out = {}
-    for name, t in like.items():
-        key = (t.dtype, t.device)
-        out[name] = flat[key][offsets[key] : offsets[key] + t.numel()].view(t.shape)
-        offsets[key] += t.numel()
-    return out
-
-
 @register_merger("opcm")
 class OPCMMerger(Merger):
     """Streaming OPCM.
@@ -208,7 +194,7 @@ class OPCMMerger(Merger):
         # dtype and device rather than one tensor per name: a block that large is mapped
         # and unmapped as a whole, where many layer-sized blocks were measured to stay in
         # glibc's heap after the swap and grow the peak by one model copy over 10 tasks.
-        new_merged = _views_of_flat_buffers(merged)
+        new_merged = packed_like(merged, fill=None)
         norms = []
         for n, t in tv.items():
             m = merged[n]
@@ -241,9 +227,12 @@ class OPCMMerger(Merger):
     def _fold_sharded(self, tv: TaskVector, layout: ShardLayout) -> None:
         """The same update on this rank's slices: each tensor has an owner rank that works on it whole.
 
-        The owner gathers the tensor's task vector and merged slices, projects
-        and adds exactly as :meth:`_fold` does, computes the whole tensor's
-        norms, and scatters the new merged rows back. The norms of every tensor
+        The owner projects and adds exactly as :meth:`_fold` does on the whole
+        tensor and computes its norms. A tensor the owner holds whole (DDP
+        places matrices so) needs no communication; small ones are made whole
+        on every rank in batches of bucketed broadcasts, the owner's result
+        shared back the same way; the others are gathered to the owner and
+        their new rows scattered back, in rounds. The norms of every tensor
         are then summed over the ranks (each comes from one owner, the others
         add zero: exact) and combined in the unsharded order, so every rank
         computes the same λ_t and the merge is bit-identical to the unsharded
@@ -259,7 +248,7 @@ class OPCMMerger(Merger):
         task_norms = torch.zeros(len(names), dtype=torch.float64)
         new_norms = torch.zeros(len(names), dtype=torch.float64)
         failed = torch.zeros(len(names), dtype=torch.float64)
-        new_merged = None if first else _views_of_flat_buffers(merged)
+        new_merged = None if first else packed_like(merged, fill=None)
 
         def project(n: str, whole_task: Tensor, whole_merged: Tensor | None) -> Tensor | None:
             """The owner's work on tensor ``n``, exactly as :meth:`_fold` does it; the new merged tensor."""
@@ -305,7 +294,8 @@ class OPCMMerger(Merger):
                 for n in batch:
                     new_merged[n].copy_(new[n][layout[n].start : layout[n].stop])
             del results
-        exchanged = {n: r for n, r in owners.items() if n not in alone and n not in set(small)}
+        batched = set(small)
+        exchanged = {n: r for n, r in owners.items() if n not in alone and n not in batched}
         # In each round every rank projects one of its tensors while the others project theirs.
         for group in layout.rounds(exchanged, cost) + layout.rounds(alone, cost):
             gathered = {
