@@ -473,7 +473,7 @@ class ContinualEvaluation(TaskBoundaryCallback):
                 core.theta0 = base
             cores = list(self._cores.items())
             first = cores[0][1]
-            task_vector = first.task_vector(pl_module)
+            task_vector = first.task_vector(pl_module, trusted=True)  # folded below, never handed out
             fishers = {
                 name: self._fisher(trainer, pl_module, core, experience, at_fit_end)
                 for name, core in cores

@@ -477,7 +477,7 @@ class ModelMerging(TaskBoundaryCallback):
         start = time.perf_counter()
         self.core.check_unchanged(pl_module, f"during experience {experience}")
         try:
-            task_vector = self.core.task_vector(pl_module)
+            task_vector = self.core.task_vector(pl_module, trusted=True)  # folded below, never handed out
         except NonFiniteError:
             self.on_experience_diverged(trainer, pl_module, experience, at_fit_end)
         fisher = self.experience_fisher(trainer, pl_module, experience, at_fit_end) if self._requires_fisher else None

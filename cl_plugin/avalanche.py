@@ -263,7 +263,7 @@ class MergingPlugin(SupervisedPlugin):
         self._bind(model, f"during experience {index}")
         self._check_layout(model, f"at the end of experience {index}")
         try:
-            task_vector = self.core.task_vector(model)
+            task_vector = self.core.task_vector(model, trusted=True)  # folded below, never handed out
         except NonFiniteError:
             self._diverged(strategy, index)
         kept = snapshot(model, self.core.all_names) if self.start_from == "finetuned" else None

@@ -141,6 +141,12 @@ def test_the_core_checks_its_task_vector_once_and_the_merger_trusts_it(monkeypat
     monkeypatch.setattr(base, "_check_finite_in_runs", lambda tv, what: pytest.fail("checked twice"))
     core.fold(net)  # formed, checked and folded inside the core: one check
     assert core.num_tasks == 1
+    with torch.no_grad():
+        net.weight.add_(0.5)
+    tv = core.task_vector(net, trusted=True)  # what the callbacks fold right away
+    assert tv._known_finite()
+    core.fold(tv)
+    assert core.num_tasks == 2
 
 
 def test_a_task_vector_handed_out_is_not_trusted():

@@ -383,8 +383,15 @@ class ContinualMerge:
             raise error(bad)
 
     # -- boundaries ------------------------------------------------------------------------------------
-    def task_vector(self, module: nn.Module) -> TaskVector:
+    def task_vector(self, module: nn.Module, *, trusted: bool = False) -> TaskVector:
         """τ = θ − θ₀ over the merged and averaged tensors, on :attr:`device`.
+
+        τ is checked finite as it is formed. ``trusted=True`` marks it so, and
+        a merger folding it skips its own second pass over τ: only for a
+        caller that folds τ before any other code can reach it (the
+        callbacks, :meth:`fold` given the module). A τ handed to user code
+        must not be trusted, since a write through ``.data`` or NumPy goes
+        unseen.
 
         Raises:
             NonFiniteError: the module's weights hold NaN/inf (the message names them).
@@ -404,7 +411,10 @@ class ContinualMerge:
         if not all(is_finite(flat) for (flat,) in aligned_runs(list(tau.values()))):
             bad = _first_not_finite(live) or _first_not_finite(tau)
         self._agree(bad, lambda n: _task_vector_error(n, live))
-        return TaskVector(tau, check_finite=False)
+        tv = TaskVector(tau, check_finite=False)
+        if trusted:
+            tv._stamp_finite()
+        return tv
 
     def fold(self, module: nn.Module | TaskVector, *, fisher: Mapping[str, Tensor] | None = None) -> TaskVector:
         """Fold ``module``'s task vector (or a given one) into the merge; return it.
@@ -419,13 +429,7 @@ class ContinualMerge:
 
         All or nothing: on any error the merge is as it was.
         """
-        if isinstance(module, TaskVector):
-            tv = module
-        else:
-            tv = self.task_vector(module)
-            # Checked finite as it was formed, and no other code has held it since:
-            # the merger need not read it a second time.
-            tv._stamp_finite()
+        tv = module if isinstance(module, TaskVector) else self.task_vector(module, trusted=True)
         weights = TaskVector({n: tv[n] for n in self.names}, check_finite=False)._with_stamp_of(tv)
         extras, weighted = self._fisher_extras(weights, fisher)
         if not self.statistic_names:
