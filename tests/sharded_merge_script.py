@@ -14,6 +14,7 @@ differ.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -137,6 +138,33 @@ def make_model(mode: str, world: int):
     return model
 
 
+def check_collectives(rank: int, world: int) -> dict[str, bool]:
+    """ShardLayout's bucketed broadcasts on mixed dtypes, empty ranges and whole placements, against known values."""
+    import cl_plugin.merging.layout as layout_module
+
+    shapes = {"a": (5,), "b": (37,), "c": (2, 3), "d": (1,), "e": (4, 4)}
+    dtypes = {"a": torch.float32, "b": torch.bfloat16, "c": torch.bfloat16, "d": torch.float64, "e": torch.float32}
+    layout = ShardLayout.split(shapes, rank, world, whole_on={"e": world - 1})
+    expected = {n: torch.arange(math.prod(s), dtype=dtypes[n]) + 100 * i for i, (n, s) in enumerate(shapes.items())}
+    complete = {n: torch.full((e.numel(),), -1.0, dtype=e.dtype) for n, e in expected.items()}
+    for n, t in complete.items():  # each rank knows only its own range
+        t[layout[n].start : layout[n].stop] = expected[n][layout[n].start : layout[n].stop]
+    owners = {n: i % world for i, n in enumerate(shapes)}
+    shared = {n: (e.clone() if owners[n] == rank else torch.zeros_like(e)) for n, e in expected.items()}
+    saved = layout_module.BROADCAST_BUCKET_NUMEL
+    try:
+        layout_module.BROADCAST_BUCKET_NUMEL = 8  # "b" alone, the others packed, flushed on dtype changes
+        layout.complete_in_place(complete)
+        layout.share_from_owners(shared, owners)
+    finally:
+        layout_module.BROADCAST_BUCKET_NUMEL = saved
+    return {
+        "complete_in_place": all(torch.equal(complete[n], expected[n]) for n in expected),
+        "share_from_owners": all(torch.equal(shared[n], expected[n]) for n in expected),
+        "whole_on_owner": layout.holds_whole("e", world - 1) and (layout["e"].local_numel == 16) == (rank == world - 1),
+    }
+
+
 def run(rank: int, world: int, out: str, mode: str, store: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -221,6 +249,7 @@ def run(rank: int, world: int, out: str, mode: str, store: str) -> None:
             "exact_same_on_ranks": len({float(v[0]) for v in gathered}) == 1,
             "per_rank_differs": len({float(v[1]) for v in gathered}) > 1,
         }
+        results["collectives"] = check_collectives(rank, world)
         if rank == 0:
             with open(out, "w") as f:
                 json.dump(results, f)

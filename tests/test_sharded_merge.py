@@ -35,6 +35,7 @@ def test_sharded_merge_equals_the_unsharded_one(tmp_path, world, mode):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads(out.read_text())
+    assert results.pop("collectives") == {"complete_in_place": True, "share_from_owners": True, "whole_on_owner": True}
     control = results.pop("negative_control")
     assert control == {"exact_same_on_ranks": True, "per_rank_differs": True}
     assert set(results) >= {"magmax", "average", "task_arithmetic", "random", "ties", "opcm", "dop", "task_arithmetic+dare"}
