@@ -307,8 +307,14 @@ class ContinualEvaluation(TaskBoundaryCallback):
                 options = self.method_options.get(name)
                 if options is None and self._merging is not None and self._merging.method == name:
                     options = self._merging.method_options
+                # One layout for every compared method: they share θ₀'s slices and one task vector.
                 self._cores[name] = ContinualMerge(
-                    name, scale=self._scale(name), exclude=exclude, statistics=statistics, method_options=options
+                    name,
+                    scale=self._scale(name),
+                    exclude=exclude,
+                    statistics=statistics,
+                    method_options=options,
+                    whole_matrices=False,
                 )
         for core in self._cores.values():
             core.bind(pl_module, shard=merge_shard(trainer))
@@ -370,7 +376,14 @@ class ContinualEvaluation(TaskBoundaryCallback):
     def _shares_theta0(self) -> bool:
         """True when the ModelMerging callback merges every tensor compared here (its θ₀ serves both)."""
         merging = self._merging
-        return merging is not None and merging.core.names is not None and set(self._tensor_names()) <= set(merging.core.all_names)
+        if merging is None or merging.core.names is None or not set(self._tensor_names()) <= set(merging.core.all_names):
+            return False
+        # Its θ₀ holds the same slices only where its core split the tensors as these cores do
+        # (under DDP it may hold OPCM's matrices whole on their owners).
+        ours, theirs = next(iter(self._cores.values())).layout, merging.core.layout
+        if ours is None or theirs is None:
+            return ours is theirs
+        return all(ours[n] == theirs[n] for n in self._tensor_names())
 
     def _base(self) -> dict[str, Tensor] | None:
         """θ₀ over the compared tensors: the ModelMerging callback's when it holds them all, else this callback's."""

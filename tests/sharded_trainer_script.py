@@ -22,11 +22,12 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from cl_plugin.callbacks import ModelMerging
+import cl_plugin.merging.continual as continual_module
+from cl_plugin.callbacks import ContinualEvaluation, ModelMerging
 from cl_plugin.merging.continual import ContinualMerge, is_dtensor
 from cl_plugin.task_vectors import TaskVector
 
-from stream_helpers import ToyStream, trainer_kwargs
+from stream_helpers import ToyStream, experience_data, trainer_kwargs
 
 N_EXP, EPE = 3, 2
 MOMENTUM = 0.9
@@ -117,20 +118,27 @@ def unsharded_merge(method, options, theta0, ends, statistics):
     return core.merged_tensors()
 
 
+class EvaluatedToyStream(ToyStream):
+    """The toy stream with one test loader per experience, for ContinualEvaluation."""
+
+    def test_dataloader(self):
+        return [torch.utils.data.DataLoader(experience_data(i), batch_size=self.batch_size) for i in range(self.n_experiences)]
+
+
 def strategy(mode):
     if mode == "ddp":
         return "ddp"
     return L.pytorch.strategies.ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
 
 
-def fit(mode, method, options, root, model, ckpt_path=None, callbacks=()):
+def fit(mode, method, options, root, model, ckpt_path=None, callbacks=(), stream=ToyStream):
     L.seed_everything(0, verbose=False)
     cb = ModelMerging(method, **options)
     trainer = L.Trainer(
         max_epochs=N_EXP * EPE, reload_dataloaders_every_n_epochs=1, callbacks=[*callbacks, cb],
         default_root_dir=root, **trainer_kwargs(devices=2, strategy=strategy(mode), enable_checkpointing=bool(callbacks)),
     )
-    trainer.fit(model, datamodule=ToyStream(N_EXP, EPE), ckpt_path=ckpt_path)
+    trainer.fit(model, datamodule=stream(N_EXP, EPE), ckpt_path=ckpt_path)
     return trainer, cb
 
 
@@ -139,12 +147,27 @@ if __name__ == "__main__":
     out, mode = Path(sys.argv[1]), sys.argv[2]
     results = {}
     statistics = ["block1.1.running_mean", "block1.1.running_var"]
+    # Under DDP, ModelMerging("opcm") places this small model's matrices whole on their owners
+    # (allowed beyond the 1% balance limit here), while ContinualEvaluation's cores keep an even
+    # split: it must then keep its own θ₀ rather than share the merging core's slices.
+    continual_module.WHOLE_MATRIX_EXCESS = float("inf")
     for method, options in METHODS.items():
         L.seed_everything(0, verbose=False)
         model = Classifier()
         recorder = Recorder()
-        trainer, cb = fit(mode, method, options, out, model, callbacks=[recorder])
+        evaluation = ContinualEvaluation(compare=["magmax"]) if method == "opcm" else None
+        extra = [evaluation] if evaluation is not None else []
+        trainer, cb = fit(
+            mode, method, options, out, model, callbacks=[recorder, *extra], stream=EvaluatedToyStream if extra else ToyStream
+        )
         final = whole_state(model)
+        if evaluation is not None:  # collectives: every rank
+            ours = cb.core.whole(cb.core.merger.merged_view())
+            compared = evaluation._cores["opcm"]
+            theirs = compared.whole(compared.merger.merged_view())
+            evaluation_equal = all(torch.equal(ours[n], theirs[n]) for n in ours)
+            placed = cb.core.layout.holds_whole("block2.weight", 0) or cb.core.layout.holds_whole("block2.weight", 1)
+            last_row = evaluation.matrices["opcm"].matrix()[-1]  # trained on every experience, tested on all
         if trainer.global_rank == 0:
             expected = unsharded_merge(method, options, recorder.theta0, recorder.ends, statistics)
             results[method] = {
@@ -152,6 +175,12 @@ if __name__ == "__main__":
                 "num_tasks": cb.merger.num_tasks,
                 "sharded": cb.core.layout is not None and cb.core.layout.distributed,
             }
+            if evaluation is not None:
+                results["evaluation_opcm"] = {
+                    "equals_model_merging": evaluation_equal,
+                    "matrices_whole": placed,
+                    "accuracies_finite": bool(torch.isfinite(last_row).all()),
+                }
             torch.save(final, out / f"{mode}-{method}.pt")
     if mode == "fsdp2":
         # Kill in experience 1, resume from the last distributed checkpoint: the same final weights.

@@ -9,6 +9,8 @@ tested against the unsharded merge in tests/test_sharded_merge.py.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -226,3 +228,35 @@ def test_diverged_weights_and_an_overflowing_difference_are_told_apart():
         net.bias.fill_(3e38)
     with pytest.raises(NonFiniteError, match="overflows its dtype in 'bias'"):
         core.task_vector(net)
+
+
+# -- whole matrices on their owners (OPCM under DDP) ------------------------------------------------------
+def _vit_like_shapes(blocks: int) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {"patch.weight": (384, 3, 16, 16), "pos": (1, 197, 384)}
+    for b in range(blocks):
+        shapes |= {
+            f"{b}.qkv.weight": (1152, 384), f"{b}.qkv.bias": (1152,), f"{b}.proj.weight": (384, 384),
+            f"{b}.fc1.weight": (1536, 384), f"{b}.fc2.weight": (384, 1536), f"{b}.norm.weight": (384,),
+        }
+    return shapes
+
+
+@pytest.mark.parametrize("blocks, world, placed", [(12, 2, True), (2, 8, False)])
+def test_matrices_are_placed_whole_only_within_the_balance_limit(blocks, world, placed):
+    shapes = _vit_like_shapes(blocks)
+    core = ContinualMerge("opcm")
+    core.names = list(shapes)
+    owners = core._matrix_owners(shapes, 0, world, None)
+    assert bool(owners) == placed  # 8 matrices of 3 sizes over 8 ranks cannot be balanced within 1%
+    if placed:
+        assert set(owners) == {n for n, s in shapes.items() if len(s) == 2}
+        held = [0] * world
+        for n, s in shapes.items():
+            numel = math.prod(s)
+            for r in range(world):
+                held[r] += (numel if owners[n] == r else 0) if n in owners else len(range(*layout.split_range(numel, r, world)))
+        assert max(held) <= 1.01 * -(-sum(math.prod(s) for s in shapes.values()) // world) + world * len(shapes)
+    assert ContinualMerge("magmax")._matrix_owners(shapes, 0, world, None) == {}  # elementwise rules: even split
+    no_placement = ContinualMerge("opcm", whole_matrices=False)
+    no_placement.names = list(shapes)
+    assert no_placement._matrix_owners(shapes, 0, world, None) == {}

@@ -68,6 +68,11 @@ def trainer_runs(tmp_path_factory):
 def test_model_merging_in_a_sharded_trainer_equals_the_unsharded_merge(trainer_runs, mode):
     results = json.loads((trainer_runs / f"{mode}.json").read_text())
     resumed = results.pop("resumed_ties", None)
+    # ContinualEvaluation's OPCM next to ModelMerging's: the same merge, whatever each core's layout
+    # (under DDP the merging core holds OPCM's matrices whole on their owners, the evaluation's an even split).
+    assert results.pop("evaluation_opcm") == {
+        "equals_model_merging": True, "matrices_whole": mode == "ddp", "accuracies_finite": True
+    }
     assert set(results) == {"magmax", "ties", "opcm"}
     for method, outcome in results.items():
         assert outcome == {"equals_unsharded_merge": True, "num_tasks": 3, "sharded": True}, method

@@ -28,6 +28,7 @@ No Lightning import: usable from any training loop.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -36,10 +37,10 @@ import torch
 from torch import Tensor, nn
 
 from cl_plugin._checkpoint import check_tensor_dict, read
-from cl_plugin._checks import check_same_layout, check_scale, is_finite, max_abs
+from cl_plugin._checks import check_bool, check_same_layout, check_scale, is_finite, max_abs
 from cl_plugin.errors import CheckpointError, ConfigError, NonFiniteError, did_you_mean, preview
 from cl_plugin._packed import aligned_runs, packed_like
-from cl_plugin.merging.layout import ShardLayout
+from cl_plugin.merging.layout import ShardLayout, split_range
 from cl_plugin.merging.registry import MERGERS, get_merger
 from cl_plugin.task_vectors import TaskVector, select_names, tied_aliases
 
@@ -141,6 +142,11 @@ def check_exclude(exclude: object, owner: str) -> tuple[str, ...]:
     return patterns
 
 
+#: Matrices are placed whole on their owners (``ContinualMerge(whole_matrices=True)``) only
+#: while no rank then holds more than this fraction above the even split's largest share.
+WHOLE_MATRIX_EXCESS = 0.01
+
+
 class ContinualMerge:
     """θ₀ and the streaming merge of one model's weights over a stream of experiences.
 
@@ -152,6 +158,12 @@ class ContinualMerge:
             statistics are merged (module docstring).
         device: where θ₀ and the merger state live (default CPU).
         method_options: the merger's options (e.g. ``{"alpha": 0.5}`` for OPCM).
+        whole_matrices: when the core splits replicated weights itself (DDP)
+            for a merger that works on whole matrices (OPCM), place each matrix
+            whole on its owner rank, so its fold needs no communication; done
+            only while no rank then holds more than 1% above an even split.
+            False: always split evenly (cores that share θ₀ slices with others
+            need one layout).
 
     Raises:
         ConfigError: an unknown method, option or ``statistics``.
@@ -176,6 +188,7 @@ class ContinualMerge:
         statistics: str = "average",
         device: str | torch.device = "cpu",
         method_options: Mapping[str, Any] | None = None,
+        whole_matrices: bool = True,
     ) -> None:
         if not isinstance(method, str) or method not in MERGERS:
             raise ConfigError(
@@ -186,6 +199,7 @@ class ContinualMerge:
                 f"`statistics` must be one of {list(STATISTICS)}, got {statistics!r}.{did_you_mean(str(statistics), STATISTICS)}"
             )
         self.method = method
+        self.whole_matrices = check_bool(whole_matrices, "whole_matrices", "ContinualMerge")
         self.method_options = dict(method_options or {})
         self.merger = get_merger(method, **self.method_options)
         #: λ in θ₀ + λ·merged (the method's default unless given); may be changed between boundaries.
@@ -297,10 +311,20 @@ class ContinualMerge:
     def _matrix_owners(self, shapes: Mapping[str, tuple[int, ...]], rank: int, world: int, group) -> dict[str, int]:
         """For a merger that works on whole matrices: each merged 2-D tensor's owner rank, as its fold assigns them."""
         cost = self.merger.whole_matrix_cost
-        if cost is None:
+        if cost is None or not self.whole_matrices:
             return {}
         owners = ShardLayout.split(shapes, rank, world, group).owners({n: cost(shapes[n]) for n in self.names})
-        return {n: r for n, r in owners.items() if len(shapes[n]) == 2}
+        placed = {n: r for n, r in owners.items() if len(shapes[n]) == 2}
+        # Whole matrices trade the even split for no communication: only while no rank
+        # holds more than 1% above its even share (few large matrices over many ranks would).
+        held, even = [0] * world, [0] * world
+        for n, shape in shapes.items():
+            numel = math.prod(shape)
+            for r in range(world):
+                start, stop = split_range(numel, r, world)
+                even[r] += stop - start
+                held[r] += (numel if placed[n] == r else 0) if n in placed else stop - start
+        return placed if max(held) <= (1.0 + WHOLE_MATRIX_EXCESS) * max(even) else {}
 
     def local(self, tensor: Tensor, name: str) -> Tensor:
         """This rank's part of a module tensor: the whole tensor unsharded, else its flat slice (a view)."""
