@@ -278,6 +278,10 @@ class ContinualEvaluation(TaskBoundaryCallback):
         """Method name -> its streaming merger."""
         return {name: core.merger for name, core in self._cores.items()}
 
+    #: ModelMerging keeps an even split over the ranks when this callback is beside it:
+    #: the compared methods share its θ₀ slices and one task vector.
+    shares_model_merging_theta0 = True
+
     # -- setup ------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -378,12 +382,17 @@ class ContinualEvaluation(TaskBoundaryCallback):
         merging = self._merging
         if merging is None or merging.core.names is None or not set(self._tensor_names()) <= set(merging.core.all_names):
             return False
-        # Its θ₀ holds the same slices only where its core split the tensors as these cores do
-        # (under DDP it may hold OPCM's matrices whole on their owners).
+        # Shared slices need one layout: ModelMerging splits evenly beside this callback
+        # (`shares_model_merging_theta0`), as these cores do. A mismatch would slice θ₀ wrongly.
         ours, theirs = next(iter(self._cores.values())).layout, merging.core.layout
-        if ours is None or theirs is None:
-            return ours is theirs
-        return all(ours[n] == theirs[n] for n in self._tensor_names())
+        if (ours is None) != (theirs is None) or (
+            ours is not None and any(ours[n] != theirs[n] for n in self._tensor_names())
+        ):
+            raise ConfigError(
+                "ContinualEvaluation and ModelMerging split the model's tensors differently over the ranks, so they "
+                "cannot share θ₀. This is a bug in cl-plugin: please report it, with the strategy and methods used."
+            )
+        return True
 
     def _base(self) -> dict[str, Tensor] | None:
         """θ₀ over the compared tensors: the ModelMerging callback's when it holds them all, else this callback's."""
@@ -659,7 +668,9 @@ class ContinualEvaluation(TaskBoundaryCallback):
         for name, merger_state in saved_mergers.items():
             if name not in MERGERS or not isinstance(merger_state, Mapping):
                 raise CheckpointError(f"The checkpoint's {owner} state has an unknown method {name!r}; it is damaged.")
-            core = self._cores.get(name) or ContinualMerge(name, method_options=merger_state.get("options", {}))
+            core = self._cores.get(name) or ContinualMerge(
+                name, method_options=merger_state.get("options", {}), whole_matrices=False
+            )
             names = core.names if core.names is not None else list(merger_state.get("input_dtypes", {}))
             applies.append(
                 (

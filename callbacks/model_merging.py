@@ -394,6 +394,9 @@ class ModelMerging(TaskBoundaryCallback):
             check_fisher_loss_source(pl_module, self.fisher_loss, "ModelMerging('fisher')")
         if self.validate_scale:
             validation_loaders(trainer, "ModelMerging")  # refuse now, not after the first experience
+        # A callback that shares θ₀'s slices (ContinualEvaluation) needs the even split its own cores use.
+        if any(getattr(cb, "shares_model_merging_theta0", False) for cb in trainer.callbacks):
+            self.core.whole_matrices = False
         self._bind(trainer, pl_module)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -280,6 +280,10 @@ class TaskVector(Mapping[str, Tensor]):
             return
         self._finite_stamp = {n: (t.data_ptr(), t._version) for n, t in self._tensors.items()}
 
+    def _forget_finite(self) -> None:
+        """Drop the record of :meth:`_stamp_finite` (the task vector is being handed out)."""
+        self._finite_stamp = {}
+
     def _known_finite(self) -> bool:
         """True when every tensor was stamped finite and none has been written in place since.
 

@@ -147,41 +147,43 @@ if __name__ == "__main__":
     out, mode = Path(sys.argv[1]), sys.argv[2]
     results = {}
     statistics = ["block1.1.running_mean", "block1.1.running_var"]
-    # Under DDP, ModelMerging("opcm") places this small model's matrices whole on their owners
-    # (allowed beyond the 1% balance limit here), while ContinualEvaluation's cores keep an even
-    # split: it must then keep its own θ₀ rather than share the merging core's slices.
+    # Under DDP, ModelMerging("opcm") alone places this small model's matrices whole on their
+    # owners (allowed beyond the 1% balance limit here); beside ContinualEvaluation, whose compared
+    # methods share its θ₀ slices and one task vector, it keeps the even split they use.
     continual_module.WHOLE_MATRIX_EXCESS = float("inf")
-    for method, options in METHODS.items():
+    runs = [(method, options, False) for method, options in METHODS.items()] + [("opcm", METHODS["opcm"], True)]
+    for method, options, evaluated in runs:
         L.seed_everything(0, verbose=False)
         model = Classifier()
         recorder = Recorder()
-        evaluation = ContinualEvaluation(compare=["magmax"]) if method == "opcm" else None
-        extra = [evaluation] if evaluation is not None else []
+        evaluation = ContinualEvaluation(compare=["magmax"]) if evaluated else None
+        extra = [evaluation] if evaluated else []
         trainer, cb = fit(
             mode, method, options, out, model, callbacks=[recorder, *extra], stream=EvaluatedToyStream if extra else ToyStream
         )
         final = whole_state(model)
-        if evaluation is not None:  # collectives: every rank
+        layout = cb.core.layout
+        placed = any(layout.holds_whole("block2.weight", r) and not layout["block2.weight"].sharded for r in range(2))
+        if evaluated:  # collectives: every rank
             ours = cb.core.whole(cb.core.merger.merged_view())
             compared = evaluation._cores["opcm"]
             theirs = compared.whole(compared.merger.merged_view())
             evaluation_equal = all(torch.equal(ours[n], theirs[n]) for n in ours)
-            placed = cb.core.layout.holds_whole("block2.weight", 0) or cb.core.layout.holds_whole("block2.weight", 1)
             last_row = evaluation.matrices["opcm"].matrix()[-1]  # trained on every experience, tested on all
         if trainer.global_rank == 0:
             expected = unsharded_merge(method, options, recorder.theta0, recorder.ends, statistics)
-            results[method] = {
+            outcome = {
                 "equals_unsharded_merge": all(torch.equal(final[n], expected[n]) for n in expected),
                 "num_tasks": cb.merger.num_tasks,
-                "sharded": cb.core.layout is not None and cb.core.layout.distributed,
+                "sharded": layout is not None and layout.distributed,
+                "matrices_whole": placed,
             }
-            if evaluation is not None:
-                results["evaluation_opcm"] = {
-                    "equals_model_merging": evaluation_equal,
-                    "matrices_whole": placed,
-                    "accuracies_finite": bool(torch.isfinite(last_row).all()),
-                }
-            torch.save(final, out / f"{mode}-{method}.pt")
+            if evaluated:
+                outcome |= {"equals_evaluation": evaluation_equal, "accuracies_finite": bool(torch.isfinite(last_row).all())}
+                results["opcm_beside_evaluation"] = outcome
+            else:
+                results[method] = outcome
+                torch.save(final, out / f"{mode}-{method}.pt")
     if mode == "fsdp2":
         # Kill in experience 1, resume from the last distributed checkpoint: the same final weights.
         ckpt = ModelCheckpoint(dirpath=out / "ckpt", save_last=True, every_n_epochs=1)

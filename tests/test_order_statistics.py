@@ -141,8 +141,9 @@ def test_the_core_checks_its_task_vector_once_and_the_merger_trusts_it(monkeypat
 
     core, net = _core_with_task()
     monkeypatch.setattr(base, "_check_finite_in_runs", lambda tv, what: pytest.fail("checked twice"))
-    core.fold(net)  # formed, checked and folded inside the core: one check
+    returned = core.fold(net)  # formed, checked and folded inside the core: one check
     assert core.num_tasks == 1
+    assert not returned._known_finite()  # handed to the caller now: checked again if folded
     with torch.no_grad():
         net.weight.add_(0.5)
     tv = core.task_vector(net, trusted=True)  # what the callbacks fold right away

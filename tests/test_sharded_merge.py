@@ -68,14 +68,17 @@ def trainer_runs(tmp_path_factory):
 def test_model_merging_in_a_sharded_trainer_equals_the_unsharded_merge(trainer_runs, mode):
     results = json.loads((trainer_runs / f"{mode}.json").read_text())
     resumed = results.pop("resumed_ties", None)
-    # ContinualEvaluation's OPCM next to ModelMerging's: the same merge, whatever each core's layout
-    # (under DDP the merging core holds OPCM's matrices whole on their owners, the evaluation's an even split).
-    assert results.pop("evaluation_opcm") == {
-        "equals_model_merging": True, "matrices_whole": mode == "ddp", "accuracies_finite": True
+    # ModelMerging("opcm") beside ContinualEvaluation: the same merge as the evaluation's OPCM and as the
+    # unsharded one, with the even split the evaluation's cores use (alone under DDP it places matrices whole).
+    assert results.pop("opcm_beside_evaluation") == {
+        "equals_unsharded_merge": True, "num_tasks": 3, "sharded": True, "matrices_whole": False,
+        "equals_evaluation": True, "accuracies_finite": True,
     }
     assert set(results) == {"magmax", "ties", "opcm"}
     for method, outcome in results.items():
+        whole = outcome.pop("matrices_whole")
         assert outcome == {"equals_unsharded_merge": True, "num_tasks": 3, "sharded": True}, method
+        assert whole == (method == "opcm" and mode == "ddp"), method
     if mode == "fsdp2":
         # The state each rank restored from the distributed checkpoint is what was saved, and the stream goes on.
         assert resumed == {"restored_equals_saved": True, "folded_at_restore": 1, "num_tasks": 3}

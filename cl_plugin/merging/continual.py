@@ -453,7 +453,15 @@ class ContinualMerge:
 
         All or nothing: on any error the merge is as it was.
         """
-        tv = module if isinstance(module, TaskVector) else self.task_vector(module, trusted=True)
+        formed_here = not isinstance(module, TaskVector)
+        tv = self.task_vector(module, trusted=True) if formed_here else module
+        try:
+            return self._fold(tv, fisher)
+        finally:
+            if formed_here:
+                tv._forget_finite()  # handed to the caller now: no longer vouched for
+
+    def _fold(self, tv: TaskVector, fisher: Mapping[str, Tensor] | None) -> TaskVector:
         weights = TaskVector({n: tv[n] for n in self.names}, check_finite=False)._with_stamp_of(tv)
         extras, weighted = self._fisher_extras(weights, fisher)
         if not self.statistic_names:
