@@ -349,19 +349,13 @@ class ContinualMerge:
         """Whole tensors, on every rank, from every rank's parts ``tensors`` (a collective when sharded)."""
         if self.layout is None or not self.layout.distributed:
             return dict(tensors)
-        flat = {}
-        for n, t in tensors.items():
-            shard = self.layout[n]
-            flat[n] = t.new_empty(shard.numel)
-            flat[n][shard.start : shard.stop].copy_(t.reshape(-1))
-        self.layout.complete_in_place(flat)
-        return {n: t.reshape(self.layout[n].shape) for n, t in flat.items()}
+        return {n: t.reshape(self.layout[n].shape) for n, t in self.layout.made_whole(tensors).items()}
 
     def write(self, module: nn.Module, tensors: Mapping[str, Tensor]) -> None:
         """Write this rank's parts ``tensors`` into the module in place; replicated tensors are completed on every rank.
 
         Under a sharded layout every rank must call it (the replicated tensors
-        are all-gathered from the ranks' slices).
+        are completed from the ranks' slices by broadcasts).
         """
         state = module.state_dict()
         replicated = {}

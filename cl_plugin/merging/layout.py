@@ -253,6 +253,15 @@ class ShardLayout:
         sizes = {n: self._slice_sizes(n) for n in wholes}
         self._broadcast_ranges(wholes, lambda n, r: (sum(sizes[n][:r]), sum(sizes[n][: r + 1])))
 
+    def made_whole(self, slices: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Flat whole tensors (global numel) on every rank from every rank's ``slices`` (bucketed broadcasts)."""
+        wholes = {}
+        for n, t in slices.items():
+            wholes[n] = t.new_empty(self.shards[n].numel)
+            wholes[n][self.shards[n].start : self.shards[n].stop].copy_(t.reshape(-1))
+        self.complete_in_place(wholes)
+        return wholes
+
     def share_from_owners(self, wholes: Mapping[str, Tensor], owners: Mapping[str, int]) -> None:
         """Copy each flat tensor ``wholes[n]`` from rank ``owners[n]`` (which holds it whole) to every rank,
         in buckets as :meth:`complete_in_place` does. All ranks must call it with the same names and owners."""

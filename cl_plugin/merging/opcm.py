@@ -39,7 +39,7 @@ Differences from the reference:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -117,16 +117,6 @@ def _batches(names: list[str], numel: Callable[[str], int], limit: int) -> list[
         out[-1].append(n)
         total += numel(n)
     return out
-
-
-def _made_whole(layout: ShardLayout, slices: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Flat whole tensors on every rank from every rank's flat ``slices`` (bucketed broadcasts)."""
-    wholes = {}
-    for n, t in slices.items():
-        wholes[n] = t.new_empty(layout[n].numel)
-        wholes[n][layout[n].start : layout[n].stop].copy_(t.reshape(-1))
-    layout.complete_in_place(wholes)
-    return wholes
 
 
 @register_merger("opcm")
@@ -278,8 +268,8 @@ class OPCMMerger(Merger):
         alone = {n: r for n, r in owners.items() if layout.holds_whole(n, r)}
         small = [n for n in names if n not in alone and layout[n].numel <= _BATCHED_NUMEL]
         for batch in _batches(small, lambda n: layout[n].numel, layouts.BROADCAST_BUCKET_NUMEL):
-            whole_tasks = _made_whole(layout, {n: tv[n] for n in batch})
-            whole_merged = None if first else _made_whole(layout, {n: merged[n] for n in batch})
+            whole_tasks = layout.made_whole({n: tv[n] for n in batch})
+            whole_merged = None if first else layout.made_whole({n: merged[n] for n in batch})
             results = {
                 n: project(n, whole_tasks[n].view(layout[n].shape), None if first else whole_merged[n].view(layout[n].shape))
                 for n in batch
