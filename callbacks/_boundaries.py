@@ -33,6 +33,7 @@ from cl_plugin._checkpoint import (
     check_format_version,
     check_options,
 )
+from cl_plugin._distributed_checkpoint import extract_dtensors, has_placeholders, mesh_of, restore_placeholders
 from cl_plugin.errors import CheckpointError, ConfigError, NonFiniteError, StateDictMismatchError, preview
 from cl_plugin.merging.continual import snapshot, write_into  # noqa: F401  (re-exported for the callbacks)
 
@@ -224,6 +225,18 @@ _STREAM_MARK = "_cl_plugin_streams"
 #: token -> the callback instance (weakly held: a callback dropped by the user is not kept alive).
 _STREAMS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
+#: Where a callback's sharded tensors go among the model's entries of a distributed checkpoint.
+DISTRIBUTED_STATE_PREFIX = "_cl_plugin."
+
+
+def writes_distributed_checkpoints(trainer: Trainer) -> bool:
+    """True when the strategy writes checkpoints rank by rank with ``torch.distributed.checkpoint``
+    (``ModelParallelStrategy``, whose ``save_distributed_checkpoint`` defaults to True)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    strategy = getattr(trainer, "strategy", None)
+    return isinstance(strategy, ModelParallelStrategy) and bool(getattr(strategy, "_save_distributed_checkpoint", True))
+
 
 class TaskBoundaryCallback(Callback):
     """Finds task boundaries in both ways of running a stream and calls two hooks.
@@ -253,6 +266,10 @@ class TaskBoundaryCallback(Callback):
         self._experiences_finished = 0
         self._start_fingerprint: list[float] | None = None
         self._restored_in_fit = False
+        #: Model-sized state goes into the strategy's distributed checkpoint, rank by rank
+        #: (ModelParallelStrategy writing a directory); set in `setup`.
+        self._keep_sharded = False
+        self._restored_shards = False
 
     # -- hooks for subclasses ---------------------------------------------------
     def on_experience_start(self, trainer: Trainer, pl_module: LightningModule, experience: int) -> None:
@@ -305,6 +322,7 @@ class TaskBoundaryCallback(Callback):
                 "each process; guard it with `if __name__ == '__main__':`)."
             )
         refuse_unsupported_strategy(trainer, type(self).__name__)
+        self._keep_sharded = writes_distributed_checkpoints(trainer)
         same = [cb for cb in trainer.callbacks if isinstance(cb, TaskBoundaryCallback) and cb.state_key == self.state_key]
         if len(same) > 1:
             raise ConfigError(self._second_instance_message(same))
@@ -328,21 +346,65 @@ class TaskBoundaryCallback(Callback):
                 "<epochs per experience>`; or create a new Trainer per experience."
             )
 
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Lightning has put this callback's state_dict() under "callbacks". Under a
+        # distributed checkpoint its model-sized tensors are DTensors of each rank's
+        # rows: they join the model's entries, which every rank writes for itself,
+        # and the state that rank 0 alone writes keeps a small reference to each.
+        state = (checkpoint.get("callbacks") or {}).get(self.state_key)
+        if self._keep_sharded and isinstance(state, dict) and isinstance(checkpoint.get("state_dict"), dict):
+            extract_dtensors(state, checkpoint["state_dict"], DISTRIBUTED_STATE_PREFIX + self.state_key + ".")
+
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._restored_shards = False
         states = checkpoint.get("callbacks")
-        if not isinstance(states, dict) or self.state_key in states:
+        if not isinstance(states, dict):
             return
-        # Earlier versions keyed the state by the settings (e.g. "ModelMerging{'method': 'magmax', ...}"):
-        # take it under the new key, and let load_state_dict compare the settings.
-        prefix = self.state_key + "{"
-        legacy = [k for k in states if isinstance(k, str) and k.startswith(prefix)]
-        if len(legacy) > 1:
+        if self.state_key not in states:
+            # Earlier versions keyed the state by the settings (e.g. "ModelMerging{'method': 'magmax', ...}"):
+            # take it under the new key, and let load_state_dict compare the settings.
+            prefix = self.state_key + "{"
+            legacy = [k for k in states if isinstance(k, str) and k.startswith(prefix)]
+            if len(legacy) > 1:
+                raise CheckpointError(
+                    f"The checkpoint holds {len(legacy)} {self.state_key} states ({preview(legacy, 3)}); this version "
+                    f"runs one {self.state_key} per Trainer and cannot tell which one to resume."
+                )
+            if legacy:
+                states[self.state_key] = states.pop(legacy[0])
+        state = states.get(self.state_key)
+        if has_placeholders(state):
+            self._restore_shards(trainer, pl_module, state)
+
+    def _restore_shards(self, trainer: Trainer, pl_module: LightningModule, state: dict[str, Any]) -> None:
+        """Read the state's tensors that the checkpoint keeps rank by rank (each rank its rows)."""
+        mesh = mesh_of(pl_module)
+        path = trainer.ckpt_path
+        if mesh is None or path is None or not os.path.isdir(path):
             raise CheckpointError(
-                f"The checkpoint holds {len(legacy)} {self.state_key} states ({preview(legacy, 3)}); this version "
-                f"runs one {self.state_key} per Trainer and cannot tell which one to resume."
+                f"The checkpoint {path!r} keeps {self.state_key}'s θ₀ and merge sharded, in a distributed checkpoint "
+                "written under ModelParallelStrategy: resume it under ModelParallelStrategy with the model sharded by "
+                "`fully_shard` in `configure_model`, as it was written (the number of processes may differ)."
             )
-        if legacy:
-            states[self.state_key] = states.pop(legacy[0])
+        restore_placeholders(state, path, *mesh, owner=self.state_key)
+        self._restored_shards = True
+
+    def _agree_on_load(self, error: BaseException | None) -> None:
+        """After a load that read shards rank by rank: raise on every rank if any rank refused its part.
+
+        Each rank checked only its own rows, so a damaged shard is seen by one
+        rank; without this, that rank would stop while the others train on.
+        """
+        if not self._restored_shards:
+            return
+        self._restored_shards = False
+        flag = torch.tensor([0 if error is None else 1])
+        torch.distributed.all_reduce(flag)
+        if int(flag) and error is None:
+            raise CheckpointError(
+                f"Another process refused its shards of the checkpoint's {self.state_key} state (see its error); "
+                "nothing was restored. Resume from another checkpoint."
+            )
 
     def _check_same_callback(self, pl_module: LightningModule) -> None:
         """Raise when an earlier ``fit`` of this module folded experiences with another instance of this callback.
@@ -477,14 +539,19 @@ class TaskBoundaryCallback(Callback):
             ConfigError: the state was written with other settings.
         """
         owner = type(self).__name__
-        if not isinstance(state_dict, Mapping):
-            raise CheckpointError(f"{owner}.load_state_dict expects a mapping, got {type(state_dict).__name__}.")
-        check_format_version(state_dict, owner, self.state_format_version)
-        changed = check_options(self._saved_options(state_dict), self._options(), owner, self._changeable_options)
-        training = check_count(state_dict.get("training_experience"), "training_experience", owner, optional=True)
-        finished = check_count(state_dict.get("experiences_finished", 0), "experiences_finished", owner)
-        fingerprint = check_fingerprint(state_dict.get("start_fingerprint"), "start_fingerprint", owner)
-        apply = self._prepare_load(state_dict)
+        try:
+            if not isinstance(state_dict, Mapping):
+                raise CheckpointError(f"{owner}.load_state_dict expects a mapping, got {type(state_dict).__name__}.")
+            check_format_version(state_dict, owner, self.state_format_version)
+            changed = check_options(self._saved_options(state_dict), self._options(), owner, self._changeable_options)
+            training = check_count(state_dict.get("training_experience"), "training_experience", owner, optional=True)
+            finished = check_count(state_dict.get("experiences_finished", 0), "experiences_finished", owner)
+            fingerprint = check_fingerprint(state_dict.get("start_fingerprint"), "start_fingerprint", owner)
+            apply = self._prepare_load(state_dict)
+        except BaseException as exc:
+            self._agree_on_load(exc)
+            raise
+        self._agree_on_load(None)
         # Every check has passed.
         apply()
         self._training_experience = training

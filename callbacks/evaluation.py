@@ -629,11 +629,11 @@ class ContinualEvaluation(TaskBoundaryCallback):
     # -- checkpointing -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        cores = {name: core.state_dict(with_theta0=False) for name, core in self._cores.items()}
+        cores = {name: core.state_dict(with_theta0=False, keep_sharded=self._keep_sharded) for name, core in self._cores.items()}
         first = next(iter(self._cores.values()), None)
         theta0 = self._theta0
-        if theta0 is not None and first is not None and first.layout is not None and first.layout.distributed:
-            theta0 = {n: first._whole(n, t) for n, t in theta0.items()}  # whole on rank 0, as the cores' states
+        if theta0 is not None and first is not None:
+            theta0 = first.export(theta0, keep_sharded=self._keep_sharded)  # as the cores' states
         state.update(
             theta0=theta0,
             mergers={name: core_state["merger"] for name, core_state in cores.items()},
@@ -652,8 +652,8 @@ class ContinualEvaluation(TaskBoundaryCallback):
         if theta0 is not None:
             theta0 = check_tensor_dict(theta0, "theta0", owner, self._layout, device=torch.device("cpu"))
             first = next(iter(self._cores.values()), None)
-            if first is not None and first.layout is not None and first.layout.distributed:
-                theta0 = {n: first._slice(n, t, f"theta0[{n!r}]", owner) for n, t in theta0.items()}
+            if first is not None:
+                theta0 = {n: first.from_checkpoint(n, t, f"theta0[{n!r}]", owner) for n, t in theta0.items()}
         saved_mergers = read(state, "mergers", owner)
         if not isinstance(saved_mergers, Mapping):
             raise CheckpointError(f"The checkpoint's {owner} state has mergers of type {type(saved_mergers).__name__}; expected a mapping.")

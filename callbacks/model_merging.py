@@ -669,11 +669,12 @@ class ModelMerging(TaskBoundaryCallback):
     # -- checkpointing ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state.update(self.core.state_dict())
+        state.update(self.core.state_dict(keep_sharded=self._keep_sharded))
+        kept = self._kept_weights if self._holds_merged else None
         state.update(
             # Only what the next fit needs: the weights kept for a retry while an
             # experience trains stay out of the checkpoint (resume it instead).
-            kept_weights=self._kept_weights if self._holds_merged else None,
+            kept_weights=None if kept is None else self.core.export(kept, keep_sharded=self._keep_sharded),
             holds_merged=self._holds_merged,
             # With scale="validate": the λ chosen at the last boundary, and every choice so far.
             chosen_scale=self.scale if self.validate_scale else None,
@@ -706,6 +707,7 @@ class ModelMerging(TaskBoundaryCallback):
         if kept is not None:
             names = (state["names"] or []) + list(state.get("statistic_names", []))
             kept = check_tensor_dict(kept, "kept_weights", owner, layout, names=names, device=self.snapshot_device)
+            kept = {n: self.core.from_checkpoint(n, t, f"kept_weights[{n!r}]", owner) for n, t in kept.items()}
         if holds_merged and self.start_from == "finetuned" and kept is None:
             raise CheckpointError(
                 "The checkpoint's ModelMerging (start_from='finetuned') holds the merged model but not the "

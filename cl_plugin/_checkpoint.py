@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from cl_plugin._checks import is_finite
+from cl_plugin._distributed_checkpoint import is_dtensor
 from cl_plugin.errors import CheckpointError, ConfigError, preview
 
 __all__ = [
@@ -111,7 +112,9 @@ def check_tensor_dict(
     """A dict of finite tensors with exactly ``layout``'s (or ``names``') names, shapes and dtypes.
 
     Returns new tensors on ``device`` (the inputs are not kept), so the caller
-    can assign them once every other check has passed.
+    can assign them once every other check has passed. A ``DTensor`` (this
+    rank's shard, read back from a distributed checkpoint) is checked by its
+    global shape and its local values and returned as it is.
     """
     if not isinstance(value, Mapping):
         raise CheckpointError(f"The checkpoint's {owner} state has {key} of type {type(value).__name__}; expected a mapping of name to tensor.")
@@ -137,6 +140,16 @@ def check_tensor_dict(
                     f"tensor is {tuple(shape)} {dtype}. Resume with the model (architecture and dtype) the "
                     "checkpoint was written with."
                 )
+        if is_dtensor(tensor):
+            # This rank's rows, read back from a distributed checkpoint into fresh memory: checked
+            # here, kept as they are (the boundary core cuts and places them).
+            if not is_finite(tensor.to_local()):
+                raise CheckpointError(
+                    f"The checkpoint's {owner} {key}[{name!r}] holds NaN or infinite values in this rank's shard: the "
+                    "checkpoint is damaged. Resume from an earlier checkpoint."
+                )
+            out[name] = tensor
+            continue
         if tensor.is_floating_point() and not is_finite(tensor):
             raise CheckpointError(
                 f"The checkpoint's {owner} {key}[{name!r}] holds NaN or infinite values: the checkpoint is damaged. "

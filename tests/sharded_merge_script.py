@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cl_plugin._distributed_checkpoint import is_dtensor, shard_mesh_dim, sharded_view
+
 from cl_plugin.merging.continual import ContinualMerge
 from cl_plugin.merging.layout import ShardLayout
 
@@ -165,6 +167,33 @@ def check_collectives(rank: int, world: int) -> dict[str, bool]:
     }
 
 
+def frozen(state):
+    """A copy of a nested state; a DTensor is copied as a DTensor of the same rows."""
+    if isinstance(state, dict):
+        return {k: frozen(v) for k, v in state.items()}
+    if is_dtensor(state):
+        return sharded_view(state.to_local().clone(), tuple(state.shape), state.device_mesh, shard_mesh_dim(state))
+    return state.clone() if isinstance(state, torch.Tensor) else state
+
+
+def as_a_distributed_checkpoint_holds(state):
+    """Each rank's own DTensors, and rank 0's other entries (meta.pt, which rank 0 writes and every rank reads)."""
+
+    def without_dtensors(value):
+        if isinstance(value, dict):
+            return {k: without_dtensors(v) for k, v in value.items()}
+        return "<rows>" if is_dtensor(value) else value
+
+    def merged(mine, rank0):
+        if isinstance(mine, dict):
+            return {k: merged(mine[k], rank0[k]) for k in mine}
+        return mine if is_dtensor(mine) else rank0
+
+    shared = [without_dtensors(state)]
+    dist.broadcast_object_list(shared, src=0)
+    return merged(state, shared[0])
+
+
 def run(rank: int, world: int, out: str, mode: str, store: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -208,6 +237,8 @@ def run(rank: int, world: int, out: str, mode: str, store: str) -> None:
                     saved = [saved]
                     dist.broadcast_object_list(saved, src=0)
                     saved = saved[0]
+                    # as a distributed checkpoint holds it: each rank's rows of every FSDP2-sharded tensor
+                    saved_sharded = as_a_distributed_checkpoint_holds(frozen(core.state_dict(keep_sharded=True)))
             got = whole(core, core.merged_tensors())
             same = all(torch.equal(got[n], expected[n]) for n in expected)
             # θ₀ + λ·merged written into the module in place (replicated tensors completed from every rank)
@@ -229,6 +260,19 @@ def run(rank: int, world: int, out: str, mode: str, store: str) -> None:
                 resumed.fold(model)
             got_resumed = whole(resumed, resumed.merged_tensors())
             same_resumed = all(torch.equal(got_resumed[n], expected[n]) for n in expected)
+            if mode == "fsdp2":
+                # resume from the same state kept sharded (DTensors of each rank's rows)
+                again = ContinualMerge(method.split("+")[0], method_options=options)
+                again.bind(model, shard=(rank, world, None))
+                again.prepare_load(saved_sharded, "test", layout=layout)()
+                for weights in tasks[2:]:
+                    write_full(model, weights)
+                    again.fold(model)
+                got_again = whole(again, again.merged_tensors())
+                sharded_in_state = any(is_dtensor(t) for t in saved_sharded["theta0"].values())
+                results.setdefault("resumed_from_shards", {})[method] = sharded_in_state and all(
+                    torch.equal(got_again[n], expected[n]) for n in expected
+                )
             # the merged weights written back into the module
             resumed.write(model, resumed.merged_tensors())
             results[method] = {

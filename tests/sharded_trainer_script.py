@@ -23,6 +23,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 import cl_plugin.merging.continual as continual_module
+from cl_plugin._distributed_checkpoint import is_placeholder, sharded_view
+from cl_plugin.errors import CheckpointError
 from cl_plugin.callbacks import ContinualEvaluation, ModelMerging
 from cl_plugin.merging.continual import ContinualMerge, is_dtensor
 from cl_plugin.task_vectors import TaskVector
@@ -91,12 +93,28 @@ class Recorder(L.Callback):
             self.ends.append(whole_state(pl_module))
 
 
+class SavedState(L.Callback):
+    """The ModelMerging state gathered whole on rank 0 each time a checkpoint is written (the last one kept)."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        merging = next(cb for cb in trainer.callbacks if isinstance(cb, ModelMerging))
+        self.state = merging.core.state_dict()  # every rank takes part; rank 0 gets whole tensors
+
+
 class RestoredState(L.Callback):
     """The ModelMerging state as restored from a checkpoint (gathered whole on rank 0) when training starts."""
 
     def on_train_start(self, trainer, pl_module):
         merging = next(cb for cb in trainer.callbacks if isinstance(cb, ModelMerging))
-        self.state = merging.core.state_dict()  # every rank takes part; rank 0 gets whole tensors
+        # every rank takes part; rank 0 gets whole tensors (on one process: the live state, so copied)
+        self.state = cloned(merging.core.state_dict())
+
+
+def cloned(state):
+    """A copy of a nested state's tensors."""
+    if isinstance(state, dict):
+        return {k: cloned(v) for k, v in state.items()}
+    return state.clone() if isinstance(state, torch.Tensor) else state
 
 
 def same_state(a, b) -> bool:
@@ -128,7 +146,11 @@ class EvaluatedToyStream(ToyStream):
 def strategy(mode):
     if mode == "ddp":
         return "ddp"
-    return L.pytorch.strategies.ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    return L.pytorch.strategies.ModelParallelStrategy(data_parallel_size=processes(mode), tensor_parallel_size=1)
+
+
+def processes(mode):
+    return 1 if mode == "fsdp2-w1" else 2
 
 
 def fit(mode, method, options, root, model, ckpt_path=None, callbacks=(), stream=ToyStream):
@@ -136,15 +158,29 @@ def fit(mode, method, options, root, model, ckpt_path=None, callbacks=(), stream
     cb = ModelMerging(method, **options)
     trainer = L.Trainer(
         max_epochs=N_EXP * EPE, reload_dataloaders_every_n_epochs=1, callbacks=[*callbacks, cb],
-        default_root_dir=root, **trainer_kwargs(devices=2, strategy=strategy(mode), enable_checkpointing=bool(callbacks)),
+        default_root_dir=root, **trainer_kwargs(devices=processes(mode), strategy=strategy(mode), enable_checkpointing=bool(callbacks)),
     )
     trainer.fit(model, datamodule=stream(N_EXP, EPE), ckpt_path=ckpt_path)
     return trainer, cb
 
 
+def resume_on_one_process(out):
+    """Resume the 2-process FSDP2 run's distributed checkpoint on one process: DCP reshards the state."""
+    restored = RestoredState()
+    _, cb = fit("fsdp2-w1", "ties", METHODS["ties"], out, Classifier(), ckpt_path=str(out / "ckpt" / "last.ckpt"),
+                callbacks=[restored])
+    saved = torch.load(out / "saved-state.pt", weights_only=True)
+    result = {"restored_equals_saved": same_state(restored.state, saved), "num_tasks": cb.merger.num_tasks,
+              "sharded": cb.core.layout is not None and cb.core.layout.distributed}
+    (out / "fsdp2-w1.json").write_text(json.dumps(result))
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     out, mode = Path(sys.argv[1]), sys.argv[2]
+    if mode == "fsdp2-w1":
+        resume_on_one_process(out)
+        sys.exit(0)
     results = {}
     statistics = ["block1.1.running_mean", "block1.1.running_var"]
     # Under DDP, ModelMerging("opcm") alone places this small model's matrices whole on their
@@ -170,6 +206,13 @@ if __name__ == "__main__":
             theirs = compared.whole(compared.merger.merged_view())
             evaluation_equal = all(torch.equal(ours[n], theirs[n]) for n in ours)
             last_row = evaluation.matrices["opcm"].matrix()[-1]  # trained on every experience, tested on all
+            # The checkpoint fit refreshed at its end holds the evaluation's state (under FSDP2 its
+            # mergers through the distributed checkpoint): a Trainer resuming it gets the same back.
+            saved_evaluation = cloned(evaluation.state_dict())
+            path = trainer.checkpoint_callback.best_model_path
+            again = ContinualEvaluation(compare=["magmax"])
+            fit(mode, method, options, out, Classifier(), ckpt_path=path, callbacks=[again], stream=EvaluatedToyStream)
+            evaluation_restored = same_state(cloned(again.state_dict()), saved_evaluation)
         if trainer.global_rank == 0:
             expected = unsharded_merge(method, options, recorder.theta0, recorder.ends, statistics)
             outcome = {
@@ -180,29 +223,88 @@ if __name__ == "__main__":
             }
             if evaluated:
                 outcome |= {"equals_evaluation": evaluation_equal, "accuracies_finite": bool(torch.isfinite(last_row).all())}
+                meta = torch.load(Path(path) / "meta.pt", weights_only=True) if Path(path).is_dir() else torch.load(path, weights_only=False)
+                mergers = meta["callbacks"]["ContinualEvaluation"]["mergers"]
+                outcome |= {
+                    "evaluation_restored": evaluation_restored,
+                    "evaluation_mergers_in_meta": sorted(
+                        {"reference" if is_placeholder(v) else "tensor" for m in mergers.values() for k, v in m.items()
+                         if "." in k and "running" not in k}
+                    ),
+                }
                 results["opcm_beside_evaluation"] = outcome
             else:
                 results[method] = outcome
                 torch.save(final, out / f"{mode}-{method}.pt")
+    # start_from="finetuned": at fit end the module holds the merge, and the checkpoint that
+    # fit refreshes keeps the fine-tuned weights the next fit continues from (each rank's
+    # slices, gathered whole or through the distributed checkpoint): a resumed run gets them back.
+    L.seed_everything(0, verbose=False)
+    recorder = Recorder()
+    ckpt = ModelCheckpoint(dirpath=out / f"kept-{mode}", save_last=True)
+    trainer, cb = fit(mode, "magmax", {"start_from": "finetuned"}, out, Classifier(), callbacks=[recorder, ckpt])
+    kept = cb.core.export(cb._kept_weights)  # collective; whole on rank 0
+    _, again = fit(mode, "magmax", {"start_from": "finetuned"}, out, Classifier(), ckpt_path=ckpt.last_model_path)
+    restored_kept = again.core.export(again._kept_weights)
+    if trainer.global_rank == 0:
+        results["kept_weights"] = {
+            "holds_merged": again._holds_merged,
+            "restored_equals_kept": all(torch.equal(restored_kept[n], kept[n]) for n in kept),
+            "kept_are_finetuned": all(torch.equal(kept[n].reshape(recorder.ends[-1][n].shape), recorder.ends[-1][n]) for n in kept),
+        }
     if mode == "fsdp2":
         # Kill in experience 1, resume from the last distributed checkpoint: the same final weights.
+        # θ₀ and the merger state go through torch.distributed.checkpoint, rank by rank: meta.pt
+        # (written by rank 0 alone) keeps only a reference to each sharded tensor.
         ckpt = ModelCheckpoint(dirpath=out / "ckpt", save_last=True, every_n_epochs=1)
+        saved = SavedState()
         L.seed_everything(0, verbose=False)
         model = Classifier(crash_at_step=9)
         try:
-            fit(mode, "ties", METHODS["ties"], out, model, callbacks=[ckpt])
+            fit(mode, "ties", METHODS["ties"], out, model, callbacks=[ckpt, saved])
         except RuntimeError:
             pass
         restored = RestoredState()
         resumed = Classifier()
         trainer, cb = fit(mode, "ties", METHODS["ties"], out, resumed, ckpt_path=str(out / "ckpt" / "last.ckpt"),
                           callbacks=[restored, ModelCheckpoint(dirpath=out / "ckpt2")])
+        final = whole_state(resumed)
+        # A damaged shard is seen by the rank that reads it alone: every rank refuses the load.
+        state = cb.state_dict()  # the θ₀ and merge as a distributed checkpoint holds them: DTensors of each rank's rows
+        damaged = state["theta0"]["block1.0.weight"]
+        local = damaged.to_local().clone()
+        if trainer.global_rank == 1:
+            local.view(-1)[0] = float("nan")
+        state["theta0"]["block1.0.weight"] = sharded_view(local, tuple(damaged.shape), cb.core.layout.mesh, cb.core.layout.mesh_dim)
+        cb._restored_shards = True  # as after reading shards from a checkpoint
+        try:
+            cb.load_state_dict(state)
+            refused = "loaded"
+        except CheckpointError as exc:
+            refused = "NaN" if "NaN" in str(exc) else "another process" if "Another process" in str(exc) else str(exc)
+        refusals = [None, None]
+        dist.all_gather_object(refusals, refused)
         if trainer.global_rank == 0:
-            saved = torch.load(out / "ckpt" / "last.ckpt" / "meta.pt", weights_only=False)["callbacks"]["ModelMerging"]
+            torch.save(saved.state, out / "saved-state.pt")  # for the resume on one process
+            meta = torch.load(out / "ckpt" / "last.ckpt" / "meta.pt", weights_only=True)["callbacks"]["ModelMerging"]
+            sharded_names = [n for n in meta["theta0"] if n not in statistics]
+            uninterrupted = torch.load(out / "fsdp2-ties.pt", weights_only=True)
+            merger_refs = [v for k, v in meta["merger"].items() if "." in k and k.split(".", 1)[1] in sharded_names]
             results["resumed_ties"] = {
-                "restored_equals_saved": same_state(restored.state, saved),
+                "restored_equals_saved": same_state(restored.state, saved.state),
                 "folded_at_restore": restored.state["merger"]["num_tasks"],
                 "num_tasks": cb.merger.num_tasks,
+                # The parameters; not the BatchNorm statistics: under FSDP2 each rank keeps its own
+                # (nothing syncs them between boundaries), and the model's distributed checkpoint
+                # stores one rank's copy of such an unsharded buffer, the one DCP picks.
+                "equals_uninterrupted": all(
+                    torch.equal(final[n], uninterrupted[n]) for n in uninterrupted if n not in statistics
+                ),
+                "meta_holds_references": bool(sharded_names) and len(merger_refs) == 4 * len(sharded_names) and all(
+                    is_placeholder(v) for v in [*merger_refs, *(meta["theta0"][n] for n in sharded_names)]
+                ),
+                "statistics_whole_in_meta": all(isinstance(meta["theta0"][n], torch.Tensor) for n in statistics),
+                "damaged_shard_refused": refusals,
             }
     if dist.get_rank() == 0:
         (out / f"{mode}.json").write_text(json.dumps(results))

@@ -37,6 +37,10 @@ def test_sharded_merge_equals_the_unsharded_one(tmp_path, world, mode):
     results = json.loads(out.read_text())
     assert results.pop("collectives") == {"complete_in_place": True, "share_from_owners": True, "whole_on_owner": True}
     control = results.pop("negative_control")
+    # Under FSDP2: every method resumed from its state kept as DTensors of each rank's rows
+    # (what a distributed checkpoint holds) ends as the unsharded merge.
+    from_shards = results.pop("resumed_from_shards", None)
+    assert from_shards == (None if mode == "split" else {m: True for m in results})
     assert control == {"exact_same_on_ranks": True, "per_rank_differs": True}
     assert set(results) >= {"magmax", "average", "task_arithmetic", "random", "ties", "opcm", "dop", "task_arithmetic+dare"}
     for method, outcome in results.items():
@@ -48,12 +52,13 @@ def test_sharded_merge_equals_the_unsharded_one(tmp_path, world, mode):
 
 @pytest.fixture(scope="module")
 def trainer_runs(tmp_path_factory):
-    """The Trainer script under DDP and under FSDP2 (ModelParallelStrategy), 2 processes each."""
+    """The Trainer script under DDP and under FSDP2 (ModelParallelStrategy), 2 processes each; then one process
+    resumes the FSDP2 run's distributed checkpoint."""
     if not _gloo_available():
         pytest.fail("torch.distributed with gloo is required for the sharded tests and is not available")
     out = tmp_path_factory.mktemp("sharded-trainer")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
-    for mode in ("ddp", "fsdp2"):
+    for mode in ("ddp", "fsdp2", "fsdp2-w1"):  # the last resumes the FSDP2 run's checkpoint on one process
         result = subprocess.run(
             [sys.executable, str(HERE / "sharded_trainer_script.py"), str(out), mode],
             capture_output=True, text=True, timeout=900, env=env, cwd=out,
@@ -68,11 +73,15 @@ def trainer_runs(tmp_path_factory):
 def test_model_merging_in_a_sharded_trainer_equals_the_unsharded_merge(trainer_runs, mode):
     results = json.loads((trainer_runs / f"{mode}.json").read_text())
     resumed = results.pop("resumed_ties", None)
+    # start_from="finetuned": the fine-tuned weights kept at fit end come back from the checkpoint.
+    assert results.pop("kept_weights") == {"holds_merged": True, "restored_equals_kept": True, "kept_are_finetuned": True}
     # ModelMerging("opcm") beside ContinualEvaluation: the same merge as the evaluation's OPCM and as the
     # unsharded one, with the even split the evaluation's cores use (alone under DDP it places matrices whole).
     assert results.pop("opcm_beside_evaluation") == {
         "equals_unsharded_merge": True, "num_tasks": 3, "sharded": True, "matrices_whole": False,
-        "equals_evaluation": True, "accuracies_finite": True,
+        "equals_evaluation": True, "accuracies_finite": True, "evaluation_restored": True,
+        # under FSDP2 the compared methods' states go through the distributed checkpoint, under DDP whole
+        "evaluation_mergers_in_meta": ["reference" if mode == "fsdp2" else "tensor"],
     }
     assert set(results) == {"magmax", "ties", "opcm"}
     for method, outcome in results.items():
@@ -81,7 +90,18 @@ def test_model_merging_in_a_sharded_trainer_equals_the_unsharded_merge(trainer_r
         assert whole == (method == "opcm" and mode == "ddp"), method
     if mode == "fsdp2":
         # The state each rank restored from the distributed checkpoint is what was saved, and the stream goes on.
-        assert resumed == {"restored_equals_saved": True, "folded_at_restore": 1, "num_tasks": 3}
+        # θ₀ and the merge went through torch.distributed.checkpoint (meta.pt holds references only; the
+        # unsharded BatchNorm statistics stay whole there), and the resumed stream ends as the uninterrupted one.
+        assert resumed == {
+            "restored_equals_saved": True, "folded_at_restore": 1, "num_tasks": 3, "equals_uninterrupted": True,
+            "meta_holds_references": True, "statistics_whole_in_meta": True,
+            # rank 1's shard holds a NaN: it names it, rank 0 refuses too
+            "damaged_shard_refused": ["another process", "NaN"],
+        }
+        # The same distributed checkpoint resumed on one process: DCP reshards, and the state is what was saved.
+        assert json.loads((trainer_runs / "fsdp2-w1.json").read_text()) == {
+            "restored_equals_saved": True, "num_tasks": 3, "sharded": False,
+        }
 
 
 @pytest.mark.ddp

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from cl_plugin._checkpoint import check_tensor_dict, read
+from cl_plugin._distributed_checkpoint import is_dtensor, shard_mesh_dim, sharded_view
 from cl_plugin._checks import check_bool, check_same_layout, check_scale, is_finite, max_abs
 from cl_plugin.errors import CheckpointError, ConfigError, NonFiniteError, did_you_mean, preview
 from cl_plugin._packed import aligned_runs, packed_like
@@ -69,31 +70,6 @@ def normalisation_statistics(module: nn.Module) -> list[str]:
                 if getattr(sub, buffer, None) is not None:
                     names.append(f"{prefix}.{buffer}" if prefix else buffer)
     return names
-
-
-def is_dtensor(tensor: object) -> bool:
-    """True for a ``torch.distributed.tensor.DTensor`` (a parameter sharded by FSDP2)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch built without distributed
-        return False
-    return isinstance(tensor, DTensor)
-
-
-def _dtensor_shard_dim(tensor) -> int:
-    """The mesh dimension a DTensor is sharded over (on its dim 0); raise for other layouts."""
-    from torch.distributed.tensor import Replicate, Shard
-
-    sharded = [i for i, p in enumerate(tensor.placements) if isinstance(p, Shard)]
-    if len(sharded) != 1 or tensor.placements[sharded[0]].dim != 0 or not all(
-        isinstance(p, Replicate) for i, p in enumerate(tensor.placements) if i != sharded[0]
-    ):
-        raise ConfigError(
-            f"A parameter is a DTensor with placements {tensor.placements}: cl-plugin merges FSDP2 parameters "
-            "sharded on dim 0 over one mesh dimension (fully_shard, HSDP). Tensor parallelism is not supported: use "
-            "ModelParallelStrategy(tensor_parallel_size=1)."
-        )
-    return sharded[0]
 
 
 def _snapshot(state: Mapping[str, Tensor], names: Iterable[str], device: torch.device) -> dict[str, Tensor]:
@@ -298,15 +274,17 @@ class ContinualMerge:
             rank, world, group = shard
             return ShardLayout.split(shapes, rank, world, group, whole_on=self._matrix_owners(shapes, rank, world, group))
         first = next(iter(dtensors.values()))
-        dim = _dtensor_shard_dim(first)
+        dim = shard_mesh_dim(first)
         mesh = first.device_mesh
         for t in dtensors.values():
-            if _dtensor_shard_dim(t) != dim or t.device_mesh != mesh:
+            if shard_mesh_dim(t) != dim or t.device_mesh != mesh:
                 raise ConfigError("cl-plugin merges FSDP2 parameters sharded over one device mesh; this model uses several.")
         group = mesh.get_group(dim)
         rank, world = mesh.get_local_rank(dim), mesh.size(dim)
         local = {n: (t.to_local().numel() if is_dtensor(t) else None) for n, t in tensors.items()}
-        return ShardLayout.from_local_sizes(shapes, local, rank, world, group)
+        layout = ShardLayout.from_local_sizes(shapes, local, rank, world, group)
+        layout.mesh, layout.mesh_dim = mesh, dim
+        return layout
 
     def _matrix_owners(self, shapes: Mapping[str, tuple[int, ...]], rank: int, world: int, group) -> dict[str, int]:
         """For a merger that works on whole matrices: each merged 2-D tensor's owner rank, as its fold assigns them."""
@@ -598,21 +576,22 @@ class ContinualMerge:
         return out
 
     # -- checkpointing ----------------------------------------------------------------------------------
-    def state_dict(self, *, with_theta0: bool = True) -> dict[str, Any]:
+    def state_dict(self, *, with_theta0: bool = True, keep_sharded: bool = False) -> dict[str, Any]:
         """``names``, ``statistic_names``, ``theta0`` (None without ``with_theta0``), ``merger`` and ``statistics_merger``.
 
-        Unsharded: the live tensors. Sharded: every rank must call it; rank 0
-        gets whole tensors, gathered one at a time (the format of an unsharded
-        state, so a checkpoint resumes on any number of ranks), the other ranks
-        get None in their place.
+        Unsharded: the live tensors. Sharded: every rank must call it, and each
+        tensor is as :meth:`export` gives it: whole on rank 0 (None on the
+        others), gathered one at a time, or with ``keep_sharded`` a ``DTensor``
+        of this rank's rows wherever FSDP2 shards the tensor (for
+        ``torch.distributed.checkpoint``).
         """
         theta0 = self.theta0 if with_theta0 else None
         merger = self.merger.state_dict()
         statistics = self._statistics_merger.state_dict() if self.statistic_names else None
-        if self.layout is not None and self.layout.distributed:
-            theta0 = None if theta0 is None else {n: self._whole(n, t) for n, t in theta0.items()}
-            merger = self._whole_state(merger)
-            statistics = None if statistics is None else self._whole_state(statistics)
+        if self.layout is not None:
+            theta0 = None if theta0 is None else self.export(theta0, keep_sharded=keep_sharded)
+            merger = self._exported_state(merger, keep_sharded)
+            statistics = None if statistics is None else self._exported_state(statistics, keep_sharded)
         return {
             "names": None if self.names is None else list(self.names),
             "statistic_names": list(self.statistic_names),
@@ -629,21 +608,65 @@ class ContinualMerge:
             whole = whole.clone()
         return whole.reshape(self.layout[name].shape)
 
-    def _whole_state(self, state: Mapping[str, Any]) -> dict[str, Any]:
-        """A merger state with each sliced tensor (``"<role>.<name>"``) made whole on rank 0."""
-        return {k: self._whole(k.split(".", 1)[1], v) if isinstance(v, Tensor) else v for k, v in state.items()}
+    def export(self, tensors: Mapping[str, Tensor], *, keep_sharded: bool = False) -> dict[str, Tensor | None]:
+        """This rank's slices ``tensors`` (name -> flat slice) as a checkpoint holds them; a collective when sharded.
 
-    def _sliced_state(self, state: Mapping[str, Any], owner: str) -> dict[str, Any]:
-        """A whole merger state cut to this rank's slices (shapes checked against the model first)."""
+        Unsharded: the tensors themselves. Sharded: each made whole on rank 0
+        and None on the other ranks (the format of an unsharded state, so the
+        checkpoint resumes on any number of ranks; one tensor at a time). With
+        ``keep_sharded``, a tensor that FSDP2 shards is returned instead as a
+        ``DTensor`` over this rank's slice, without a copy, for
+        ``torch.distributed.checkpoint`` to write rank by rank
+        (:mod:`cl_plugin._distributed_checkpoint`); :meth:`prepare_load` takes
+        either form back.
+        """
+        if self.layout is None:
+            return dict(tensors)
+        if not self.layout.distributed:  # FSDP2 on one process: the slices are the whole tensors, flat
+            return {n: t.reshape(self.layout[n].shape) for n, t in tensors.items()}
+        mesh = self.layout.mesh if keep_sharded else None
+        out: dict[str, Tensor | None] = {}
+        for n, t in tensors.items():
+            shard = self.layout[n]
+            if mesh is not None and shard.sharded:
+                out[n] = sharded_view(t, shard.shape, mesh, self.layout.mesh_dim)
+            else:
+                out[n] = self._whole(n, t)
+        return out
+
+    def _exported_state(self, state: Mapping[str, Any], keep_sharded: bool) -> dict[str, Any]:
+        """A merger state with each sliced tensor (``"<role>.<name>"``) exported as :meth:`export` exports it."""
+        out = {}
+        for k, v in state.items():
+            if isinstance(v, Tensor):
+                name = k.split(".", 1)[1]
+                v = self.export({name: v}, keep_sharded=keep_sharded)[name]
+            out[k] = v
+        return out
+
+    def _sliced_state(self, state: Mapping[str, Any], owner: str) -> Mapping[str, Any]:
+        """A saved merger state cut to this rank's slices (shapes checked against the model first)."""
+        if not isinstance(state, Mapping):
+            return state  # the merger's load names what is wrong
         out = {}
         for k, v in state.items():
             if isinstance(v, Tensor) and "." in k:
-                out[k] = self._slice(k.split(".", 1)[1], v, f"merger[{k!r}]", owner)
+                out[k] = self.from_checkpoint(k.split(".", 1)[1], v, f"merger[{k!r}]", owner)
             else:
                 out[k] = v
         return out
 
+    def from_checkpoint(self, name: str, saved: Tensor, what: str, owner: str) -> Tensor:
+        """What this rank keeps of a checkpoint's tensor: its flat slice under a layout, else the tensor itself."""
+        if self.layout is not None and self.layout.distributed:
+            return self._slice(name, saved, what, owner)
+        if is_dtensor(saved):  # written sharded, resumed on one process: the whole tensor is local
+            saved = saved.full_tensor().to(self.device)
+        # Under a layout (FSDP2 on one process) the slices are the whole tensors, flat.
+        return saved if self.layout is None else saved.reshape(-1)
+
     def _slice(self, name: str, whole: Tensor, what: str, owner: str) -> Tensor:
+        """This rank's flat slice of a checkpoint's tensor: a whole tensor, or a ``DTensor`` read back rank by rank."""
         if name not in self.layout.shards:
             raise CheckpointError(f"The checkpoint's {owner} {what} names a tensor this model does not merge; it is damaged.")
         shard = self.layout[name]
@@ -652,6 +675,16 @@ class ContinualMerge:
                 f"The checkpoint's {owner} {what} is {tuple(whole.shape)}, the model's tensor is {shard.shape}. "
                 "Resume with the model the checkpoint was written with."
             )
+        if is_dtensor(whole):
+            # Read for this rank alone (fresh memory, no copy needed); the rows FSDP2 gives it now.
+            local = whole.to_local()
+            if local.numel() != shard.local_numel:
+                raise CheckpointError(
+                    f"The checkpoint's {owner} {what} came back with {local.numel()} elements on this rank, where the "
+                    f"model's shard holds {shard.local_numel}: the parameters are not sharded as torch.chunk shards "
+                    "dim 0. Resume with FSDP2's default sharding (fully_shard without shard_placement_fn)."
+                )
+            return local.reshape(-1).to(self.device)
         return whole.reshape(-1)[shard.start : shard.stop].clone()
 
     def prepare_load(
@@ -688,22 +721,20 @@ class ContinualMerge:
                 + (f"; averaged as normalisation statistics differently: {moved[:5]}" if moved and now == saved else "")
                 + "). Resume with the model, `exclude` and `statistics` the checkpoint was written with."
             )
-        sharded = self.layout is not None and self.layout.distributed
         theta0 = read(state, "theta0", owner)
         if theta0 is not None:
             expected = None if names is None else names + statistic_names
             theta0 = check_tensor_dict(theta0, "theta0", owner, layout, names=expected, device=self.device)
-            if sharded:
-                theta0 = {n: self._slice(n, t, f"theta0[{n!r}]", owner) for n, t in theta0.items()}
+            theta0 = {n: self.from_checkpoint(n, t, f"theta0[{n!r}]", owner) for n, t in theta0.items()}
         merger = get_merger(self.method, **self.method_options)
         merger_state = read(state, "merger", owner)
         if merger_state is not None:
             # validates it completely; `merger` is a new object
-            merger.load_state_dict(self._sliced_state(merger_state, owner) if sharded else merger_state)
+            merger.load_state_dict(self._sliced_state(merger_state, owner))
         statistics_merger = get_merger("average")
         saved_statistics = state.get("statistics_merger")
         if saved_statistics is not None:
-            statistics_merger.load_state_dict(self._sliced_state(saved_statistics, owner) if sharded else saved_statistics)
+            statistics_merger.load_state_dict(self._sliced_state(saved_statistics, owner))
         for m in (merger, statistics_merger):
             m.layout = self.layout
         if merger.num_tasks:

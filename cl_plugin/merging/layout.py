@@ -95,6 +95,9 @@ class ShardLayout:
         self.world = int(world)
         self.group = group
         self._sizes: dict[str, list[int]] = {}  # per rank, for tensors not split as split_range splits them
+        #: FSDP2: the device mesh and mesh dimension of the DTensor shards (None: no DTensors).
+        self.mesh = None
+        self.mesh_dim: int | None = None
 
     @classmethod
     def unsharded(cls, shapes: Mapping[str, Sequence[int]]) -> ShardLayout:
