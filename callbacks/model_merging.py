@@ -499,8 +499,9 @@ class ModelMerging(TaskBoundaryCallback):
                 self.core.write(pl_module, restore)
             del restore
         elapsed = time.perf_counter() - start
-        norm = self.merger.merged_norm()
-        task_norm = task_vector.norm()
+        # Over the whole model: under DDP or FSDP2 each rank holds slices (both are collectives).
+        norm = self.core.merged_norm()
+        task_norm = self.core.norm(task_vector)
         del task_vector
         record = {
             "experience": experience,

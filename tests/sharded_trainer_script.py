@@ -13,6 +13,7 @@ resumed from its distributed checkpoint.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -127,13 +128,14 @@ def same_state(a, b) -> bool:
 
 
 def unsharded_merge(method, options, theta0, ends, statistics):
+    """The merged weights, and the norms ModelMerging logs at the last boundary (merge, task vector), unsharded."""
     core = ContinualMerge(method, method_options=options)
     core.names = [n for n in theta0 if n not in statistics]
     core.statistic_names = [n for n in theta0 if n in statistics]
     core.theta0 = dict(theta0)
     for weights in ends:
-        core.fold(TaskVector.between({n: weights[n] for n in core.all_names}, core.theta0))
-    return core.merged_tensors()
+        tv = core.fold(TaskVector.between({n: weights[n] for n in core.all_names}, core.theta0))
+    return core.merged_tensors(), (core.merged_norm(), tv.norm())
 
 
 class EvaluatedToyStream(ToyStream):
@@ -214,9 +216,15 @@ if __name__ == "__main__":
             fit(mode, method, options, out, Classifier(), ckpt_path=path, callbacks=[again], stream=EvaluatedToyStream)
             evaluation_restored = same_state(cloned(again.state_dict()), saved_evaluation)
         if trainer.global_rank == 0:
-            expected = unsharded_merge(method, options, recorder.theta0, recorder.ends, statistics)
+            expected, norms = unsharded_merge(method, options, recorder.theta0, recorder.ends, statistics)
+            logged = cb.boundary_log[-1]
             outcome = {
                 "equals_unsharded_merge": all(torch.equal(final[n], expected[n]) for n in expected),
+                # the logged norms are the whole model's, not rank 0's slices (equal up to rounding)
+                "logged_norms": [
+                    math.isclose(logged["merged_norm"], norms[0], rel_tol=1e-6),
+                    math.isclose(logged["task_vector_norm"], norms[1], rel_tol=1e-6),
+                ],
                 "num_tasks": cb.merger.num_tasks,
                 "sharded": layout is not None and layout.distributed,
                 "matrices_whole": placed,

@@ -78,15 +78,15 @@ def test_model_merging_in_a_sharded_trainer_equals_the_unsharded_merge(trainer_r
     # ModelMerging("opcm") beside ContinualEvaluation: the same merge as the evaluation's OPCM and as the
     # unsharded one, with the even split the evaluation's cores use (alone under DDP it places matrices whole).
     assert results.pop("opcm_beside_evaluation") == {
-        "equals_unsharded_merge": True, "num_tasks": 3, "sharded": True, "matrices_whole": False,
-        "equals_evaluation": True, "accuracies_finite": True, "evaluation_restored": True,
+        "equals_unsharded_merge": True, "logged_norms": [True, True], "num_tasks": 3, "sharded": True,
+        "matrices_whole": False, "equals_evaluation": True, "accuracies_finite": True, "evaluation_restored": True,
         # under FSDP2 the compared methods' states go through the distributed checkpoint, under DDP whole
         "evaluation_mergers_in_meta": ["reference" if mode == "fsdp2" else "tensor"],
     }
     assert set(results) == {"magmax", "ties", "opcm"}
     for method, outcome in results.items():
         whole = outcome.pop("matrices_whole")
-        assert outcome == {"equals_unsharded_merge": True, "num_tasks": 3, "sharded": True}, method
+        assert outcome == {"equals_unsharded_merge": True, "logged_norms": [True, True], "num_tasks": 3, "sharded": True}, method
         assert whole == (method == "opcm" and mode == "ddp"), method
     if mode == "fsdp2":
         # The state each rank restored from the distributed checkpoint is what was saved, and the stream goes on.

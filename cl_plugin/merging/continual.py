@@ -329,6 +329,28 @@ class ContinualMerge:
             return dict(tensors)
         return {n: t.reshape(self.layout[n].shape) for n, t in self.layout.made_whole(tensors).items()}
 
+    def norm(self, tensors: Mapping[str, Tensor]) -> float:
+        """‖tensors‖ over the whole model from this rank's parts (e.g. a task vector); a collective when sharded.
+
+        Each rank's slices are disjoint, so the norm is the hypotenuse of the
+        ranks' own norms: every rank gets the same value. (It may differ from
+        the norm of the whole tensors in the last bits.)
+        """
+        local = (tensors if isinstance(tensors, TaskVector) else TaskVector(dict(tensors), check_finite=False)).norm()
+        return self._combined_norm(local)
+
+    def merged_norm(self) -> float:
+        """‖merged‖ over the whole model (the merger's own norm of this rank's slices, combined over the ranks)."""
+        return self._combined_norm(self.merger.merged_norm())
+
+    def _combined_norm(self, local: float) -> float:
+        if self.layout is None or not self.layout.distributed:
+            return local
+        norms = torch.zeros(self.layout.world, dtype=torch.float64)
+        norms[self.layout.rank] = local
+        self.layout.all_reduce_(norms)  # one rank per slot: exact
+        return math.hypot(*norms.tolist())
+
     def write(self, module: nn.Module, tensors: Mapping[str, Tensor]) -> None:
         """Write this rank's parts ``tensors`` into the module in place; replicated tensors are completed on every rank.
 
