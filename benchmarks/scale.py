@@ -48,7 +48,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _sections import write_section  # noqa: E402
 
 METHODS = {"magmax": {}, "average": {}, "task_arithmetic": {}, "random": {}, "ties": {}, "opcm": {}}
-SETTINGS = ("W=1", "replicated W=2", "DDP W=2", "FSDP2 W=2")
+SETTINGS = ("W=1", "W=1, τ whole", "replicated W=2", "DDP W=2", "FSDP2 W=2")
+#: Methods whose boundary forms τ chunk by chunk inside the fold (ContinualMerge.fold_in_place);
+#: "W=1, τ whole" measures them the way every method folded before, for comparison.
+STREAMED = ("magmax", "average", "task_arithmetic")
 N_TASKS = 5
 
 
@@ -109,11 +112,15 @@ def _measure(rank: int, world: int, spec: dict, reset_peak) -> dict:
             core.write(model, {n: t + 0.01 * torch.randn(t.shape, generator=g) for n, t in local.items()})
         before = reset_peak()
         start = time.perf_counter()
-        tv = core.task_vector(model, trusted=True)  # as the callbacks do
-        fold_start = time.perf_counter()
-        core.fold(tv)
-        fold_times.append(time.perf_counter() - fold_start)
-        del tv
+        if core.folds_in_place and not spec.get("whole_tau"):  # as ModelMerging does: τ chunk by chunk in the fold
+            core.fold_in_place(model)
+            fold_times.append(time.perf_counter() - start)
+        else:
+            tv = core.task_vector(model, trusted=True)  # as the callbacks do for the other methods
+            fold_start = time.perf_counter()
+            core.fold(tv)
+            fold_times.append(time.perf_counter() - fold_start)
+            del tv
         core.write_merged(model)
         boundary_times.append(time.perf_counter() - start)
         from _memory import proc_status
@@ -144,7 +151,7 @@ def _measure(rank: int, world: int, spec: dict, reset_peak) -> dict:
 
 
 def run(spec: dict) -> dict:
-    world = 1 if spec["setting"] == "W=1" else 2
+    world = 1 if spec["setting"].startswith("W=1") else 2
     with tempfile.TemporaryDirectory() as tmp:
         out, store = os.path.join(tmp, "out.json"), os.path.join(tmp, "store")
         cmd = [sys.executable, __file__, "--worker", json.dumps(spec), out, store, str(world)]
@@ -166,8 +173,10 @@ def table(results: dict, model_name: str, p_bytes: int) -> str:
         f"Model `{model_name}` (P = {mib:.0f} MiB of float32 weights), {N_TASKS} synthetic tasks, gloo on CPU, one thread per "
         "process. Held: θ₀ and the merger's state per rank between boundaries, in units of P/W (W = processes; the rank that "
         "holds the most). Peak: the rise of resident memory during a boundary (the largest after the first two, which compile "
-        "the fused kernels; the rank with the largest), in P/W; it includes the task vector τ, which the core forms whole "
-        "(1 P/W). Times: rank 0's median boundary (task vector, fold and write) and update (fold only).",
+        "the fused kernels; the rank with the largest), in P/W. MagMax, average and task arithmetic form the task vector τ "
+        "chunk by chunk inside the fold (`ContinualMerge.fold_in_place`, as `ModelMerging` does); their row `W=1, τ whole` "
+        "forms τ whole first (1 P/W), as the other methods do. Times: rank 0's median boundary (task vector, fold and write) "
+        "and update (the fold; for the methods that form τ inside it, the check pass and the fold, τ's subtraction included).",
         "",
         "| method | setting | held per rank (P/W) | boundary peak (P/W) | boundary s | update / copy floor |",
         "|---|---|---|---|---|---|",
@@ -209,7 +218,10 @@ def main() -> None:
     results = {}
     for method, options in methods.items():
         for setting in SETTINGS:
-            spec = {"model": model_name, "method": method, "options": options, "setting": setting, "p_bytes": p_bytes}
+            if setting == "W=1, τ whole" and method not in STREAMED:
+                continue
+            spec = {"model": model_name, "method": method, "options": options, "setting": setting, "p_bytes": p_bytes,
+                    "whole_tau": setting == "W=1, τ whole"}
             print(f"{method:16s} {setting:16s} ...", flush=True)
             results[f"{method}|{setting}"] = run(spec)
     text = table(results, model_name, p_bytes)

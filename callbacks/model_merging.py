@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from cl_plugin._checks import check_bool, check_same_layout, check_scale, is_finite
-from cl_plugin.errors import CheckpointError, ConfigError, DtypeMismatchError, NonFiniteError, did_you_mean
+from cl_plugin.errors import CheckpointError, ConfigError, DivergedError, DtypeMismatchError, NonFiniteError, did_you_mean
 from cl_plugin.merging.continual import ContinualMerge, check_exclude, is_dtensor, merge_method_options
 from cl_plugin.callbacks._boundary_data import (
     DEFAULT_FISHER_BATCHES,
@@ -479,16 +479,26 @@ class ModelMerging(TaskBoundaryCallback):
     ) -> None:
         start = time.perf_counter()
         self.core.check_unchanged(pl_module, f"during experience {experience}")
-        try:
-            task_vector = self.core.task_vector(pl_module, trusted=True)  # folded below, never handed out
-        except NonFiniteError:
-            self.on_experience_diverged(trainer, pl_module, experience, at_fit_end)
-        fisher = self.experience_fisher(trainer, pl_module, experience, at_fit_end) if self._requires_fisher else None
         keep_current = at_fit_end and self.start_from == "finetuned"
-        kept = self.core.snapshot(pl_module) if keep_current else None
-        self.core.fold(task_vector, fisher=fisher)
-        self._fisher_cache = None
-        del fisher
+        if self.core.folds_in_place:
+            # τ formed chunk by chunk inside the fold: no buffer the size of the model.
+            kept = self.core.snapshot(pl_module) if keep_current else None
+            try:
+                task_norm = self.core.fold_in_place(pl_module)  # over the whole model (a collective when sharded)
+            except DivergedError:
+                self.on_experience_diverged(trainer, pl_module, experience, at_fit_end)
+        else:
+            try:
+                task_vector = self.core.task_vector(pl_module, trusted=True)  # folded below, never handed out
+            except DivergedError:
+                self.on_experience_diverged(trainer, pl_module, experience, at_fit_end)
+            fisher = self.experience_fisher(trainer, pl_module, experience, at_fit_end) if self._requires_fisher else None
+            kept = self.core.snapshot(pl_module) if keep_current else None
+            self.core.fold(task_vector, fisher=fisher)
+            self._fisher_cache = None
+            del fisher
+            task_norm = self.core.norm(task_vector)  # over the whole model (a collective when sharded)
+            del task_vector
         if self.validate_scale:
             # The grid is tried in the module; the fine-tuned weights the next experience
             # continues from are put back (at fit end `kept` holds them, and otherwise
@@ -499,10 +509,7 @@ class ModelMerging(TaskBoundaryCallback):
                 self.core.write(pl_module, restore)
             del restore
         elapsed = time.perf_counter() - start
-        # Over the whole model: under DDP or FSDP2 each rank holds slices (both are collectives).
-        norm = self.core.merged_norm()
-        task_norm = self.core.norm(task_vector)
-        del task_vector
+        norm = self.core.merged_norm()  # over the whole model (a collective when sharded)
         record = {
             "experience": experience,
             "merge_time_s": elapsed,

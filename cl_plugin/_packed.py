@@ -16,12 +16,12 @@ rules are elementwise).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["aligned_runs", "packed_like"]
+__all__ = ["STREAM_CHUNK_NUMEL", "aligned_runs", "difference_chunks", "packed_like", "run_spans"]
 
 
 def packed_like(
@@ -78,6 +78,23 @@ def _flat(tensors: Sequence[Tensor]) -> Tensor:
     return first.as_strided((total,), (1,), first.storage_offset())
 
 
+def run_spans(*lists: Sequence[Tensor]) -> list[tuple[int, int]]:
+    """The ``[i, j)`` position spans :func:`aligned_runs` joins (each a run of its own when it cannot join)."""
+    count = len(lists[0])
+    if any(len(tensors) != count for tensors in lists):
+        raise ValueError("aligned_runs needs lists of equal length.")
+    spans: list[tuple[int, int]] = []
+    start = 0
+    while start < count:
+        stop = start + 1
+        if all(tensors[start].is_contiguous() for tensors in lists):
+            while stop < count and all(_follows(tensors[stop - 1], tensors[stop]) for tensors in lists):
+                stop += 1
+        spans.append((start, stop))
+        start = stop
+    return spans
+
+
 def aligned_runs(*lists: Sequence[Tensor]) -> list[tuple[Tensor, ...]]:
     """Equal-length lists of equally sized tensors as few matching flat views as possible.
 
@@ -91,16 +108,60 @@ def aligned_runs(*lists: Sequence[Tensor]) -> list[tuple[Tensor, ...]]:
     Writing into a returned view writes into the tensors when they were
     contiguous; callers that write check that (the merger state always is).
     """
-    count = len(lists[0])
-    if any(len(tensors) != count for tensors in lists):
-        raise ValueError("aligned_runs needs lists of equal length.")
-    runs: list[tuple[Tensor, ...]] = []
-    start = 0
-    while start < count:
-        stop = start + 1
-        if all(tensors[start].is_contiguous() for tensors in lists):
-            while stop < count and all(_follows(tensors[stop - 1], tensors[stop]) for tensors in lists):
-                stop += 1
-        runs.append(tuple(_flat(tensors[start:stop]) for tensors in lists))
-        start = stop
-    return runs
+    return [tuple(_flat(tensors[i:j]) for tensors in lists) for i, j in run_spans(*lists)]
+
+
+#: Elements of τ formed at a time by :func:`difference_chunks` (1 MiB of float32): at least
+#: the size from which the fused kernels compile (``_kernels.COMPILE_MIN_NUMEL``).
+STREAM_CHUNK_NUMEL = 1 << 18
+
+
+def difference_chunks(
+    targets: Sequence[Sequence[Tensor]], base: Sequence[Tensor], live: Sequence[Tensor], chunk_numel: int | None = None
+) -> Iterator[tuple[Tensor, ...]]:
+    """Yield ``(target views ..., live − base)`` chunk by chunk, without forming ``live − base`` whole.
+
+    Args:
+        targets: lists of tensors to update (e.g. a merger's state roles), each
+            the shapes of ``base``; written through the yielded views.
+        base: the tensors subtracted (θ₀), packed or not.
+        live: the tensors subtracted from (the model's weights, any layout,
+            any device: each piece is moved to ``base``'s device).
+        chunk_numel: elements per chunk (default :data:`STREAM_CHUNK_NUMEL`).
+
+    The positions are walked in :func:`aligned_runs`'s runs of ``targets`` and
+    ``base``; each chunk of a run is one flat view of each target and one
+    scratch buffer holding ``live − base`` over the same elements, computed
+    with one subtraction per tensor piece, rounded as ``torch.sub`` rounds
+    it. A chunk spans tensor boundaries inside a run. The scratch buffer is
+    reused: consume each tuple before asking for the next.
+    """
+    size = chunk_numel or STREAM_CHUNK_NUMEL
+    scratch: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+    for i, j in run_spans(*targets, base):
+        flats = [_flat(tensors[i:j]) for tensors in targets]
+        base_flat = _flat(base[i:j])
+        key = (base_flat.dtype, base_flat.device)
+        if key not in scratch:
+            scratch[key] = torch.empty(size, dtype=base_flat.dtype, device=base_flat.device)
+        buffer = scratch[key]
+        chunk_start, fill, position = 0, 0, 0
+        for k in range(i, j):
+            source = live[k].reshape(-1)
+            numel, offset = source.numel(), 0
+            while offset < numel:
+                take = min(numel - offset, size - fill)
+                piece = source[offset : offset + take]
+                if piece.device != base_flat.device:
+                    piece = piece.to(base_flat.device)
+                at = position + offset
+                torch.sub(piece, base_flat[at : at + take], out=buffer[fill : fill + take])
+                fill += take
+                offset += take
+                if fill == size:
+                    yield (*(f[chunk_start : chunk_start + size] for f in flats), buffer)
+                    chunk_start += size
+                    fill = 0
+            position += numel
+        if fill:
+            yield (*(f[chunk_start : chunk_start + fill] for f in flats), buffer[:fill])

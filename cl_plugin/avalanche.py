@@ -39,6 +39,7 @@ from cl_plugin._checkpoint import check_format_version, check_tensor_dict, layou
 from cl_plugin._checks import check_same_layout, check_scale, is_finite
 from cl_plugin._io import atomic_output, logger
 from cl_plugin.errors import (
+    DivergedError,
     CheckpointError,
     ConfigError,
     NonFiniteError,
@@ -262,13 +263,14 @@ class MergingPlugin(SupervisedPlugin):
         self._in_experience = False
         self._bind(model, f"during experience {index}")
         self._check_layout(model, f"at the end of experience {index}")
-        try:
-            task_vector = self.core.task_vector(model, trusted=True)  # folded below, never handed out
-        except NonFiniteError:
-            self._diverged(strategy, index)
         kept = snapshot(model, self.core.all_names) if self.start_from == "finetuned" else None
-        self.core.fold(task_vector)
-        del task_vector
+        try:
+            if self.core.folds_in_place:  # τ formed chunk by chunk inside the fold
+                self.core.fold_in_place(model)
+            else:
+                self.core.fold(model)
+        except DivergedError:
+            self._diverged(strategy, index)
         self._kept_weights = kept
         self._folded_experiences.append(index)
         self._continues = True

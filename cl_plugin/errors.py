@@ -16,6 +16,7 @@ __all__ = [
     "StateDictMismatchError",
     "DtypeMismatchError",
     "NonFiniteError",
+    "DivergedError",
     "NoMatchingModulesError",
     "CheckpointError",
     "did_you_mean",
@@ -41,6 +42,10 @@ class DtypeMismatchError(StateDictMismatchError):
 
 class NonFiniteError(ClPluginError, ValueError):
     """A tensor holds NaN or infinity."""
+
+
+class DivergedError(NonFiniteError):
+    """The trained weights hold NaN or infinity, or moved too far from θ₀ to subtract: there is no task vector."""
 
 
 class NoMatchingModulesError(ClPluginError, ValueError):

@@ -162,6 +162,17 @@ def select_names(
     return kept
 
 
+def norm_of_norms(norms: Iterable[float]) -> float:
+    """The norm of several tensors together from their own norms (finite where they are, even past a double's squares)."""
+    norms = list(norms)
+    total = 0.0
+    for value in norms:
+        total += value * value
+    if math.isinf(total) and all(math.isfinite(v) for v in norms):
+        return math.hypot(*norms)  # the squares overflow a double; hypot does not
+    return math.sqrt(total)
+
+
 class TaskVector(Mapping[str, Tensor]):
     """A mapping from parameter name to the tensor θ_finetuned − θ_base.
 
@@ -514,13 +525,7 @@ class TaskVector(Mapping[str, Tensor]):
         Each tied tensor counts once. Finite whenever the entries are, even
         where the norm itself exceeds the tensors' dtype (it is a Python float).
         """
-        norms = [tensor_norm(t) for t in self._tensors.values()]
-        total = 0.0
-        for value in norms:
-            total += value * value
-        if math.isinf(total) and all(math.isfinite(v) for v in norms):
-            return math.hypot(*norms)  # the squares overflow a double; hypot does not
-        return math.sqrt(total)
+        return norm_of_norms(tensor_norm(t) for t in self._tensors.values())
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> TaskVector:
         """Return a copy on ``device`` and/or in floating-point ``dtype`` (the aliases are kept)."""

@@ -231,7 +231,8 @@ def run(rank: int, world: int, out: str, mode: str, store: str) -> None:
             saved = None
             for k, weights in enumerate(tasks):
                 write_full(model, weights)
-                core.fold(model)
+                # τ chunk by chunk where the rule allows (elementwise); the resumed core below folds whole τ
+                core.fold_in_place(model) if core.folds_in_place else core.fold(model)
                 if k == 1:
                     saved = core.state_dict()  # whole on rank 0
                     saved = [saved]

@@ -39,3 +39,6 @@ class AverageMerger(TaskArithmeticMerger):
     default_scale = 1.0
     def _finalize(self):
         return {n: t / self.num_tasks for n, t in self._state["sum"].items()}
+
+    def _finalize_one(self, name):
+        return self._state["sum"][name] / self.num_tasks

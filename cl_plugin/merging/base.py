@@ -36,10 +36,11 @@ from cl_plugin._checks import (
     finite_max_abs,
     is_finite,
     max_abs,
+    tensor_norm,
 )
 from cl_plugin.errors import CheckpointError, ConfigError, NonFiniteError, preview
-from cl_plugin._packed import aligned_runs, packed_like
-from cl_plugin.task_vectors import StateDictLike, TaskVector
+from cl_plugin._packed import aligned_runs, difference_chunks, packed_like
+from cl_plugin.task_vectors import StateDictLike, TaskVector, norm_of_norms
 
 __all__ = ["Merger", "accumulate_dtype"]
 
@@ -128,6 +129,14 @@ class Merger:
     #: places each 2-D tensor whole on its owner, which then folds it with no
     #: gather and no scatter. None: every tensor split evenly.
     whole_matrix_cost: ClassVar[Callable[[tuple[int, ...]], float] | None] = None
+    #: The rule is elementwise, adds the incoming entries themselves to its summed roles, and
+    #: reads the task vector only through :meth:`_fold_chunk` (MagMax, task arithmetic,
+    #: average): the boundary core can then form τ chunk by chunk inside the fold
+    #: (:meth:`update_streamed`), never whole.
+    streams: ClassVar[bool] = False
+    #: The merged vector is computed tensor by tensor (:meth:`_finalize_one`), so it can be
+    #: read one tensor at a time (:meth:`merged_one`) without the whole merge in memory.
+    finalizes_by_tensor: ClassVar[bool] = False
 
     def __init__(self, *, scale: float | None = None) -> None:
         self._scale = None if scale is None else check_scale(scale, f"{type(self).__name__}")
@@ -606,6 +615,100 @@ class Merger:
                     self._bounds[role][n] = bound
         self.num_tasks += 1
 
+    # -- τ formed chunk by chunk ------------------------------------------------------------------------
+    def can_stream(self) -> bool:
+        """True when :meth:`update_streamed` applies: :attr:`streams`, without DARE or a Fisher."""
+        return self.streams and self._dare is None and not self.requires_fisher
+
+    def streamed_bounds(self, largest: Mapping[str, float]) -> dict[tuple[str, str], float] | None:
+        """The summed roles' bounds after folding a task vector of magnitudes at most ``largest`` (name -> float).
+
+        None when a bound reaches its dtype's maximum: whether that fold
+        overflows can then be told only from the whole task vector
+        (:meth:`update` computes it exactly). ``{}`` for the first task.
+        """
+        bounds: dict[tuple[str, str], float] = {}
+        if not self.num_tasks:
+            return bounds
+        for role in self.summed_roles:
+            for n, value in largest.items():
+                info = torch.finfo(self._state[role][n].dtype)
+                bound = (self._bounds[role][n] + value) * (1.0 + 4.0 * info.eps)
+                if not bound <= info.max:
+                    return None
+                bounds[(role, n)] = bound
+        return bounds
+
+    def update_streamed(
+        self,
+        theta0: Mapping[str, Tensor],
+        live: Mapping[str, Tensor],
+        largest: Mapping[str, float],
+        bounds: Mapping[tuple[str, str], float],
+        observe: Callable[[Tensor], None] | None = None,
+    ) -> None:
+        """Fold τ = ``live`` − ``theta0`` without forming it whole: one chunk at a time inside the fold.
+
+        For the boundary core, which has already checked τ: it is finite, its
+        magnitudes are at most ``largest``, and ``bounds`` is what
+        :meth:`streamed_bounds` returned for them (not None). The result is
+        :meth:`update` on the whole τ, bit for bit: the chunks are rounded as
+        ``torch.sub`` rounds τ, and the rule is elementwise. Memory: one chunk
+        (:data:`cl_plugin._packed.STREAM_CHUNK_NUMEL` elements) besides the state.
+
+        Args:
+            theta0: θ₀ per name (packed, as the core keeps it); folded in the first task's order.
+            live: the weights per name, same shapes and dtypes (any layout and device).
+            largest, bounds: see above.
+            observe: called with each chunk of τ (e.g. to accumulate its norm).
+
+        Raises:
+            ConfigError: the method cannot stream (:meth:`can_stream`).
+            StateDictMismatchError: the names, shapes or dtypes differ from the first task's.
+        """
+        if not self.can_stream():
+            raise ConfigError(
+                f"The {self.name!r} merger cannot fold a task vector chunk by chunk (DARE, a Fisher, or a rule that "
+                "is not elementwise): call update(task_vector)."
+            )
+        names = list(theta0)
+        what = f"{self.name!r} merger, task {self.num_tasks + 1}"
+        if self.num_tasks:
+            check_same_layout(self._layout, theta0, what)
+            names = list(self._layout)  # the first task's order, as update() folds (e.g. after a load)
+        first = not self.num_tasks
+        saved = (self._layout, self._state, self._aliases)
+        try:
+            if first:
+                self._layout = {n: (tuple(t.shape), t.dtype) for n, t in theta0.items()}
+                self._aliases = {}
+                self._state = self._allocated(theta0)
+            roles = list(self.tensor_states)
+            with torch.no_grad():
+                for *state, incoming in difference_chunks(
+                    [[self._state[role][n] for n in names] for role in roles],
+                    [theta0[n] for n in names],
+                    [live[n] for n in names],
+                ):
+                    self._fold_chunk(first, *state, incoming)
+                    if observe is not None:
+                        observe(incoming)
+        except BaseException:
+            if first:
+                self._layout, self._state, self._aliases = saved
+            raise
+        if first:
+            self._bounds = {role: {n: float(largest[n]) for n in names} for role in self.summed_roles}
+        else:
+            for (role, n), bound in bounds.items():
+                self._bounds[role][n] = bound
+        self.num_tasks += 1
+
+    def _fold_chunk(self, first: bool, *views: Tensor) -> None:
+        """For a method that :attr:`streams`: fold one chunk, ``views`` = (a flat view of each state role, in
+        :attr:`tensor_states` order, then the chunk of τ); ``first`` is True for the first task (state zero)."""
+        raise NotImplementedError
+
     def _prepare(self, tv: TaskVector) -> None:
         """Work that every rank does for ``tv`` before the checks and the fold (e.g. a collective statistic)."""
 
@@ -727,23 +830,54 @@ class Merger:
         if not self.num_tasks:
             raise ConfigError(f"The {self.name!r} merger has no task yet; call update(task_vector) first.")
         with torch.no_grad():
-            out = self._finalize()
-            for n, t in out.items():
-                dtype = self._layout[n][1]
-                if t.dtype == dtype:
-                    continue
-                cast = t.to(dtype)
-                if not is_finite(cast):
-                    short = str(dtype).removeprefix("torch.")
-                    raise NonFiniteError(
-                        f"The {self.name!r} merger, tensor {n!r}: the merged value overflows {short}; its largest "
-                        f"magnitude is {max_abs(t):.6g} and {short} holds at most {torch.finfo(dtype).max:g}. The "
-                        f"merger's state (kept in {str(t.dtype).removeprefix('torch.')}) is unchanged. Fold "
-                        "task vectors in float32 from the first task (task_vector.to(dtype=torch.float32)), or use a "
-                        "method whose result stays in the inputs' range (e.g. 'average')."
-                    )
-                out[n] = cast
+            out = {n: self._in_input_dtype(n, t) for n, t in self._finalize().items()}
         return TaskVector(out, aliases=self._aliases, check_finite=False)
+
+    def _in_input_dtype(self, n: str, t: Tensor) -> Tensor:
+        """Merged tensor ``n`` cast to its input dtype; NonFiniteError if the cast overflows."""
+        dtype = self._layout[n][1]
+        if t.dtype == dtype:
+            return t
+        cast = t.to(dtype)
+        if not is_finite(cast):
+            short = str(dtype).removeprefix("torch.")
+            raise NonFiniteError(
+                f"The {self.name!r} merger, tensor {n!r}: the merged value overflows {short}; its largest "
+                f"magnitude is {max_abs(t):.6g} and {short} holds at most {torch.finfo(dtype).max:g}. The "
+                f"merger's state (kept in {str(t.dtype).removeprefix('torch.')}) is unchanged. Fold "
+                "task vectors in float32 from the first task (task_vector.to(dtype=torch.float32)), or use a "
+                "method whose result stays in the inputs' range (e.g. 'average')."
+            )
+        return cast
+
+    def merged_one(self, name: str) -> Tensor:
+        """Merged tensor ``name`` alone, in its input dtype, as :meth:`merged` gives it; read-only.
+
+        For a method that finalises tensor by tensor (:meth:`_finalize_one`)
+        only that tensor is computed (at most one tensor's worth of memory);
+        otherwise it is taken from :meth:`merged_view`. Valid until the next update.
+
+        Raises:
+            ConfigError: no task has been folded yet.
+            NonFiniteError: see :meth:`merged`.
+        """
+        if not self.num_tasks:
+            raise ConfigError(f"The {self.name!r} merger has no task yet; call update(task_vector) first.")
+        if not self.finalizes_by_tensor:
+            return self.merged_view()[name]
+        with torch.no_grad():
+            return self._in_input_dtype(name, self._finalize_one(name))
+
+    def merged_source(self) -> Callable[[str], Tensor]:
+        """name -> merged tensor, for reading the merge one tensor at a time: :meth:`merged_one` where the method
+        finalises tensor by tensor, else one :meth:`merged_view` taken now. Valid until the next update."""
+        if self.finalizes_by_tensor:
+            return self.merged_one
+        return self.merged_view().__getitem__
+
+    def _finalize_one(self, name: str) -> Tensor:
+        """For a method that :attr:`finalizes_by_tensor`: ``_finalize()[name]`` alone (a view of the state is fine)."""
+        raise NotImplementedError
 
     def merged_view(self) -> Mapping[str, Tensor]:
         """The merged task vector without copying it where the state already is it (MagMax, OPCM, random, DOP
@@ -758,12 +892,16 @@ class Merger:
         return self.merged()
 
     def merged_norm(self) -> float:
-        """‖merged()‖ over all tensors (a tied tensor once), without copying the state where the method allows it."""
+        """‖merged()‖ over all tensors (a tied tensor once), without copying the state where the method allows it
+        (or one tensor at a time, for a method that finalises tensor by tensor)."""
         if not self.num_tasks:
             raise ConfigError(f"The {self.name!r} merger has no task yet; call update(task_vector) first.")
         with torch.no_grad():
-            tensors = self._state[self.merged_role] if self.merged_role else self._finalize()
-            return TaskVector(tensors, check_finite=False).norm()
+            if self.merged_role:
+                return TaskVector(self._state[self.merged_role], check_finite=False).norm()
+            if self.finalizes_by_tensor:
+                return norm_of_norms(tensor_norm(self._finalize_one(n)) for n in self._layout)
+            return TaskVector(self._finalize(), check_finite=False).norm()
 
     def apply_to(self, base: StateDictLike, scale: float | None = None):
         """``base + scale · merged()``; ``scale=None`` uses :attr:`scale`. See :meth:`TaskVector.apply_to`.

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from cl_plugin._checkpoint import check_tensor_dict, read
 from cl_plugin._distributed_checkpoint import is_dtensor, shard_mesh_dim, sharded_view
 from cl_plugin._checks import check_bool, check_same_layout, check_scale, is_finite, max_abs
-from cl_plugin.errors import CheckpointError, ConfigError, NonFiniteError, did_you_mean, preview
+from cl_plugin.errors import CheckpointError, ConfigError, DivergedError, NonFiniteError, did_you_mean, preview
 from cl_plugin._packed import aligned_runs, packed_like
 from cl_plugin.merging.layout import ShardLayout, split_range
 from cl_plugin.merging.registry import MERGERS, get_merger
@@ -188,12 +188,23 @@ class ContinualMerge:
         self.statistic_names: list[str] = []  # averaged (statistics="average")
         self.aliases: dict[str, str] = {}
         self.float_names: list[str] | None = None  # every float entry of the module, to notice changes
-        self.theta0: dict[str, Tensor] | None = None
+        self._theta0: dict[str, Tensor] | None = None
+        self._theta0_largest: dict[str, float] = {}  # max |θ₀| per name, taken when first needed
         self._module_statistics: frozenset[str] = frozenset()
         #: This rank's slice of every merged tensor (None: unsharded); set by :meth:`bind`.
         self.layout: ShardLayout | None = None
 
     # -- the model ------------------------------------------------------------------------------------
+    @property
+    def theta0(self) -> dict[str, Tensor] | None:
+        """θ₀: this rank's part of each tensor (name -> tensor, flat when sharded), on :attr:`device`; None before it is taken."""
+        return self._theta0
+
+    @theta0.setter
+    def theta0(self, value: dict[str, Tensor] | None) -> None:
+        self._theta0 = value
+        self._theta0_largest = {}
+
     @property
     def num_tasks(self) -> int:
         return self.merger.num_tasks
@@ -458,21 +469,122 @@ class ContinualMerge:
     def _fold(self, tv: TaskVector, fisher: Mapping[str, Tensor] | None) -> TaskVector:
         weights = TaskVector({n: tv[n] for n in self.names}, check_finite=False)._with_stamp_of(tv)
         extras, weighted = self._fisher_extras(weights, fisher)
-        if not self.statistic_names:
+
+        def update() -> None:
             with weighted:
                 self.merger.update(weights, **extras)
-            return tv
+
+        statistics = TaskVector({n: tv[n] for n in self.statistic_names}, check_finite=False) if self.statistic_names else None
+        self._with_statistics(statistics, update)
+        return tv
+
+    def _with_statistics(self, statistics: TaskVector | None, update: Callable[[], None]) -> None:
+        """Fold the statistics' task vector, then run the merge's ``update``; on its failure undo the first."""
+        if statistics is None:
+            update()
+            return
         saved = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in self._statistics_merger.state_dict().items()}
-        self._statistics_merger.update(TaskVector({n: tv[n] for n in self.statistic_names}, check_finite=False))
+        self._statistics_merger.update(statistics)
         try:
-            with weighted:
-                self.merger.update(weights, **extras)
+            update()
         except BaseException:
             self._statistics_merger = get_merger("average")
             if saved["num_tasks"]:
                 self._statistics_merger.load_state_dict(saved)
             raise
-        return tv
+
+    @property
+    def folds_in_place(self) -> bool:
+        """True when :meth:`fold_in_place` forms τ chunk by chunk (MagMax, task arithmetic, average; no DARE)."""
+        return self.merger.can_stream()
+
+    def fold_in_place(self, module: nn.Module) -> float:
+        """Fold ``module``'s task vector without forming it whole; return ‖τ‖ over the whole model.
+
+        The same merge as :meth:`fold` bit for bit, in two passes over the
+        weights and no buffer the size of τ (one chunk,
+        :data:`cl_plugin._packed.STREAM_CHUNK_NUMEL` elements):
+
+        1. the check: τ = θ − θ₀ is finite when θ is and max |θ| + max |θ₀|
+           stays below the dtype's maximum, which one read of θ settles (max
+           |θ₀| is taken once); only a tensor whose bound fails has its τ
+           formed, to check it exactly;
+        2. the fold: the merger forms τ chunk by chunk and folds each
+           (:meth:`Merger.update_streamed`). The averaged normalisation
+           statistics are small and folded whole, as :meth:`fold` does.
+
+        When a sum could overflow by the bound (near the dtype's maximum), it
+        folds through :meth:`fold` instead, which decides that exactly. Under a
+        sharded layout every rank must call it (the ranks agree on every check).
+
+        Raises:
+            ConfigError: the method cannot fold in place (:attr:`folds_in_place`).
+            DivergedError: the weights hold NaN/inf, or θ − θ₀ overflows
+                (the tensor is named); nothing changed, on any rank.
+            NonFiniteError: the fold would overflow the merger's state (nothing changed).
+        """
+        if not self.folds_in_place:
+            raise ConfigError(
+                f"The {self.method!r} merge cannot form its task vector chunk by chunk (DARE, a Fisher, or a rule "
+                "that needs the whole task vector); use fold(module)."
+            )
+        state = module.state_dict()
+        live = {n: self.local(state[n], n) for n in self.all_names}
+        check_same_layout(self.theta0, live, "The model against θ₀")
+        largest, bad = self._difference_bounds(live)
+        self._agree(bad, lambda n: _task_vector_error(n, live))
+        bounds = self.merger.streamed_bounds({n: largest[n] for n in self.names})
+        loose = torch.tensor([int(bounds is None)])
+        if self.layout is not None and self.layout.distributed:
+            self.layout.all_reduce_(loose)
+        if int(loose):  # a sum near its dtype's maximum: decided exactly on the whole τ
+            return self.norm(self.fold(module))
+        squares = torch.zeros((), dtype=torch.float64, device=self.device)
+
+        def observe(chunk: Tensor) -> None:
+            squares.add_(torch.linalg.vector_norm(chunk, dtype=torch.float64).square())
+
+        statistics = None
+        if self.statistic_names:
+            with torch.no_grad():
+                statistics = TaskVector(
+                    {n: torch.sub(live[n].to(self.theta0[n].device), self.theta0[n]) for n in self.statistic_names},
+                    check_finite=False,
+                )
+            for t in statistics.values():
+                observe(t.reshape(-1))
+
+        def update() -> None:
+            self.merger.update_streamed(
+                {n: self.theta0[n] for n in self.names}, {n: live[n] for n in self.names}, largest, bounds, observe
+            )
+
+        self._with_statistics(statistics, update)
+        return self._combined_norm(math.sqrt(float(squares)))
+
+    def _difference_bounds(self, live: Mapping[str, Tensor]) -> tuple[dict[str, float], str | None]:
+        """An upper bound of |θ − θ₀| per name, and the first name whose θ − θ₀ is not finite (or None).
+
+        max |θ| + max |θ₀| bounds the difference before rounding, and rounding
+        is monotone, so below the dtype's maximum the difference is finite.
+        Where that bound fails (or θ holds NaN/inf), τ of that one tensor is
+        formed and checked exactly.
+        """
+        largest: dict[str, float] = {}
+        for n in self.all_names:
+            base = self.theta0[n]
+            if n not in self._theta0_largest:
+                self._theta0_largest[n] = max_abs(base)
+            bound = max_abs(live[n]) + self._theta0_largest[n]
+            if bound < torch.finfo(base.dtype).max:
+                largest[n] = bound
+                continue
+            with torch.no_grad():
+                exact = max_abs(torch.sub(live[n].to(base.device), base))
+            if not math.isfinite(exact):
+                return largest, n
+            largest[n] = exact
+        return largest, None
 
     def _fisher_extras(
         self, weights: TaskVector, fisher: Mapping[str, Tensor] | None
@@ -536,14 +648,20 @@ class ContinualMerge:
         if self.theta0 is None or not self.num_tasks:
             raise ConfigError("No experience has been merged yet: train at least one experience first.")
         value = self.scale if scale is None else scale
-        merged = dict(self.merger.merged_view())
-        if self.statistic_names:
-            averaged = self._statistics_merger.merged_view()
-            merged.update({n: averaged[n] for n in self.statistic_names})
-        scales = {n: (value if n in set(self.names) else 1.0) for n in merged}
+        # One merged tensor at a time (a method that finalises tensor by tensor, such as
+        # average, never holds the whole merge): once to check, once to write.
+        merged_names = set(self.names)
+        merger_source = self.merger.merged_source()
+        statistics_source = self._statistics_merger.merged_source() if self.statistic_names else None
+
+        def merged(n: str) -> Tensor:
+            return merger_source(n) if n in merged_names else statistics_source(n)
+
+        scales = {n: (value if n in merged_names else 1.0) for n in self.all_names}
         state = module.state_dict()
         bad = None
-        for n, m in merged.items():
+        for n in self.all_names:
+            m = merged(n)
             dtype = state[n].dtype
             if max_abs(self.theta0[n]) + scales[n] * max_abs(m) < torch.finfo(dtype).max:
                 continue
@@ -559,12 +677,13 @@ class ContinualMerge:
         )
         if self._module_statistics:
             _warn_invalid_statistics(
-                {n: torch.add(self.theta0[n], merged[n], alpha=scales[n]) for n in merged if n in self._module_statistics},
+                {n: torch.add(self.theta0[n], merged(n), alpha=scales[n]) for n in self.all_names if n in self._module_statistics},
                 self._module_statistics,
             )
         replicated = {}
         with torch.no_grad():
-            for n, m in merged.items():
+            for n in self.all_names:
+                m = merged(n)
                 dest = state[n]
                 local = self.local(dest, n)
                 local.copy_(self.theta0[n]).add_(m.to(device=local.device, dtype=local.dtype), alpha=scales[n])
@@ -803,18 +922,18 @@ def _first_not_finite(tensors: Mapping[str, Tensor]) -> str | None:
     return next((n for n, t in tensors.items() if not is_finite(t)), None)
 
 
-def _task_vector_error(name: str | None, live: Mapping[str, Tensor]) -> NonFiniteError:
+def _task_vector_error(name: str | None, live: Mapping[str, Tensor]) -> DivergedError:
     if name is None:
-        return NonFiniteError(
+        return DivergedError(
             "The weights hold NaN or infinite values on another rank: training diverged, and there is no task vector "
             "to fold."
         )
     if not is_finite(live[name]):
-        return NonFiniteError(
+        return DivergedError(
             f"The weights hold NaN or infinite values (in {name!r}): training diverged, and there is no task vector "
             "to fold."
         )
-    return NonFiniteError(
+    return DivergedError(
         f"θ − θ₀ overflows its dtype in {name!r}: the weights are finite but moved too far from θ₀ to subtract. "
         "Train in a wider dtype, or with a smaller learning rate."
     )

@@ -75,7 +75,10 @@ class Shard:
 
 
 #: The largest bucket (elements) that :meth:`ShardLayout.complete_in_place` packs small slices into.
-BROADCAST_BUCKET_NUMEL = 1 << 22
+#: 1M elements (4 MiB of float32): on ViT-S under DDP (gloo, 2 processes) a boundary took the
+#: same time as with 4M-element buckets, and its resident peak fell from about 1 P/W to near 0
+#: (benchmarks/scale.py).
+BROADCAST_BUCKET_NUMEL = 1 << 20
 
 
 class ShardLayout:

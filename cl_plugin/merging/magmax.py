@@ -48,10 +48,17 @@ class MagMaxMerger(Merger):
     tensor_states = {"merged": "same"}
     merged_role = "merged"
 
+    streams = True
+
     def _fold(self, tv: TaskVector) -> None:
-        if self._copy_first_task(tv):
-            return
+        first = not self.num_tasks
         for merged, incoming in self._runs(tv, "merged"):
+            self._fold_chunk(first, merged, incoming)
+
+    def _fold_chunk(self, first: bool, merged, incoming) -> None:
+        if first:
+            merged.copy_(incoming)
+        else:
             magmax_fold_(merged, incoming)
 
     def _finalize(self):

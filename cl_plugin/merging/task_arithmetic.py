@@ -41,9 +41,18 @@ class TaskArithmeticMerger(Merger):
     tensor_states = {"sum": "accumulate"}
     summed_roles = ("sum",)
 
+    streams = True
+    finalizes_by_tensor = True
+
     def _fold(self, tv: TaskVector) -> None:
         for total, incoming in self._runs(tv, "sum"):
-            total.add_(incoming)
+            self._fold_chunk(False, total, incoming)
+
+    def _fold_chunk(self, first: bool, total, incoming) -> None:
+        total.add_(incoming)  # the first task into zeros, as every later one
 
     def _finalize(self):
         return {n: t.clone() for n, t in self._state["sum"].items()}
+
+    def _finalize_one(self, name):
+        return self._state["sum"][name]

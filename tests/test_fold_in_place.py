@@ -1,0 +1,198 @@
+"""ContinualMerge.fold_in_place: τ formed chunk by chunk inside the fold, the same merge as fold(module) bit for bit."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import cl_plugin._packed as packed
+from cl_plugin.errors import ConfigError, DivergedError, NonFiniteError
+from cl_plugin.merging import get_merger
+from cl_plugin.merging.continual import ContinualMerge
+
+
+class Net(nn.Module):
+    """Tensors of several sizes (a chunk spans tensor boundaries), a BatchNorm, optionally a bfloat16 part."""
+
+    def __init__(self, mixed: bool = False):
+        super().__init__()
+        self.a = nn.Linear(9, 13)
+        self.norm = nn.BatchNorm1d(13)
+        self.b = nn.Linear(13, 5)
+        if mixed:
+            self.b.to(torch.bfloat16)
+
+
+def trained(model: nn.Module, task: int) -> None:
+    """Move every float tensor as a training run would (statistics too), deterministically per task."""
+    g = torch.Generator().manual_seed(100 + task)
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.add_((torch.randn(t.shape, generator=g) * 0.1).to(t.dtype))
+
+
+def states_equal(a: ContinualMerge, b: ContinualMerge) -> bool:
+    sa, sb = a.merger.state_dict(), b.merger.state_dict()
+    if sa.keys() != sb.keys():
+        return False
+    for k in sa:
+        if isinstance(sa[k], torch.Tensor):
+            if not (sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k])):
+                return False
+        elif sa[k] != sb[k]:
+            return False
+    ma, mb = a.merged_tensors(), b.merged_tensors()
+    return all(torch.equal(ma[n], mb[n]) for n in ma)
+
+
+def two_cores(method: str, model: nn.Module) -> tuple[ContinualMerge, ContinualMerge]:
+    cores = (ContinualMerge(method), ContinualMerge(method))
+    for core in cores:
+        core.bind(model)
+        core.capture_theta0(model)
+    return cores
+
+
+@pytest.mark.parametrize("method", ["magmax", "task_arithmetic", "average"])
+@pytest.mark.parametrize("mixed", [False, True])
+@pytest.mark.parametrize("chunk", [7, 64, None])
+def test_the_same_merge_as_fold_bit_for_bit(monkeypatch, method, mixed, chunk):
+    if chunk is not None:
+        monkeypatch.setattr(packed, "STREAM_CHUNK_NUMEL", chunk)
+    torch.manual_seed(0)
+    model = Net(mixed)
+    whole, streamed = two_cores(method, model)
+    assert streamed.folds_in_place
+    for task in range(3):
+        trained(model, task)
+        tv = whole.fold(model)
+        norm = streamed.fold_in_place(model)
+        assert states_equal(whole, streamed), task
+        assert math.isclose(norm, tv.norm(), rel_tol=1e-6)
+    assert streamed.num_tasks == 3 and streamed.statistic_names == ["norm.running_mean", "norm.running_var"]
+
+
+@pytest.mark.parametrize("in_place_after", [False, True])
+def test_a_checkpoint_of_the_streamed_merge_resumes(in_place_after):
+    torch.manual_seed(0)
+    model = Net()
+    whole, streamed = two_cores("magmax", model)
+    trained(model, 0)
+    whole.fold(model)
+    streamed.fold_in_place(model)
+    state = streamed.state_dict()
+    # a checkpoint may list the tensors in another order (e.g. safetensors sorts them)
+    state["merger"] = dict(state["merger"], input_dtypes=dict(reversed(list(state["merger"]["input_dtypes"].items()))))
+    resumed = ContinualMerge("magmax")
+    resumed.bind(model)
+    resumed.prepare_load(state, "test")()
+    for task in (1, 2):
+        trained(model, task)
+        whole.fold(model)
+        resumed.fold_in_place(model) if in_place_after else resumed.fold(model)
+        assert states_equal(whole, resumed)
+
+
+def test_diverged_weights_raise_before_anything_changes():
+    torch.manual_seed(0)
+    model = Net()
+    core, reference = two_cores("task_arithmetic", model)
+    trained(model, 0)
+    core.fold_in_place(model)
+    reference.fold_in_place(model)
+    trained(model, 1)
+    with torch.no_grad():
+        model.b.weight[2, 3] = float("nan")
+    with pytest.raises(DivergedError, match="'b.weight'"):
+        core.fold_in_place(model)
+    assert states_equal(core, reference) and core.num_tasks == 1
+
+
+def test_a_difference_that_overflows_is_found_although_the_weights_are_finite():
+    model = nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight.fill_(3e38)
+    core = ContinualMerge("magmax")
+    core.bind(model)
+    core.capture_theta0(model)
+    with torch.no_grad():
+        model.weight.fill_(-3e38)  # finite, but θ − θ₀ = -6e38 is not
+    with pytest.raises(DivergedError, match="overflows its dtype in 'weight'"):
+        core.fold_in_place(model)
+    assert core.num_tasks == 0
+
+
+def test_a_sum_near_the_dtype_maximum_is_decided_exactly():
+    # |θ₀| is near float32's maximum, so the bound |θ| + |θ₀| says little about τ (tiny here):
+    # the second task's sum bound passes the maximum, and the fold is checked on the whole τ instead.
+    model = nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight.fill_(1.5e38)
+    whole, streamed = two_cores("task_arithmetic", model)
+    for task in range(2):
+        with torch.no_grad():
+            model.weight.add_(1e32 * (task + 1))
+            model.bias.add_(0.5)
+        whole.fold(model)
+        streamed.fold_in_place(model)
+        assert states_equal(whole, streamed)
+
+
+def test_a_sum_that_overflows_is_refused_as_fold_refuses_it():
+    model = nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight.zero_()
+    whole, streamed = two_cores("task_arithmetic", model)
+    with torch.no_grad():
+        model.weight.fill_(2e38)
+    whole.fold(model)
+    streamed.fold_in_place(model)
+    before = {k: v.clone() for k, v in streamed.merger.state_dict().items() if isinstance(v, torch.Tensor)}
+    # τ = 2e38 again: finite, but the running sum 4e38 is not
+    with pytest.raises(NonFiniteError, match="would overflow"):
+        whole.fold(model)
+    with pytest.raises(NonFiniteError, match="would overflow") as raised:
+        streamed.fold_in_place(model)
+    assert not isinstance(raised.value, DivergedError)  # the weights are fine; the merge cannot take them
+    after = streamed.merger.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and streamed.num_tasks == 1
+
+
+@pytest.mark.parametrize("method, options", [("ties", {}), ("opcm", {}), ("magmax", {"dare": 0.3}), ("random", {})])
+def test_methods_that_need_the_whole_task_vector_say_so(method, options):
+    core = ContinualMerge(method, method_options=options)
+    model = nn.Linear(3, 2)
+    core.bind(model)
+    core.capture_theta0(model)
+    assert not core.folds_in_place
+    with pytest.raises(ConfigError, match="use fold\\(module\\)"):
+        core.fold_in_place(model)
+
+
+def test_the_merger_refuses_a_streamed_update_it_cannot_do():
+    with pytest.raises(ConfigError, match="call update\\(task_vector\\)"):
+        get_merger("ties").update_streamed({}, {}, {}, {})
+
+
+@pytest.mark.parametrize("method", ["average", "task_arithmetic", "magmax", "ties"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_merge_read_one_tensor_at_a_time_is_the_whole_merge(method, dtype):
+    # average and task arithmetic finalise tensor by tensor (write_merged never holds the whole
+    # merge); the other methods read theirs from one view; the values are merged()'s either way.
+    merger = get_merger(method)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        merger.update({"w": torch.randn(7, 5, generator=g).to(dtype), "b": torch.randn(5, generator=g).to(dtype)})
+    whole = merger.merged()
+    source = merger.merged_source()
+    for n in whole:
+        assert merger.merged_one(n).dtype == dtype
+        assert torch.equal(merger.merged_one(n), whole[n]) and torch.equal(source(n), whole[n])
+    if dtype == torch.float32:
+        assert merger.merged_norm() == whole.norm()
+    else:  # the norm is taken before the cast to bfloat16 (the state is float32)
+        assert math.isclose(merger.merged_norm(), whole.norm(), rel_tol=1e-2)
