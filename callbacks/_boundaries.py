@@ -35,6 +35,7 @@ from cl_plugin._checkpoint import (
 )
 from cl_plugin._distributed_checkpoint import extract_dtensors, has_placeholders, mesh_of, restore_placeholders
 from cl_plugin.errors import CheckpointError, ConfigError, NonFiniteError, StateDictMismatchError, preview
+from cl_plugin.merging.layout import cpu_group
 from cl_plugin.merging.continual import snapshot, write_into  # noqa: F401  (re-exported for the callbacks)
 
 
@@ -104,7 +105,7 @@ def parameter_fingerprint(module: LightningModule) -> list[float]:
                 sums[0] += float(torch.sum(p, dtype=torch.float64))
                 sums[1] += float(torch.linalg.vector_norm(p))
     if sharded:
-        torch.distributed.all_reduce(sums)
+        torch.distributed.all_reduce(sums, group=cpu_group())  # a CPU tensor: not through NCCL alone
     return sums.tolist()
 
 
@@ -399,7 +400,7 @@ class TaskBoundaryCallback(Callback):
             return
         self._restored_shards = False
         flag = torch.tensor([0 if error is None else 1])
-        torch.distributed.all_reduce(flag)
+        torch.distributed.all_reduce(flag, group=cpu_group())  # a CPU tensor: not through NCCL alone
         if int(flag) and error is None:
             raise CheckpointError(
                 f"Another process refused its shards of the checkpoint's {self.state_key} state (see its error); "

@@ -197,6 +197,12 @@ def as_a_distributed_checkpoint_holds(state):
 def run(rank: int, world: int, out: str, mode: str, store: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    import cl_plugin.merging.layout as layout_module
+
+    if world == 2:
+        # As if the process group were NCCL alone (Lightning's default on GPUs), which refuses CPU
+        # tensors: the core then runs its collectives over a gloo group of the same ranks it creates.
+        layout_module.takes_cpu_tensors = lambda group=None: False
     if world == 3:
         # Small buckets, so completing replicated tensors takes every path: slices broadcast alone
         # (>= one bucket), buckets flushed when full, and several slices packed into one.
@@ -276,7 +282,9 @@ def run(rank: int, world: int, out: str, mode: str, store: str) -> None:
                 )
             # the merged weights written back into the module
             resumed.write(model, resumed.merged_tensors())
+            own_group = any(g is core.layout.group for g in layout_module._CPU_GROUPS.values())
             results[method] = {
+                "own_gloo_group": own_group,
                 "equal": same,
                 "resumed_equal": same_resumed,
                 "written_equal": written_equal,

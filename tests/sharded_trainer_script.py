@@ -166,6 +166,12 @@ def fit(mode, method, options, root, model, ckpt_path=None, callbacks=(), stream
     return trainer, cb
 
 
+def continual_module_groups():
+    import cl_plugin.merging.layout as layout_module
+
+    return list(layout_module._CPU_GROUPS.values())
+
+
 def resume_on_one_process(out):
     """Resume the 2-process FSDP2 run's distributed checkpoint on one process: DCP reshards the state."""
     restored = RestoredState()
@@ -183,6 +189,12 @@ if __name__ == "__main__":
     if mode == "fsdp2-w1":
         resume_on_one_process(out)
         sys.exit(0)
+    if mode == "fsdp2":
+        # As if the process group were NCCL alone (Lightning's default on GPUs), which refuses CPU tensors:
+        # the core and the callbacks run their collectives over gloo copies of the groups.
+        import cl_plugin.merging.layout as layout_module
+
+        layout_module.takes_cpu_tensors = lambda group=None: False
     results = {}
     statistics = ["block1.1.running_mean", "block1.1.running_var"]
     # Under DDP, ModelMerging("opcm") alone places this small model's matrices whole on their
@@ -219,6 +231,7 @@ if __name__ == "__main__":
             expected, norms = unsharded_merge(method, options, recorder.theta0, recorder.ends, statistics)
             logged = cb.boundary_log[-1]
             outcome = {
+                "own_gloo_group": any(g is layout.group for g in continual_module_groups()),
                 "equals_unsharded_merge": all(torch.equal(final[n], expected[n]) for n in expected),
                 # the logged norms are the whole model's, not rank 0's slices (equal up to rounding)
                 "logged_norms": [

@@ -196,3 +196,79 @@ def test_the_merge_read_one_tensor_at_a_time_is_the_whole_merge(method, dtype):
         assert merger.merged_norm() == whole.norm()
     else:  # the norm is taken before the cast to bfloat16 (the state is float32)
         assert math.isclose(merger.merged_norm(), whole.norm(), rel_tol=1e-2)
+
+
+def test_theta0_written_in_place_is_bounded_again():
+    model = nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight.zero_()
+    core = ContinualMerge("magmax")
+    core.bind(model)
+    core.capture_theta0(model)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    core.fold_in_place(model)  # max |θ₀| (0) is taken here
+    core.theta0["weight"].fill_(3e38)  # in place: the bound taken before no longer holds
+    with torch.no_grad():
+        model.weight.fill_(-3e38)
+    with pytest.raises(DivergedError, match="'weight'"):
+        core.fold_in_place(model)
+    assert core.num_tasks == 1
+
+
+def test_a_subclass_that_changes_the_rule_does_not_inherit_the_chunked_fold():
+    from cl_plugin.merging.task_arithmetic import TaskArithmeticMerger
+
+    class HalfSum(TaskArithmeticMerger):
+        def _fold(self, tv):
+            for total, incoming in self._runs(tv, "sum"):
+                total.add_(incoming / 2)
+
+        def _finalize(self):
+            return {n: t * 2 for n, t in self._state["sum"].items()}
+
+    merger = HalfSum()
+    assert not merger.can_stream() and not merger.finalizes_by_tensor
+    merger.update({"w": torch.ones(3)})
+    assert torch.equal(merger.merged_one("w"), torch.ones(3)) and merger.merged_norm() == merger.merged().norm()
+
+
+def test_a_merge_of_nothing_but_statistics_is_refused_as_fold_refuses_it():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    core = ContinualMerge("magmax", exclude=["0.*", "1.weight", "1.bias"])
+    core.bind(model)
+    core.capture_theta0(model)
+    assert core.names == [] and core.statistic_names
+    trained(model, 0)
+    with pytest.raises(ConfigError, match="holds no floating-point tensor"):
+        core.fold(model)
+    with pytest.raises(ConfigError, match="holds no floating-point tensor"):
+        core.fold_in_place(model)
+    assert core.num_tasks == 0 and core._statistics_merger.num_tasks == 0
+
+
+def test_a_fold_interrupted_part_way_leaves_a_merger_that_refuses_to_be_used(monkeypatch):
+    torch.manual_seed(0)
+    model = Net()
+    core = ContinualMerge("task_arithmetic")
+    core.bind(model)
+    core.capture_theta0(model)
+    trained(model, 0)
+    core.fold_in_place(model)
+    monkeypatch.setattr(packed, "STREAM_CHUNK_NUMEL", 16)
+    calls = {"n": 0}
+    fold_chunk = type(core.merger)._fold_chunk
+
+    def failing(self, first, *views):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise MemoryError("simulated")
+        fold_chunk(self, first, *views)
+
+    monkeypatch.setattr(type(core.merger), "_fold_chunk", failing)
+    trained(model, 1)
+    with pytest.raises(MemoryError):
+        core.fold_in_place(model)
+    for use in (core.merger.state_dict, core.merger.merged, lambda: core.fold_in_place(model), lambda: core.write_merged(model)):
+        with pytest.raises(ConfigError, match="interrupted part-way"):
+            use()

@@ -44,6 +44,8 @@ def test_sharded_merge_equals_the_unsharded_one(tmp_path, world, mode):
     assert control == {"exact_same_on_ranks": True, "per_rank_differs": True}
     assert set(results) >= {"magmax", "average", "task_arithmetic", "random", "ties", "opcm", "dop", "task_arithmetic+dare"}
     for method, outcome in results.items():
+        # At W=2 the script plays a group that refuses CPU tensors (NCCL alone): the core made its own gloo group.
+        assert outcome.pop("own_gloo_group") == (world == 2), method
         whole_matrices = outcome.pop("matrices_whole")
         assert outcome == {"equal": True, "resumed_equal": True, "written_equal": True, "sharded": True}, method
         # Under a split the core chooses (DDP), OPCM's matrices sit whole on their owners; other rules split evenly.
@@ -78,7 +80,7 @@ def test_model_merging_in_a_sharded_trainer_equals_the_unsharded_merge(trainer_r
     # ModelMerging("opcm") beside ContinualEvaluation: the same merge as the evaluation's OPCM and as the
     # unsharded one, with the even split the evaluation's cores use (alone under DDP it places matrices whole).
     assert results.pop("opcm_beside_evaluation") == {
-        "equals_unsharded_merge": True, "logged_norms": [True, True], "num_tasks": 3, "sharded": True,
+        "own_gloo_group": mode == "fsdp2", "equals_unsharded_merge": True, "logged_norms": [True, True], "num_tasks": 3, "sharded": True,
         "matrices_whole": False, "equals_evaluation": True, "accuracies_finite": True, "evaluation_restored": True,
         # under FSDP2 the compared methods' states go through the distributed checkpoint, under DDP whole
         "evaluation_mergers_in_meta": ["reference" if mode == "fsdp2" else "tensor"],
@@ -86,6 +88,8 @@ def test_model_merging_in_a_sharded_trainer_equals_the_unsharded_merge(trainer_r
     assert set(results) == {"magmax", "ties", "opcm"}
     for method, outcome in results.items():
         whole = outcome.pop("matrices_whole")
+        # under FSDP2 the script plays a group that refuses CPU tensors: the core made its own gloo group
+        assert outcome.pop("own_gloo_group") == (mode == "fsdp2"), method
         assert outcome == {"equals_unsharded_merge": True, "logged_norms": [True, True], "num_tasks": 3, "sharded": True}, method
         assert whole == (method == "opcm" and mode == "ddp"), method
     if mode == "fsdp2":
@@ -133,3 +137,15 @@ def test_owner_rounds_cover_each_item_once_with_one_item_per_rank_and_round(worl
         mine = [cost[n] for r in rounds for n in r if owners[n] == rank]
         assert mine == sorted(mine, reverse=True)
     assert len(rounds) == max(sum(1 for n in cost if owners[n] == k) for k in range(world))
+
+
+@pytest.mark.parametrize(
+    "backend, cpu",
+    [("gloo", True), ("nccl", False), ("cpu:gloo,cuda:nccl", True), ("cuda:nccl", False), ("undefined", True), ("xccl", False)],
+)
+def test_which_process_groups_take_cpu_tensors(monkeypatch, backend, cpu):
+    # The core's collectives exchange CPU tensors; a group that cannot (NCCL alone) gets a gloo copy (cpu_group).
+    from cl_plugin.merging import layout
+
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: backend)
+    assert layout.takes_cpu_tensors() is cpu

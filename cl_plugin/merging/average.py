@@ -37,6 +37,9 @@ class AverageMerger(TaskArithmeticMerger):
 
     name = "average"
     default_scale = 1.0
+    # The fold is task arithmetic's; the finalisation divides tensor by tensor.
+    streams = True
+    finalizes_by_tensor = True
     def _finalize(self):
         return {n: t / self.num_tasks for n, t in self._state["sum"].items()}
 

@@ -148,6 +148,12 @@ class Merger:
         # whatever a subclass's options() returns: a checkpoint then records
         # them and load_state_dict compares them, whichever method it is.
         super().__init_subclass__(**kwargs)
+        # `streams` and `finalizes_by_tensor` promise that `_fold_chunk` / `_finalize_one` compute
+        # what this class's `_fold` / `_finalize` do: a subclass that overrides those would
+        # otherwise inherit the parent's chunk rule silently. Each class declares them itself.
+        for flag in ("streams", "finalizes_by_tensor"):
+            if flag not in cls.__dict__:
+                setattr(cls, flag, False)
         own = cls.__dict__.get("options")
         if own is not None and not getattr(own, "_adds_dare", False):
 
@@ -194,6 +200,7 @@ class Merger:
     # -- state -----------------------------------------------------------------
     def reset(self) -> None:
         """Forget every task folded so far."""
+        self._damaged = False
         self.num_tasks = 0
         self._layout: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self._state: dict[str, dict[str, Tensor]] = {role: {} for role in self.tensor_states}
@@ -243,6 +250,7 @@ class Merger:
         The tensors are the live state, not copies; clone them if the merger
         will keep updating after you store the dict in memory.
         """
+        self._check_intact()
         out: dict[str, Any] = {
             "format_version": STATE_FORMAT_VERSION,
             "method": self.name,
@@ -290,6 +298,7 @@ class Merger:
                 for n, t in by_name.items():
                     tensors[role][n].copy_(t.detach())
         # Every check has passed and every copy is made: nothing below can fail.
+        self._damaged = False
         self._state = tensors
         self._layout = loaded.layout
         self._scalars = loaded.scalars
@@ -553,6 +562,7 @@ class Merger:
 
         Nothing is modified when an error is raised.
         """
+        self._check_intact()
         what = f"{self.name!r} merger, task {self.num_tasks + 1}"
         if self.requires_fisher and fisher is None:
             raise ConfigError(
@@ -671,31 +681,42 @@ class Merger:
                 f"The {self.name!r} merger cannot fold a task vector chunk by chunk (DARE, a Fisher, or a rule that "
                 "is not elementwise): call update(task_vector)."
             )
+        self._check_intact()
         names = list(theta0)
         what = f"{self.name!r} merger, task {self.num_tasks + 1}"
+        if not names:
+            raise ConfigError(f"{self.name!r} merger: the task vector holds no floating-point tensor.")
         if self.num_tasks:
             check_same_layout(self._layout, theta0, what)
             names = list(self._layout)  # the first task's order, as update() folds (e.g. after a load)
         first = not self.num_tasks
         saved = (self._layout, self._state, self._aliases)
-        try:
-            if first:
+        if first:
+            try:
                 self._layout = {n: (tuple(t.shape), t.dtype) for n, t in theta0.items()}
                 self._aliases = {}
                 self._state = self._allocated(theta0)
-            roles = list(self.tensor_states)
+            except BaseException:
+                self._layout, self._state, self._aliases = saved
+                raise
+        roles = list(self.tensor_states)
+        try:
             with torch.no_grad():
                 for *state, incoming in difference_chunks(
                     [[self._state[role][n] for n in names] for role in roles],
                     [theta0[n] for n in names],
                     [live[n] for n in names],
                 ):
-                    self._fold_chunk(first, *state, incoming)
                     if observe is not None:
                         observe(incoming)
+                    if incoming.device != state[0].device:  # θ₀ and the state on different devices (e.g. after a resume)
+                        incoming = incoming.to(state[0].device)
+                    self._fold_chunk(first, *state, incoming)
         except BaseException:
             if first:
                 self._layout, self._state, self._aliases = saved
+            else:
+                self._damaged = True  # part of the chunks are folded: no state to go back to
             raise
         if first:
             self._bounds = {role: {n: float(largest[n]) for n in names} for role in self.summed_roles}
@@ -708,6 +729,15 @@ class Merger:
         """For a method that :attr:`streams`: fold one chunk, ``views`` = (a flat view of each state role, in
         :attr:`tensor_states` order, then the chunk of τ); ``first`` is True for the first task (state zero)."""
         raise NotImplementedError
+
+    def _check_intact(self) -> None:
+        """Raise if a fold was interrupted part-way (its state holds part of a task): nothing may use or save it."""
+        if self._damaged:
+            raise ConfigError(
+                f"The {self.name!r} merger's last fold was interrupted part-way (an error inside the fold itself, e.g. "
+                "out of memory), so its state holds part of a task. It cannot be used or saved: resume from the last "
+                "checkpoint, or reset() it."
+            )
 
     def _prepare(self, tv: TaskVector) -> None:
         """Work that every rank does for ``tv`` before the checks and the fold (e.g. a collective statistic)."""
@@ -827,6 +857,7 @@ class Merger:
                 overflows the input dtype (e.g. a float16 sum beyond 65504);
                 the state is unchanged.
         """
+        self._check_intact()
         if not self.num_tasks:
             raise ConfigError(f"The {self.name!r} merger has no task yet; call update(task_vector) first.")
         with torch.no_grad():
@@ -861,6 +892,7 @@ class Merger:
             ConfigError: no task has been folded yet.
             NonFiniteError: see :meth:`merged`.
         """
+        self._check_intact()
         if not self.num_tasks:
             raise ConfigError(f"The {self.name!r} merger has no task yet; call update(task_vector) first.")
         if not self.finalizes_by_tensor:
@@ -884,6 +916,7 @@ class Merger:
         with the inputs' dtypes): read-only views of the live state, valid until the next update. Other methods
         (and 16-bit inputs kept in float32) return :meth:`merged`.
         """
+        self._check_intact()
         if not self.num_tasks:
             raise ConfigError(f"The {self.name!r} merger has no task yet; call update(task_vector) first.")
         state = self._state.get(self.merged_role) if self.merged_role else None
@@ -894,6 +927,7 @@ class Merger:
     def merged_norm(self) -> float:
         """‖merged()‖ over all tensors (a tied tensor once), without copying the state where the method allows it
         (or one tensor at a time, for a method that finalises tensor by tensor)."""
+        self._check_intact()
         if not self.num_tasks:
             raise ConfigError(f"The {self.name!r} merger has no task yet; call update(task_vector) first.")
         with torch.no_grad():

@@ -39,9 +39,17 @@ from torch import Tensor, nn
 from cl_plugin._checkpoint import check_tensor_dict, read
 from cl_plugin._distributed_checkpoint import is_dtensor, shard_mesh_dim, sharded_view
 from cl_plugin._checks import check_bool, check_same_layout, check_scale, is_finite, max_abs
-from cl_plugin.errors import CheckpointError, ConfigError, DivergedError, NonFiniteError, did_you_mean, preview
+from cl_plugin.errors import (
+    CheckpointError,
+    ClPluginError,
+    ConfigError,
+    DivergedError,
+    NonFiniteError,
+    did_you_mean,
+    preview,
+)
 from cl_plugin._packed import aligned_runs, packed_like
-from cl_plugin.merging.layout import ShardLayout, split_range
+from cl_plugin.merging.layout import ShardLayout, cpu_group, cpu_mesh_group, split_range
 from cl_plugin.merging.registry import MERGERS, get_merger
 from cl_plugin.task_vectors import TaskVector, select_names, tied_aliases
 
@@ -189,7 +197,7 @@ class ContinualMerge:
         self.aliases: dict[str, str] = {}
         self.float_names: list[str] | None = None  # every float entry of the module, to notice changes
         self._theta0: dict[str, Tensor] | None = None
-        self._theta0_largest: dict[str, float] = {}  # max |θ₀| per name, taken when first needed
+        self._theta0_largest: dict[str, tuple[int, float]] = {}  # name -> (θ₀'s version, max |θ₀|)
         self._module_statistics: frozenset[str] = frozenset()
         #: This rank's slice of every merged tensor (None: unsharded); set by :meth:`bind`.
         self.layout: ShardLayout | None = None
@@ -283,6 +291,7 @@ class ContinualMerge:
         shapes = {n: tuple(t.shape) for n, t in tensors.items()}
         if not dtensors:
             rank, world, group = shard
+            group = cpu_group(group)  # the core's collectives exchange CPU tensors (NCCL alone refuses them)
             return ShardLayout.split(shapes, rank, world, group, whole_on=self._matrix_owners(shapes, rank, world, group))
         first = next(iter(dtensors.values()))
         dim = shard_mesh_dim(first)
@@ -290,7 +299,7 @@ class ContinualMerge:
         for t in dtensors.values():
             if shard_mesh_dim(t) != dim or t.device_mesh != mesh:
                 raise ConfigError("cl-plugin merges FSDP2 parameters sharded over one device mesh; this model uses several.")
-        group = mesh.get_group(dim)
+        group = cpu_mesh_group(mesh, dim)  # the core's collectives exchange CPU tensors (NCCL alone refuses them)
         rank, world = mesh.get_local_rank(dim), mesh.size(dim)
         local = {n: (t.to_local().numel() if is_dtensor(t) else None) for n, t in tensors.items()}
         layout = ShardLayout.from_local_sizes(shapes, local, rank, world, group)
@@ -489,6 +498,7 @@ class ContinualMerge:
             update()
         except BaseException:
             self._statistics_merger = get_merger("average")
+            self._statistics_merger.layout = self.layout
             if saved["num_tasks"]:
                 self._statistics_merger.load_state_dict(saved)
             raise
@@ -559,8 +569,30 @@ class ContinualMerge:
                 {n: self.theta0[n] for n in self.names}, {n: live[n] for n in self.names}, largest, bounds, observe
             )
 
-        self._with_statistics(statistics, update)
+        try:
+            self._with_statistics(statistics, update)
+        except BaseException as exc:
+            self._after_fold_on_every_rank(exc)
+            raise
+        self._after_fold_on_every_rank(None)
         return self._combined_norm(math.sqrt(float(squares)))
+
+    def _after_fold_on_every_rank(self, error: BaseException | None) -> None:
+        """In a sharded merge, raise on every rank when the fold itself failed on one (the others have folded).
+
+        The checks before the fold are agreed, so this is for a failure inside
+        it (e.g. out of memory): the ranks' merges now differ, and no rank may
+        go on as if the boundary had passed.
+        """
+        if self.layout is None or not self.layout.distributed:
+            return
+        flag = torch.tensor([0 if error is None else 1])
+        self.layout.all_reduce_(flag)
+        if int(flag) and error is None:
+            raise ClPluginError(
+                "The fold failed on another rank (see its error) after this rank had folded: the ranks' merges "
+                "differ now. Resume every rank from the last checkpoint."
+            )
 
     def _difference_bounds(self, live: Mapping[str, Tensor]) -> tuple[dict[str, float], str | None]:
         """An upper bound of |θ − θ₀| per name, and the first name whose θ − θ₀ is not finite (or None).
@@ -573,9 +605,12 @@ class ContinualMerge:
         largest: dict[str, float] = {}
         for n in self.all_names:
             base = self.theta0[n]
-            if n not in self._theta0_largest:
-                self._theta0_largest[n] = max_abs(base)
-            bound = max_abs(live[n]) + self._theta0_largest[n]
+            # Taken once per θ₀; again if θ₀ was written in place since (its version moved).
+            version, base_largest = self._theta0_largest.get(n, (None, 0.0))
+            if version != base._version:
+                base_largest = max_abs(base)
+                self._theta0_largest[n] = (base._version, base_largest)
+            bound = max_abs(live[n]) + base_largest
             if bound < torch.finfo(base.dtype).max:
                 largest[n] = bound
                 continue
@@ -651,26 +686,32 @@ class ContinualMerge:
         # One merged tensor at a time (a method that finalises tensor by tensor, such as
         # average, never holds the whole merge): once to check, once to write.
         merged_names = set(self.names)
-        merger_source = self.merger.merged_source()
-        statistics_source = self._statistics_merger.merged_source() if self.statistic_names else None
-
-        def merged(n: str) -> Tensor:
-            return merger_source(n) if n in merged_names else statistics_source(n)
-
         scales = {n: (value if n in merged_names else 1.0) for n in self.all_names}
         state = module.state_dict()
-        bad = None
-        for n in self.all_names:
-            m = merged(n)
-            dtype = state[n].dtype
-            if max_abs(self.theta0[n]) + scales[n] * max_abs(m) < torch.finfo(dtype).max:
-                continue
-            if not is_finite(torch.add(self.theta0[n], m.to(dtype), alpha=scales[n])):
-                bad = n
-                break
+        bad, failure = None, None
+        try:
+            merger_source = self.merger.merged_source()
+            statistics_source = self._statistics_merger.merged_source() if self.statistic_names else None
+
+            def merged(n: str) -> Tensor:
+                return merger_source(n) if n in merged_names else statistics_source(n)
+
+            for n in self.all_names:
+                m = merged(n)
+                dtype = state[n].dtype
+                if max_abs(self.theta0[n]) + scales[n] * max_abs(m) < torch.finfo(dtype).max:
+                    continue
+                if not is_finite(torch.add(self.theta0[n], m.to(dtype), alpha=scales[n])):
+                    bad = n
+                    break
+        except NonFiniteError as exc:  # the merge itself overflows its input dtype (one rank may see it alone)
+            failure = exc
+            bad = "?"
         self._agree(
             bad,
-            lambda n: NonFiniteError(
+            lambda n: failure
+            if failure is not None
+            else NonFiniteError(
                 f"θ₀ + {value}·merged overflows its dtype in tensor {n!r} (on this or another rank). Use a smaller "
                 "`scale`, or train in a wider dtype."
             ),
@@ -826,7 +867,7 @@ class ContinualMerge:
                     "dim 0. Resume with FSDP2's default sharding (fully_shard without shard_placement_fn)."
                 )
             return local.reshape(-1).to(self.device)
-        return whole.reshape(-1)[shard.start : shard.stop].clone()
+        return whole.reshape(-1)[shard.start : shard.stop].to(self.device, copy=True)
 
     def prepare_load(
         self,

@@ -27,6 +27,7 @@ import math
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -40,6 +41,54 @@ __all__ = [
     "kth_smallest_magnitude",
     "split_range",
 ]
+
+
+def takes_cpu_tensors(group=None) -> bool:
+    """Whether the process group's backend runs collectives on CPU tensors (gloo, or e.g. ``"cpu:gloo,cuda:nccl"``).
+
+    A group started with ``"nccl"`` alone (Lightning's default on GPUs) does not.
+    """
+    name = str(torch.distributed.get_backend(group)).lower()
+    if ":" in name:
+        return any(part.split(":", 1)[0].strip() == "cpu" for part in name.split(","))
+    return name in ("gloo", "mpi", "undefined", "fake")
+
+
+_CPU_GROUPS: dict[tuple, Any] = {}
+
+
+def cpu_group(group=None):
+    """``group`` (None: the default group) if it takes CPU tensors, else a gloo group over the same ranks.
+
+    The core's collectives exchange CPU tensors (θ₀ and the merger's state
+    live on the CPU by default, and its flags and counts always do), which a
+    group started with NCCL alone refuses. The gloo group is created once;
+    the first call is collective: every rank must make it, in the same order.
+    Only the default group is supported here (:func:`cpu_mesh_group` for a
+    device mesh's groups).
+    """
+    if takes_cpu_tensors(group):
+        return group
+    if group is not None and group is not torch.distributed.group.WORLD:
+        raise ValueError("cpu_group supports the default group; use cpu_mesh_group for a device mesh's groups.")
+    key = ("world",)
+    if key not in _CPU_GROUPS:
+        _CPU_GROUPS[key] = torch.distributed.new_group(backend="gloo")
+    return _CPU_GROUPS[key]
+
+
+def cpu_mesh_group(mesh, dim: int):
+    """The group of mesh dimension ``dim``, or the same group of a CPU (gloo) copy of ``mesh`` when the
+    mesh's group does not take CPU tensors (:func:`cpu_group`). The first call is collective over every rank."""
+    group = mesh.get_group(dim)
+    if takes_cpu_tensors(group):
+        return group
+    key = ("mesh", tuple(mesh.mesh.shape), tuple(mesh.mesh.flatten().tolist()), dim)
+    if key not in _CPU_GROUPS:
+        from torch.distributed.device_mesh import DeviceMesh
+
+        _CPU_GROUPS[key] = DeviceMesh("cpu", mesh.mesh.clone(), mesh_dim_names=mesh.mesh_dim_names).get_group(dim)
+    return _CPU_GROUPS[key]
 
 
 def split_range(numel: int, rank: int, world: int) -> tuple[int, int]:
