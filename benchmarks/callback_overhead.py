@@ -235,7 +235,11 @@ def worker_boundary(spec: dict) -> dict:
 
     callback = ModelMerging(method=spec["method"])
     datamodule = SimpleNamespace(current_experience=0)
-    trainer = SimpleNamespace(loggers=[], global_step=0, world_size=1, optimizers=[], datamodule=datamodule)
+    # What the callback reads of its Trainer (one process, no checkpointing).
+    trainer = SimpleNamespace(
+        loggers=[], global_step=0, world_size=1, optimizers=[], datamodule=datamodule, callbacks=[callback],
+        ckpt_path=None, checkpoint_callbacks=[], strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj),
+    )
     generator = torch.Generator().manual_seed(1)
 
     def train_a_little():
@@ -432,7 +436,8 @@ def format_section(command: str, info: dict, load: tuple, overhead: dict, big: l
             f"holds: the resident set barely moves. On {spec['big_model']}: {len(big)} fresh process(es) of {spec['experiences']} experiences each, one "
             "thread, with glibc's `MALLOC_MMAP_THRESHOLD_=65536` so that freed tensors leave the resident set (with "
             "the default allocator the first boundary's transient buffers stay cached in the process and later "
-            "boundaries reuse them). Inside a boundary, the fold itself (snapshot, τ, `merger.update`, as "
+            "boundaries reuse them). Inside a boundary, the fold itself (the check pass and τ formed chunk by chunk "
+            "inside the merger's update, `ContinualMerge.fold_in_place`, as "
             f"`boundary_log` records it) took a median {_median([s for r in big for s in r['fold_s']]) * 1e3:.0f} ms; "
             f"the logged norm of the merged vector {_median([r['norm']['s'] for r in big]) * 1e3:.0f} ms (peak "
             f"{_fmt(_median([r['norm']['peak_mb'] for r in big]), '.0f')} MB, `merger.merged_norm()`); each of the "
