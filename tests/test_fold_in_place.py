@@ -57,6 +57,17 @@ def two_cores(method: str, model: nn.Module) -> tuple[ContinualMerge, ContinualM
     return cores
 
 
+def folded_once(method: str, first_way: str, second_way: str) -> tuple[nn.Module, ContinualMerge, ContinualMerge]:
+    """A model trained on one task, and two cores that folded it, each by ``fold`` or ``fold_in_place``."""
+    torch.manual_seed(0)
+    model = Net()
+    first, second = two_cores(method, model)
+    trained(model, 0)
+    getattr(first, first_way)(model)
+    getattr(second, second_way)(model)
+    return model, first, second
+
+
 @pytest.mark.parametrize("method", ["magmax", "task_arithmetic", "average"])
 @pytest.mark.parametrize("mixed", [False, True])
 @pytest.mark.parametrize("chunk", [7, 64, None])
@@ -78,12 +89,7 @@ def test_the_same_merge_as_fold_bit_for_bit(monkeypatch, method, mixed, chunk):
 
 @pytest.mark.parametrize("in_place_after", [False, True])
 def test_a_checkpoint_of_the_streamed_merge_resumes(in_place_after):
-    torch.manual_seed(0)
-    model = Net()
-    whole, streamed = two_cores("magmax", model)
-    trained(model, 0)
-    whole.fold(model)
-    streamed.fold_in_place(model)
+    model, whole, streamed = folded_once("magmax", "fold", "fold_in_place")
     state = streamed.state_dict()
     # a checkpoint may list the tensors in another order (e.g. safetensors sorts them)
     state["merger"] = dict(state["merger"], input_dtypes=dict(reversed(list(state["merger"]["input_dtypes"].items()))))
@@ -98,12 +104,7 @@ def test_a_checkpoint_of_the_streamed_merge_resumes(in_place_after):
 
 
 def test_diverged_weights_raise_before_anything_changes():
-    torch.manual_seed(0)
-    model = Net()
-    core, reference = two_cores("task_arithmetic", model)
-    trained(model, 0)
-    core.fold_in_place(model)
-    reference.fold_in_place(model)
+    model, core, reference = folded_once("task_arithmetic", "fold_in_place", "fold_in_place")
     trained(model, 1)
     with torch.no_grad():
         model.b.weight[2, 3] = float("nan")
