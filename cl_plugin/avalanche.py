@@ -39,9 +39,9 @@ from cl_plugin._checkpoint import check_format_version, check_tensor_dict, layou
 from cl_plugin._checks import check_same_layout, check_scale, is_finite
 from cl_plugin._io import atomic_output, logger
 from cl_plugin.errors import (
-    DivergedError,
     CheckpointError,
     ConfigError,
+    DivergedError,
     NonFiniteError,
     StateDictMismatchError,
     did_you_mean,

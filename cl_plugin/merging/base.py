@@ -691,16 +691,12 @@ class Merger:
             names = list(self._layout)  # the first task's order, as update() folds (e.g. after a load)
         first = not self.num_tasks
         saved = (self._layout, self._state, self._aliases)
-        if first:
-            try:
+        roles = list(self.tensor_states)
+        try:
+            if first:
                 self._layout = {n: (tuple(t.shape), t.dtype) for n, t in theta0.items()}
                 self._aliases = {}
                 self._state = self._allocated(theta0)
-            except BaseException:
-                self._layout, self._state, self._aliases = saved
-                raise
-        roles = list(self.tensor_states)
-        try:
             with torch.no_grad():
                 for *state, incoming in difference_chunks(
                     [[self._state[role][n] for n in names] for role in roles],
@@ -748,12 +744,7 @@ class Merger:
         Without it one rank would refuse a task that the others fold, and the
         ranks' states would part. No-op on one process.
         """
-        layout = self.layout
-        if layout is None or not layout.distributed:
-            return
-        flag = torch.tensor([0 if error is None else 1])
-        layout.all_reduce_(flag)
-        if int(flag) and error is None:
+        if self.layout is not None and self.layout.any_rank(error is not None) and error is None:
             raise NonFiniteError(
                 f"{what}: another rank refused its slice of this task vector (see its error); nothing was "
                 "changed on any rank."

@@ -411,14 +411,19 @@ class ContinualMerge:
 
     def _agree(self, bad: str | None, error: Callable[[str | None], Exception]) -> None:
         """Raise ``error(name)`` on every rank when any rank found a bad tensor (``bad``), so no rank goes on alone."""
-        if self.layout is None or not self.layout.distributed:
-            if bad is not None:
-                raise error(bad)
-            return
-        flag = torch.tensor([0 if bad is None else 1])
-        self.layout.all_reduce_(flag)
-        if int(flag):
+        if self._any_rank(bad is not None):
             raise error(bad)
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is True on any (``flag`` itself when unsharded)."""
+        return flag if self.layout is None else self.layout.any_rank(flag)
+
+    def _live(self, module: nn.Module) -> dict[str, Tensor]:
+        """This rank's part of each of the module's tensors that θ₀ holds, read in place; checked against θ₀."""
+        state = module.state_dict()
+        live = {n: self.local(state[n], n) for n in self.all_names}
+        check_same_layout(self.theta0, live, "The model against θ₀")
+        return live
 
     # -- boundaries ------------------------------------------------------------------------------------
     def task_vector(self, module: nn.Module, *, trusted: bool = False) -> TaskVector:
@@ -434,9 +439,7 @@ class ContinualMerge:
         Raises:
             NonFiniteError: the module's weights hold NaN/inf (the message names them).
         """
-        state = module.state_dict()
-        live = {n: self.local(state[n], n) for n in self.all_names}
-        check_same_layout(self.theta0, live, "The model against θ₀")
+        live = self._live(module)
         # Packed (one buffer per dtype), so the merger folds it in one pass; the
         # live weights are read in place, not copied first.
         tau = packed_like(self.theta0, fill=None)
@@ -538,16 +541,11 @@ class ContinualMerge:
                 f"The {self.method!r} merge cannot form its task vector chunk by chunk (DARE, a Fisher, or a rule "
                 "that needs the whole task vector); use fold(module)."
             )
-        state = module.state_dict()
-        live = {n: self.local(state[n], n) for n in self.all_names}
-        check_same_layout(self.theta0, live, "The model against θ₀")
+        live = self._live(module)
         largest, bad = self._difference_bounds(live)
         self._agree(bad, lambda n: _task_vector_error(n, live))
         bounds = self.merger.streamed_bounds({n: largest[n] for n in self.names})
-        loose = torch.tensor([int(bounds is None)])
-        if self.layout is not None and self.layout.distributed:
-            self.layout.all_reduce_(loose)
-        if int(loose):  # a sum near its dtype's maximum: decided exactly on the whole τ
+        if self._any_rank(bounds is None):  # a sum near its dtype's maximum: decided exactly on the whole τ
             return self.norm(self.fold(module))
         squares = torch.zeros((), dtype=torch.float64, device=self.device)
 
@@ -584,11 +582,7 @@ class ContinualMerge:
         it (e.g. out of memory): the ranks' merges now differ, and no rank may
         go on as if the boundary had passed.
         """
-        if self.layout is None or not self.layout.distributed:
-            return
-        flag = torch.tensor([0 if error is None else 1])
-        self.layout.all_reduce_(flag)
-        if int(flag) and error is None:
+        if self._any_rank(error is not None) and error is None:
             raise ClPluginError(
                 "The fold failed on another rank (see its error) after this rank had folded: the ranks' merges "
                 "differ now. Resume every rank from the last checkpoint."

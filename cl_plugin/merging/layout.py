@@ -244,6 +244,12 @@ class ShardLayout:
             torch.distributed.all_reduce(tensor, group=self.group)
         return tensor
 
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is True on any (one ``all_reduce`` of one integer; ``flag`` on one process)."""
+        if not self.distributed:
+            return flag
+        return bool(self.all_reduce_(torch.tensor([int(flag)])))
+
     def holds_whole(self, name: str, rank: int) -> bool:
         """Whether rank ``rank`` holds all of tensor ``name`` (the same answer on every rank)."""
         return self._slice_sizes(name)[rank] == self.shards[name].numel
