@@ -17,6 +17,7 @@ rules are elementwise).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -117,8 +118,12 @@ STREAM_CHUNK_NUMEL = 1 << 18
 
 
 def difference_chunks(
-    targets: Sequence[Sequence[Tensor]], base: Sequence[Tensor], live: Sequence[Tensor], chunk_numel: int | None = None
-) -> Iterator[tuple[Tensor, ...]]:
+    targets: Sequence[Sequence[Tensor]],
+    base: Sequence[Tensor],
+    live: Sequence[Tensor],
+    chunk_numel: int | None = None,
+    pieces: bool = False,
+) -> Iterator[tuple[Any, ...]]:
     """Yield ``(target views ..., live − base)`` chunk by chunk, without forming ``live − base`` whole.
 
     Args:
@@ -128,6 +133,9 @@ def difference_chunks(
         live: the tensors subtracted from (the model's weights, any layout,
             any device: each piece is moved to ``base``'s device).
         chunk_numel: elements per chunk (default :data:`STREAM_CHUNK_NUMEL`).
+        pieces: also yield, last, what the chunk is made of: a list of
+            ``(index into base, offset in that tensor's flattened elements, length)``
+            in chunk order (for a rule that depends on an element's position).
 
     The positions are walked in :func:`aligned_runs`'s runs of ``targets`` and
     ``base``; each chunk of a run is one flat view of each target and one
@@ -146,6 +154,7 @@ def difference_chunks(
             scratch[key] = torch.empty(size, dtype=base_flat.dtype, device=base_flat.device)
         buffer = scratch[key]
         chunk_start, fill, position = 0, 0, 0
+        made_of: list[tuple[int, int, int]] = []
         for k in range(i, j):
             source = live[k].reshape(-1)
             numel, offset = source.numel(), 0
@@ -156,12 +165,14 @@ def difference_chunks(
                     piece = piece.to(base_flat.device)
                 at = position + offset
                 torch.sub(piece, base_flat[at : at + take], out=buffer[fill : fill + take])
+                if pieces:
+                    made_of.append((k, offset, take))
                 fill += take
                 offset += take
                 if fill == size:
-                    yield (*(f[chunk_start : chunk_start + size] for f in flats), buffer)
+                    yield (*(f[chunk_start : chunk_start + size] for f in flats), buffer, *([made_of] if pieces else []))
                     chunk_start += size
-                    fill = 0
+                    fill, made_of = 0, []
             position += numel
         if fill:
-            yield (*(f[chunk_start : chunk_start + fill] for f in flats), buffer[:fill])
+            yield (*(f[chunk_start : chunk_start + fill] for f in flats), buffer[:fill], *([made_of] if pieces else []))

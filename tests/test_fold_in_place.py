@@ -68,7 +68,7 @@ def folded_once(method: str, first_way: str, second_way: str) -> tuple[nn.Module
     return model, first, second
 
 
-@pytest.mark.parametrize("method", ["magmax", "task_arithmetic", "average"])
+@pytest.mark.parametrize("method", ["magmax", "task_arithmetic", "average", "ties", "random"])
 @pytest.mark.parametrize("mixed", [False, True])
 @pytest.mark.parametrize("chunk", [7, 64, None])
 def test_the_same_merge_as_fold_bit_for_bit(monkeypatch, method, mixed, chunk):
@@ -85,6 +85,27 @@ def test_the_same_merge_as_fold_bit_for_bit(monkeypatch, method, mixed, chunk):
         assert states_equal(whole, streamed), task
         assert math.isclose(norm, tv.norm(), rel_tol=1e-6)
     assert streamed.num_tasks == 3 and streamed.statistic_names == ["norm.running_mean", "norm.running_var"]
+
+
+@pytest.mark.parametrize("top_k", [1.0, 0.5, 1e-3])
+def test_ties_streamed_trims_at_the_whole_task_vector_threshold(top_k):
+    # top_k=1 keeps everything (no selection pass at all).
+    torch.manual_seed(0)
+    model = Net(mixed=True)
+    whole, streamed = (ContinualMerge("ties", method_options={"top_k": top_k}) for _ in range(2))
+    for core in (whole, streamed):
+        core.bind(model)
+        core.capture_theta0(model)
+    numel = sum(whole.theta0[n].numel() for n in whole.names)
+    for task in range(3):
+        trained(model, task)
+        whole.fold(model)
+        streamed.fold_in_place(model)
+        assert states_equal(whole, streamed), task
+        if task == 0:  # the defining property: the top ⌊d·top_k⌋ magnitudes of the whole τ are kept (no ties here)
+            state = streamed.merger.state_dict()
+            kept = sum(int(state[k].sum()) for k in state if k.startswith(("pos_count.", "neg_count.")))
+            assert kept == int(numel * top_k) + (top_k < 1)
 
 
 @pytest.mark.parametrize("in_place_after", [False, True])
@@ -163,7 +184,7 @@ def test_a_sum_that_overflows_is_refused_as_fold_refuses_it():
     assert all(torch.equal(before[k], after[k]) for k in before) and streamed.num_tasks == 1
 
 
-@pytest.mark.parametrize("method, options", [("ties", {}), ("opcm", {}), ("magmax", {"dare": 0.3}), ("random", {})])
+@pytest.mark.parametrize("method, options", [("ties", {"dare": 0.3}), ("opcm", {}), ("magmax", {"dare": 0.3}), ("random", {"dare": 0.5})])
 def test_methods_that_need_the_whole_task_vector_say_so(method, options):
     core = ContinualMerge(method, method_options=options)
     model = nn.Linear(3, 2)
@@ -176,7 +197,7 @@ def test_methods_that_need_the_whole_task_vector_say_so(method, options):
 
 def test_the_merger_refuses_a_streamed_update_it_cannot_do():
     with pytest.raises(ConfigError, match="call update\\(task_vector\\)"):
-        get_merger("ties").update_streamed({}, {}, {}, {})
+        get_merger("opcm").update_streamed({}, {}, {}, {})
 
 
 @pytest.mark.parametrize("method", ["average", "task_arithmetic", "magmax", "ties"])

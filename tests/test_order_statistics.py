@@ -34,6 +34,7 @@ def _cases() -> dict[str, list[torch.Tensor]]:
         "sixty decades": [torch.randn(n // 2, generator=g) * 1e-30, torch.randn(n // 2, generator=g) * 1e30],
         "float64": [torch.randn(n, generator=g, dtype=torch.float64)],
         "two scales": [torch.cat([torch.randn(n // 2, generator=g) * 1e-6, torch.randn(n // 2, generator=g)])],
+        "subnormals and signed zeros": [torch.tensor([0.0, -0.0, 1e-45, -1e-45, 3e-42, -1e-39, 1e-38, 2.0])],
     }
 
 
@@ -49,7 +50,7 @@ def test_kth_smallest_magnitude_equals_kthvalue(case, fraction):
     assert layout.kth_smallest_magnitude(tensors, k) == float(torch.kthvalue(magnitudes, k).values)
 
 
-@pytest.mark.parametrize("case", ["gaussian, three tensors", "bfloat16 (many ties)", "two scales"])
+@pytest.mark.parametrize("case", ["gaussian, three tensors", "bfloat16 (many ties)", "two scales", "float64"])
 def test_every_path_of_the_selection_gives_the_same_value(case, monkeypatch):
     tensors = CASES[case]
     magnitudes = torch.cat([t.abs().float().flatten() for t in tensors])
@@ -61,26 +62,42 @@ def test_every_path_of_the_selection_gives_the_same_value(case, monkeypatch):
         packed[i].copy_(t)
     assert len(aligned_runs(list(packed.values()))) == len({t.dtype for t in tensors})
     assert layout.kth_smallest_magnitude(packed.values(), k) == expected
-    # No counting pass at all: the rows holding the whole range are selected from.
-    monkeypatch.setattr(layout, "_MAX_COUNT_PASSES", 0)
-    assert layout.kth_smallest_magnitude(tensors, k) == expected
-    # Count until a single value is left (never stop early for a small bracket).
-    monkeypatch.setattr(layout, "_MAX_COUNT_PASSES", 64)
-    monkeypatch.setattr(layout, "_FEW", 0)
+    # Chunks of any size, as a task vector formed on the fly arrives.
+    for size in (7, 1000, 1 << 18):
+        chunks = [piece for t in tensors for piece in t.reshape(-1).split(size)]
+        assert layout.kth_smallest_magnitude_of(lambda: chunks, k) == expected
+    # Pieces that mix the compiled and the eager rule, and int32 counts flushed often.
+    monkeypatch.setattr(_kernels, "SELECT_CHUNK_NUMEL", _kernels.COMPILE_MIN_NUMEL + 3)
+    monkeypatch.setattr(_kernels, "_INT32_ROOM", 3 * _kernels.COMPILE_MIN_NUMEL)
     assert layout.kth_smallest_magnitude(tensors, k) == expected
     # The eager rules, as where no compiler is installed.
     monkeypatch.setitem(_kernels._compile_state, "failed", True)
     assert layout.kth_smallest_magnitude(tensors, k) == expected
 
 
-def test_a_smooth_task_vector_takes_a_few_counting_passes(monkeypatch):
-    passes = []
-    count_below = layout.count_below
-    monkeypatch.setattr(layout, "count_below", lambda x, t: passes.append(1) or count_below(x, t))
+@pytest.mark.parametrize("high", [None, 0x3C23, 0])
+def test_the_histograms_count_the_magnitude_bit_patterns(high, monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    x = torch.cat([torch.randn(300_000, generator=g) * 0.01, torch.tensor([0.0, -0.0, 1e-45, -1e-40, float("inf")])])
+    bits = x.abs().view(torch.int32).long()
+    if high is None:
+        expected = torch.bincount(bits >> 16, minlength=_kernels.HIGH_BINS)
+    else:
+        expected = torch.bincount(bits[(bits >> 16) == high] & 0xFFFF, minlength=_kernels.LOW_BINS)
+    for compiled in (True, False):
+        monkeypatch.setitem(_kernels._compile_state, "failed", not compiled)
+        histogram = _kernels.MagnitudeHistogram(high)
+        for piece in x.split(100_003):
+            histogram.add(piece)
+        assert torch.equal(histogram.counts(), expected)
+
+
+def test_the_selection_reads_the_data_twice():
     x = torch.randn(4_000_000, generator=torch.Generator().manual_seed(1))
     k = int(x.numel() * 0.8)
-    assert layout.kth_smallest_magnitude([x], k) == float(torch.kthvalue(x.abs(), k).values)
-    assert 1 <= len(passes) <= 3
+    reads = []
+    assert layout.kth_smallest_magnitude_of(lambda: reads.append(1) or [x], k) == float(torch.kthvalue(x.abs(), k).values)
+    assert len(reads) == 2
 
 
 def test_k_outside_the_data_is_refused():

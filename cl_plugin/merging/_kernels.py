@@ -34,10 +34,9 @@ from torch import Tensor
 
 __all__ = [
     "CHUNK_NUMEL",
+    "MagnitudeHistogram",
     "COMPILE_MIN_NUMEL",
-    "count_below",
     "magmax_fold_",
-    "magnitudes_in",
     "random_fold_",
     "random_select_",
     "splitmix_draws",
@@ -176,70 +175,86 @@ def ties_fold_(
         ns.add_(s)
 
 
-#: Elements per piece of the order-statistics passes: large, so each compiled call pays its dispatch once.
+#: Elements per piece of a histogram pass: large, so each compiled call pays its dispatch once.
 SELECT_CHUNK_NUMEL = 1 << 24
-#: Thresholds per counting pass of :func:`count_below` (fixed, so the compiled rule is built once).
-COUNT_THRESHOLDS = 3
-#: Elements per row of :func:`rows_holding`: a row is the unit the final selection copies.
-ROW_NUMEL = 1 << 10
+#: Bins of the first radix pass: bits 16 to 30 of a magnitude's float32 pattern (bit 31, the sign, is dropped).
+HIGH_BINS = 1 << 15
+#: Bins of the second radix pass: bits 0 to 15, among the magnitudes in one first-pass bin.
+LOW_BINS = 1 << 16
+# Counts are kept in int32 on the data's device and moved to an int64 total before they could overflow.
+_INT32_ROOM = (1 << 31) - 1
 
 
-def _count_below_rule(x: Tensor, thresholds: Tensor) -> Tensor:
-    a = x.abs().to(torch.float32)
-    return torch.stack([(a < thresholds[i]).sum() for i in range(COUNT_THRESHOLDS)])
+def _magnitude_bits(x: Tensor) -> Tensor:
+    """The float32 bit pattern of ``|x|`` as int32 (non-negative, ordered as the magnitudes are)."""
+    single = x if x.dtype == torch.float32 else x.to(torch.float32)
+    return single.view(torch.int32) & 0x7FFFFFFF
 
 
-def _rows_holding_rule(rows: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-    a = rows.abs().to(torch.float32)
-    return ((a >= lo) & (a < hi)).sum(dim=1)
+def _high_histogram_rule(counts: Tensor, x: Tensor) -> None:
+    bits = _magnitude_bits(x)
+    counts.index_add_(0, bits >> 16, torch.ones_like(bits))
 
 
-def _run_compiled(name: str, rule, *args):
-    """``rule(*args)``, compiled when the compiler is on and the input large enough; eager otherwise."""
-    if args[0].numel() >= COMPILE_MIN_NUMEL and _compile_enabled():
-        try:
-            return _compiled(name, rule)(*args)
-        except Exception as exc:  # no compiler, unsupported device, ...
-            _compile_state["failed"] = True
-            warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); running {name} eagerly.", stacklevel=3)
-    return rule(*args)
+def _low_histogram_rule(counts: Tensor, x: Tensor, high: Tensor) -> None:
+    # Every element adds to a bin (0 where its high bits differ): no branch, no compaction.
+    bits = _magnitude_bits(x)
+    counts.index_add_(0, bits & 0xFFFF, ((bits >> 16) == high).to(torch.int32))
 
 
-def count_below(x: Tensor, thresholds: list[float]) -> list[int]:
-    """``[#(|x| < t) for t in thresholds]`` over the flat ``x``, magnitudes in float32: one fused read of ``x``.
+class MagnitudeHistogram:
+    """Counts of float32 magnitude bit patterns, one radix pass of an exact selection.
 
-    Args:
-        x: any shape, floating point.
-        thresholds: exactly :data:`COUNT_THRESHOLDS` float32-representable values.
+    ``high=None``: the first pass, ``HIGH_BINS`` bins by bits 16-30 of the
+    pattern of ``|x|`` (as float32: a float64 beyond float32's range counts as
+    inf, a 16-bit value exactly). ``high=b``: the second pass, ``LOW_BINS``
+    bins by bits 0-15, among the magnitudes whose first-pass bin is ``b``.
+    The counts are integers, so they do not depend on how the data is split
+    into calls, on the device, or on the compiled or eager path. Memory: the
+    bins, no temporary the size of ``x`` beyond one piece of
+    :data:`SELECT_CHUNK_NUMEL` elements.
     """
-    ts = torch.tensor(thresholds, dtype=torch.float32, device=x.device)
-    counts = torch.zeros(COUNT_THRESHOLDS, dtype=torch.int64)
-    flat = x.reshape(-1)
-    for start in range(0, flat.numel(), SELECT_CHUNK_NUMEL):
-        counts += _run_compiled("count_below", _count_below_rule, flat[start : start + SELECT_CHUNK_NUMEL], ts).cpu()
-    return [int(c) for c in counts]
 
+    def __init__(self, high: int | None = None) -> None:
+        self.high = high
+        self._bins = HIGH_BINS if high is None else LOW_BINS
+        self._total = torch.zeros(self._bins, dtype=torch.int64)
+        self._pending: Tensor | None = None
+        self._pending_numel = 0
 
-def magnitudes_in(x: Tensor, lo: float, hi: float) -> Tensor:
-    """The float32 magnitudes of the flat ``x`` in ``[lo, hi)``, in element order.
+    def add(self, x: Tensor) -> None:
+        """Count the elements of ``x`` (any shape, floating point, no NaN)."""
+        flat = x.detach().reshape(-1)
+        for start in range(0, flat.numel(), SELECT_CHUNK_NUMEL):
+            piece = flat[start : start + SELECT_CHUNK_NUMEL]
+            if self._pending is None or self._pending.device != piece.device or self._pending_numel + piece.numel() > _INT32_ROOM:
+                self._flush()
+                self._pending = torch.zeros(self._bins, dtype=torch.int32, device=piece.device)
+            self._pending_numel += piece.numel()
+            if self.high is None:
+                rule, name, args = _high_histogram_rule, "high_histogram", ()
+            else:
+                rule, name = _low_histogram_rule, "low_histogram"
+                args = (torch.tensor(self.high, dtype=torch.int32, device=piece.device),)
+            if piece.numel() >= COMPILE_MIN_NUMEL and _compile_enabled():
+                try:
+                    _compiled(name, rule)(self._pending, piece, *args)
+                    continue
+                except Exception as exc:  # no compiler, unsupported device, ...
+                    _compile_state["failed"] = True
+                    warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); counting eagerly.", stacklevel=2)
+            for sub in piece.split(CHUNK_NUMEL):  # no temporary larger than a cache-sized chunk
+                rule(self._pending, sub, *args)
 
-    Meant for a narrow interval: one fused pass counts the hits per row of
-    :data:`ROW_NUMEL` elements (no mask the size of ``x``), and only the rows
-    that hold one are copied and filtered.
-    """
-    flat = x.reshape(-1)
-    lo_t = torch.tensor(lo, dtype=torch.float32, device=flat.device)
-    hi_t = torch.tensor(hi, dtype=torch.float32, device=flat.device)
-    body = flat.numel() - flat.numel() % ROW_NUMEL
-    pieces = []
-    for start in range(0, body, SELECT_CHUNK_NUMEL):
-        rows = flat[start : min(start + SELECT_CHUNK_NUMEL, body)].view(-1, ROW_NUMEL)
-        hits = _run_compiled("rows_holding", _rows_holding_rule, rows, lo_t, hi_t).nonzero().reshape(-1)
-        if hits.numel():
-            pieces.append(rows.index_select(0, hits).reshape(-1))
-    pieces.append(flat[body:])
-    a = torch.cat(pieces).abs().to(torch.float32)
-    return a[(a >= lo_t) & (a < hi_t)]
+    def counts(self) -> Tensor:
+        """The counts so far, int64 on the CPU (``HIGH_BINS`` or ``LOW_BINS`` of them)."""
+        self._flush()
+        return self._total
+
+    def _flush(self) -> None:
+        if self._pending is not None:
+            self._total += self._pending.cpu()
+            self._pending, self._pending_numel = None, 0
 
 
 # -- counter-based draws: a pure function of (key, element index) -------------------------------------------

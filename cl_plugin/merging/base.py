@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -129,11 +129,16 @@ class Merger:
     #: places each 2-D tensor whole on its owner, which then folds it with no
     #: gather and no scatter. None: every tensor split evenly.
     whole_matrix_cost: ClassVar[Callable[[tuple[int, ...]], float] | None] = None
-    #: The rule is elementwise, adds the incoming entries themselves to its summed roles, and
-    #: reads the task vector only through :meth:`_fold_chunk` (MagMax, task arithmetic,
-    #: average): the boundary core can then form τ chunk by chunk inside the fold
-    #: (:meth:`update_streamed`), never whole.
+    #: The rule is elementwise (given what :meth:`_prepare_streamed` reads from whole passes
+    #: over τ, e.g. TIES's threshold), adds the incoming entries themselves to its summed
+    #: roles, and reads the task vector only through :meth:`_fold_chunk` and
+    #: :meth:`_prepare_streamed` (MagMax, task arithmetic, average, TIES): the boundary core
+    #: can then form τ chunk by chunk inside the fold (:meth:`update_streamed`), never whole.
     streams: ClassVar[bool] = False
+    #: With :attr:`streams`: the rule depends on each element's position (random selection's
+    #: draws), so :meth:`_fold_chunk` also gets ``pieces=[(name, offset, length), ...]``, what
+    #: the chunk is made of in order (offset: in this rank's flattened slice of ``name``).
+    chunk_pieces: ClassVar[bool] = False
     #: The merged vector is computed tensor by tensor (:meth:`_finalize_one`), so it can be
     #: read one tensor at a time (:meth:`merged_one`) without the whole merge in memory.
     finalizes_by_tensor: ClassVar[bool] = False
@@ -151,7 +156,7 @@ class Merger:
         # `streams` and `finalizes_by_tensor` promise that `_fold_chunk` / `_finalize_one` compute
         # what this class's `_fold` / `_finalize` do: a subclass that overrides those would
         # otherwise inherit the parent's chunk rule silently. Each class declares them itself.
-        for flag in ("streams", "finalizes_by_tensor"):
+        for flag in ("streams", "chunk_pieces", "finalizes_by_tensor"):
             if flag not in cls.__dict__:
                 setattr(cls, flag, False)
         own = cls.__dict__.get("options")
@@ -692,22 +697,29 @@ class Merger:
         first = not self.num_tasks
         saved = (self._layout, self._state, self._aliases)
         roles = list(self.tensor_states)
+        bases, lives = [theta0[n] for n in names], [live[n] for n in names]
+        self._prepare_streamed(
+            {n: theta0[n] for n in names}, lambda: (chunk for (chunk,) in difference_chunks([], bases, lives))
+        )
         try:
             if first:
                 self._layout = {n: (tuple(t.shape), t.dtype) for n, t in theta0.items()}
                 self._aliases = {}
                 self._state = self._allocated(theta0)
             with torch.no_grad():
+                positional = self.chunk_pieces
                 for *state, incoming in difference_chunks(
-                    [[self._state[role][n] for n in names] for role in roles],
-                    [theta0[n] for n in names],
-                    [live[n] for n in names],
+                    [[self._state[role][n] for n in names] for role in roles], bases, lives, pieces=positional
                 ):
+                    extras = {}
+                    if positional:
+                        extras["pieces"] = [(names[k], offset, length) for k, offset, length in incoming]
+                        *state, incoming = state
                     if observe is not None:
                         observe(incoming)
                     if incoming.device != state[0].device:  # θ₀ and the state on different devices (e.g. after a resume)
                         incoming = incoming.to(state[0].device)
-                    self._fold_chunk(first, *state, incoming)
+                    self._fold_chunk(first, *state, incoming, **extras)
         except BaseException:
             if first:
                 self._layout, self._state, self._aliases = saved
@@ -725,6 +737,13 @@ class Merger:
         """For a method that :attr:`streams`: fold one chunk, ``views`` = (a flat view of each state role, in
         :attr:`tensor_states` order, then the chunk of τ); ``first`` is True for the first task (state zero)."""
         raise NotImplementedError
+
+    def _prepare_streamed(self, theta0: Mapping[str, Tensor], passes: Callable[[], Iterable[Tensor]]) -> None:
+        """Before a streamed fold, on every rank: what the rule needs from the whole τ first (TIES: its threshold).
+
+        ``passes()`` yields τ's chunks afresh at each call (each read forms
+        them again from the weights); ``theta0`` are the tensors they cover.
+        """
 
     def _check_intact(self) -> None:
         """Raise if a fold was interrupted part-way (its state holds part of a task): nothing may use or save it."""

@@ -508,7 +508,7 @@ class ContinualMerge:
 
     @property
     def folds_in_place(self) -> bool:
-        """True when :meth:`fold_in_place` forms τ chunk by chunk (MagMax, task arithmetic, average; no DARE)."""
+        """True when :meth:`fold_in_place` forms τ chunk by chunk (MagMax, task arithmetic, average, TIES; no DARE)."""
         return self.merger.can_stream()
 
     def fold_in_place(self, module: nn.Module) -> float:

@@ -32,13 +32,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cl_plugin.merging._kernels import COUNT_THRESHOLDS, count_below, magnitudes_in
+from cl_plugin.merging._kernels import MagnitudeHistogram
 from cl_plugin._packed import aligned_runs
 
 __all__ = [
     "Shard",
     "ShardLayout",
     "kth_smallest_magnitude",
+    "kth_smallest_magnitude_of",
     "split_range",
 ]
 
@@ -418,144 +419,67 @@ class ShardLayout:
 
 
 # -- exact distributed order statistics ---------------------------------------------------------------------
-_SAMPLE = 1 << 16
-
-
-def _gather_varying(local: Tensor, layout: ShardLayout | None) -> Tensor:
-    """The concatenation, in rank order, of every rank's 1-D ``local`` (sizes may differ)."""
-    if layout is None or not layout.distributed:
-        return local
-    size = torch.tensor([local.numel()], dtype=torch.int64)
-    sizes = [torch.zeros_like(size) for _ in range(layout.world)]
-    torch.distributed.all_gather(sizes, size, group=layout.group)
-    width = max(int(s) for s in sizes) or 1
-    padded = local.new_zeros(width)
-    padded[: local.numel()] = local
-    parts = [torch.empty_like(padded) for _ in range(layout.world)]
-    torch.distributed.all_gather(parts, padded, group=layout.group)
-    return torch.cat([p[: int(n)] for p, n in zip(parts, sizes)])
-
-
 def _float_of(bits: int) -> float:
     """The float32 whose bit pattern is the non-negative int32 ``bits``."""
     return struct.unpack("<f", struct.pack("<i", bits))[0]
 
 
-def _bits_of(value: float) -> int:
-    """The bit pattern of the non-negative float32 nearest ``value``."""
-    return struct.unpack("<i", struct.pack("<f", value))[0]
-
-
-#: The bit pattern of float32 +inf: every finite magnitude's pattern is below it.
-_INF_BITS = 0x7F800000
-#: Counting passes narrow the bracket until it holds at most this many magnitudes (over all ranks) ...
-_FEW = 1 << 10
-#: ... or for at most this many passes; then the rows holding the bracket are copied and selected from.
-_MAX_COUNT_PASSES = 6
-
-
 def kth_smallest_magnitude(tensors: Iterable[Tensor], k: int, layout: ShardLayout | None = None) -> float:
     """The ``k``-th smallest ``|x|`` (1-based, as ``torch.kthvalue``) over every element of ``tensors`` on every rank.
 
-    Exact, and with no temporary the size of the data: the answer's float32
-    bit pattern is bracketed in ``[L, H]``, with ``#(|x| < f(L)) < k <=
-    #(|x| < f(H + 1))``, and each pass counts the magnitudes below three
-    thresholds inside the bracket in one fused read (:func:`count_below`,
-    one ``all_reduce`` of three counts), keeping the sub-bracket that holds
-    the answer. The first pass takes its thresholds from a strided sample
-    (gathered from every rank); later ones interpolate the answer's position
-    inside the bracket, plus ``L + 1`` (is the answer ``f(L)`` itself? this
-    ends at once on a value many entries share, such as 0) and, when the last
-    pass did not halve the bracket, its midpoint. Once the bracket holds at
-    most :data:`_FEW` magnitudes (or after :data:`_MAX_COUNT_PASSES` passes),
-    the rows that hold them are copied (:func:`magnitudes_in`), every rank
-    gathers them, and ``torch.kthvalue`` picks the answer among them. The
-    result equals ``torch.kthvalue(torch.cat([t.abs().float().flatten() ...]), k)``
-    over every rank's tensors, whatever their split.
-
-    Args:
-        tensors: this rank's values (any shapes, floating point, finite).
-            Tensors packed in one buffer (:mod:`cl_plugin._packed`) are read in one call.
-        k: 1 <= k <= the total number of elements over all ranks.
-        layout: the ranks to count over (None: this process only).
+    :func:`kth_smallest_magnitude_of` with one pass = the tensors themselves
+    (tensors packed in one buffer, :mod:`cl_plugin._packed`, are read in one call).
     """
     tensors = [t.detach() for t in tensors if t.numel()]
     flats = [run for (run,) in aligned_runs(tensors)] if tensors else []
-    local_numel = sum(f.numel() for f in flats)
-    stride = max(1, local_numel // _SAMPLE)
-    empty = torch.zeros(0, dtype=torch.float32)
-    sample = torch.cat([f[::stride].float().abs().cpu() for f in flats]) if flats else empty
-    sample = _gather_varying(sample, layout).sort().values
-    total = torch.tensor([local_numel], dtype=torch.int64)
-    if layout is not None:
-        layout.all_reduce_(total)
-    total = int(total)
+    return kth_smallest_magnitude_of(lambda: flats, k, layout)
+
+
+def kth_smallest_magnitude_of(
+    passes: Callable[[], Iterable[Tensor]], k: int, layout: ShardLayout | None = None
+) -> float:
+    """The ``k``-th smallest ``|x|`` over the values that each call of ``passes()`` yields, on every rank.
+
+    An exact radix selection on the float32 bit patterns of the magnitudes
+    (a non-negative float32 orders as its pattern does), in two reads of the
+    data and no temporary the size of it (:class:`~cl_plugin.merging._kernels.MagnitudeHistogram`):
+
+    1. a histogram of bits 16-30 of every pattern, summed over the ranks (one
+       ``all_reduce`` of 32,768 counts), gives the bin that holds the answer
+       and how many magnitudes lie below it;
+    2. a histogram of bits 0-15 of the patterns in that bin (one ``all_reduce``
+       of 65,536 counts) gives the rest of the answer's pattern.
+
+    Every rank computes the same value, equal to
+    ``torch.kthvalue(torch.cat([t.abs().float().flatten() ...]), k)`` over
+    every rank's values, whatever their split into chunks and ranks.
+
+    Args:
+        passes: returns a fresh iterable over this rank's values (tensors of
+            any shape, floating point, no NaN) each time it is called; it is
+            called twice. E.g. the chunks of a task vector formed on the fly.
+        k: 1 <= k <= the number of values over all ranks.
+        layout: the ranks to count over (None: this process only).
+    """
+    high_counts = _histogram(passes(), None, layout)
+    total = int(high_counts.sum())
     if not 1 <= k <= total:
         raise ValueError(f"k={k} is outside [1, {total}].")
-
-    def counts_below(bit_thresholds: list[int]) -> list[int]:
-        values = [_float_of(b) for b in bit_thresholds]
-        counts = torch.zeros(len(values), dtype=torch.int64)
-        for f in flats:
-            counts += torch.tensor(count_below(f, values))
-        if layout is not None:
-            layout.all_reduce_(counts)
-        return [int(c) for c in counts]
-
-    low, high, below_low, below_high = 0, _INF_BITS - 1, 0, total
-    if any(f.dtype == torch.float64 for f in flats):
-        # A float64 magnitude above float32's maximum is inf in float32, outside the bracket.
-        below_high = counts_below([_INF_BITS] * COUNT_THRESHOLDS)[0]
-        if k > below_high:
-            return math.inf
-    # First guesses: the sample's quantiles 3 standard errors either side of k / total.
-    n = sample.numel()
-    q = k / total
-    margin = 3.0 * math.sqrt(max(q * (1 - q), 1.0 / max(n, 1)) / max(n, 1)) + 2.0 / max(n, 1)
-    guesses = [float(sample[i]) for i in (math.floor((q - margin) * n), math.ceil((q + margin) * n)) if 0 <= i < n]
-    halved = True
-    for _ in range(_MAX_COUNT_PASSES):
-        if low == high or below_high - below_low <= _FEW:
-            break
-        width = high - low
-        if guesses is None:
-            guesses = _interpolated(low, high, below_low, below_high, k)
-        # By priority: is the answer f(low)? the midpoint (when the last pass did
-        # not halve the bracket, or when it is unbounded above), the guesses.
-        candidates = [low + 1]
-        if not halved or not guesses:
-            candidates.append(low + (width + 1) // 2)
-        candidates += [_bits_of(min(v, _float_of(high))) for v in guesses]
-        chosen = list(dict.fromkeys(b for b in candidates if low < b <= high))[:COUNT_THRESHOLDS]
-        thresholds = sorted(chosen + [low + 1] * (COUNT_THRESHOLDS - len(chosen)))
-        for bits, below in sorted(zip(thresholds, counts_below(thresholds))):
-            if low < bits <= high:
-                if below < k:
-                    low, below_low = bits, below
-                else:
-                    high, below_high = bits - 1, below
-        halved = (high - low) * 2 <= width
-        guesses = None
-    if low == high:
-        return _float_of(low)
-    lo_value, hi_value = _float_of(low), _float_of(high + 1)
-    kept = [magnitudes_in(f, lo_value, hi_value).cpu() for f in flats]
-    candidates = _gather_varying(torch.cat(kept) if kept else empty, layout)
-    return float(torch.kthvalue(candidates, k - below_low).values)
+    cumulative = high_counts.cumsum(0)
+    high = int(torch.searchsorted(cumulative, k))  # the first bin whose cumulative count reaches k
+    below = int(cumulative[high - 1]) if high else 0
+    low_counts = _histogram(passes(), high, layout)
+    low = int(torch.searchsorted(low_counts.cumsum(0), k - below))
+    return _float_of((high << 16) | low)
 
 
-def _interpolated(low: int, high: int, below_low: int, below_high: int, k: int) -> list[float]:
-    """Two values around where the k-th magnitude lies, if the magnitudes in the bracket were evenly spread.
+def _histogram(values: Iterable[Tensor], high: int | None, layout: ShardLayout | None) -> Tensor:
+    histogram = MagnitudeHistogram(high)
+    for t in values:
+        histogram.add(t)
+    counts = histogram.counts()
+    if layout is not None:
+        layout.all_reduce_(counts)
+    return counts
 
-    The bracket holds ``below_high - below_low`` magnitudes in ``[f(low), f(high + 1))``;
-    the two values sit a few standard deviations of that guess either side of it
-    (none when the bracket is unbounded above).
-    """
-    if high + 1 >= _INF_BITS:  # unbounded above: no position to interpolate (the caller bisects)
-        return []
-    inside = below_high - below_low
-    rank = k - below_low
-    spread = 3.0 * math.sqrt(inside) + inside / 256
-    lo_value = _float_of(low)
-    span = _float_of(high + 1) - lo_value
-    return [lo_value + span * min(max(r, 0.0), inside) / inside for r in (rank - spread, rank + spread)]
+

@@ -72,16 +72,35 @@ class RandomMerger(Merger):
     def options(self):
         return {"seed": self.seed}
 
+    streams = True
+    chunk_pieces = True
+
     def _fold(self, tv: TaskVector) -> None:
         merged = self._state["merged"]
         if self._copy_first_task(tv):
             return
-        # Reservoir sampling: the new task takes each entry with probability 1/t.
-        threshold = (1 << DRAW_BITS) // (self.num_tasks + 1)
-        layout = self.layout
+        threshold = self._threshold()
         for n, t in tv.items():
-            offset = layout[n].start if layout is not None and layout.distributed else 0
-            random_select_(merged[n], t, threshold, draw_key(self.seed, self.num_tasks, n), offset)
+            random_select_(merged[n], t, threshold, draw_key(self.seed, self.num_tasks, n), self._offset(n))
+
+    def _fold_chunk(self, first: bool, merged, incoming, *, pieces) -> None:
+        if first:
+            merged.copy_(incoming)
+            return
+        threshold, at = self._threshold(), 0
+        for n, offset, length in pieces:
+            key = draw_key(self.seed, self.num_tasks, n)
+            random_select_(merged[at : at + length], incoming[at : at + length], threshold, key, self._offset(n) + offset)
+            at += length
+
+    def _threshold(self) -> int:
+        # Reservoir sampling: the new task takes each entry with probability 1/t.
+        return (1 << DRAW_BITS) // (self.num_tasks + 1)
+
+    def _offset(self, name: str) -> int:
+        """Where this rank's slice of ``name`` starts in the whole flattened tensor (its draws' index)."""
+        layout = self.layout
+        return layout[name].start if layout is not None and layout.distributed else 0
 
     def _finalize(self):
         return {n: t.clone() for n, t in self._state["merged"].items()}

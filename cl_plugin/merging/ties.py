@@ -30,7 +30,7 @@ import torch
 from cl_plugin._checks import max_abs
 from cl_plugin.errors import CheckpointError
 from cl_plugin.merging._kernels import ties_fold_
-from cl_plugin.merging.layout import ShardLayout, kth_smallest_magnitude
+from cl_plugin.merging.layout import ShardLayout, kth_smallest_magnitude, kth_smallest_magnitude_of
 from cl_plugin.merging.base import Merger, check_fraction
 from cl_plugin.merging.registry import register_merger
 from cl_plugin.task_vectors import TaskVector
@@ -47,11 +47,25 @@ def trim_threshold(tv: TaskVector, top_k: float, layout: ShardLayout | None = No
     runs over every rank's (:func:`~cl_plugin.merging.layout.kth_smallest_magnitude`,
     exact: the same value as on the whole vector).
     """
-    numel = sum(layout[n].numel for n in tv) if layout is not None and layout.distributed else tv.numel()
-    k = numel - int(numel * top_k)
-    if k <= 0:
-        return 0.0
-    return kth_smallest_magnitude(tv.values(), k, layout if layout is not None and layout.distributed else None)
+    values = list(tv.values())
+    k = _trimmed(_numel(tv, values, layout), top_k)
+    return kth_smallest_magnitude(values, k, _distributed(layout)) if k > 0 else 0.0
+
+
+def _distributed(layout: ShardLayout | None) -> ShardLayout | None:
+    return layout if layout is not None and layout.distributed else None
+
+
+def _numel(names, tensors, layout: ShardLayout | None) -> int:
+    """The number of entries over every rank (the global shapes when sharded)."""
+    if _distributed(layout) is not None:
+        return sum(layout[n].numel for n in names)
+    return sum(t.numel() for t in tensors)
+
+
+def _trimmed(numel: int, top_k: float) -> int:
+    """k of the trim: the entries below the k-th smallest magnitude are zeroed."""
+    return numel - int(numel * top_k)
 
 
 @register_merger("ties")
@@ -81,6 +95,8 @@ class TiesMerger(Merger):
     tensor_states = {"pos_sum": "accumulate", "neg_sum": "accumulate", "pos_count": "count", "neg_count": "count"}
     summed_roles = ("pos_sum", "neg_sum")
 
+    streams = True
+
     def __init__(self, *, top_k: float = 0.2, scale: float | None = None) -> None:
         self.top_k = check_fraction(top_k, "top_k", "TiesMerger")
         super().__init__(scale=scale)
@@ -93,7 +109,12 @@ class TiesMerger(Merger):
         # overflow check and the fold, which both need it.
         self._threshold = (tv, trim_threshold(tv, self.top_k, self.layout))
 
-    def _trim_threshold(self, tv: TaskVector) -> float:
+    def _prepare_streamed(self, theta0, passes) -> None:
+        # The same selection as trim_threshold, over τ's chunks formed twice on the fly.
+        k = _trimmed(_numel(theta0, theta0.values(), self.layout), self.top_k)
+        self._threshold = (None, kth_smallest_magnitude_of(passes, k, _distributed(self.layout)) if k > 0 else 0.0)
+
+    def _trim_threshold(self, tv: TaskVector | None) -> float:
         cached = getattr(self, "_threshold", None)
         if cached is not None and cached[0] is tv:
             return cached[1]
@@ -104,6 +125,10 @@ class TiesMerger(Merger):
         self._threshold = None
         for pos_sum, neg_sum, pos_count, neg_count, incoming in self._runs(tv, *self.tensor_states):
             ties_fold_(pos_sum, neg_sum, pos_count, neg_count, incoming, threshold)
+
+    def _fold_chunk(self, first: bool, pos_sum, neg_sum, pos_count, neg_count, incoming) -> None:
+        # The state starts at zero, so the first task folds as every other does.
+        ties_fold_(pos_sum, neg_sum, pos_count, neg_count, incoming, self._trim_threshold(None))
 
     def _fold_max_abs(self, tv, keys):
         # The kept entries only, selected as ties_fold_ selects them: in the
