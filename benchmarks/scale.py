@@ -51,7 +51,7 @@ METHODS = {"magmax": {}, "average": {}, "task_arithmetic": {}, "random": {}, "ti
 SETTINGS = ("W=1", "W=1, τ whole", "replicated W=2", "DDP W=2", "FSDP2 W=2")
 #: Methods whose boundary forms τ chunk by chunk inside the fold (ContinualMerge.fold_in_place);
 #: "W=1, τ whole" measures them the way every method folded before, for comparison.
-STREAMED = ("magmax", "average", "task_arithmetic", "ties")
+STREAMED = ("magmax", "average", "task_arithmetic", "ties", "random")
 N_TASKS = 5
 
 
@@ -177,7 +177,7 @@ def table(results: dict, model_name: str, p_bytes: int) -> str:
         f"Model `{model_name}` (P = {mib:.0f} MiB of float32 weights), {N_TASKS} synthetic tasks, gloo on CPU, one thread per "
         "process. Held: θ₀ and the merger's state per rank between boundaries, in units of P/W (W = processes; the rank that "
         "holds the most). Peak: the rise of resident memory during a boundary (the largest after the first two, which compile "
-        "the fused kernels; the rank with the largest), in P/W. MagMax, average, task arithmetic and TIES form the task "
+        "the fused kernels; the rank with the largest), in P/W. MagMax, average, task arithmetic, TIES and random form the task "
         "vector τ chunk by chunk inside the fold (`ContinualMerge.fold_in_place`, as `ModelMerging` does); their row "
         "`W=1, τ whole` forms τ whole first (1 P/W), as the other methods do. Times: rank 0's median boundary (task vector, "
         "fold and write) and update (the fold, TIES's threshold selection included; for the methods that form τ inside it, "

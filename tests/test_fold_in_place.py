@@ -68,7 +68,7 @@ def folded_once(method: str, first_way: str, second_way: str) -> tuple[nn.Module
     return model, first, second
 
 
-@pytest.mark.parametrize("method", ["magmax", "task_arithmetic", "average", "ties", "random"])
+@pytest.mark.parametrize("method", ["magmax", "task_arithmetic", "average", "ties", "random", "opcm"])
 @pytest.mark.parametrize("mixed", [False, True])
 @pytest.mark.parametrize("chunk", [7, 64, None])
 def test_the_same_merge_as_fold_bit_for_bit(monkeypatch, method, mixed, chunk):
@@ -184,7 +184,7 @@ def test_a_sum_that_overflows_is_refused_as_fold_refuses_it():
     assert all(torch.equal(before[k], after[k]) for k in before) and streamed.num_tasks == 1
 
 
-@pytest.mark.parametrize("method, options", [("ties", {"dare": 0.3}), ("opcm", {}), ("magmax", {"dare": 0.3}), ("random", {"dare": 0.5})])
+@pytest.mark.parametrize("method, options", [("ties", {"dare": 0.3}), ("opcm", {"dare": 0.3}), ("dop", {}), ("random", {"dare": 0.5})])
 def test_methods_that_need_the_whole_task_vector_say_so(method, options):
     core = ContinualMerge(method, method_options=options)
     model = nn.Linear(3, 2)
@@ -197,7 +197,7 @@ def test_methods_that_need_the_whole_task_vector_say_so(method, options):
 
 def test_the_merger_refuses_a_streamed_update_it_cannot_do():
     with pytest.raises(ConfigError, match="call update\\(task_vector\\)"):
-        get_merger("opcm").update_streamed({}, {}, {}, {})
+        get_merger("dop").update_streamed({}, {}, {}, {})
 
 
 @pytest.mark.parametrize("method", ["average", "task_arithmetic", "magmax", "ties"])
@@ -294,3 +294,63 @@ def test_a_fold_interrupted_part_way_leaves_a_merger_that_refuses_to_be_used(mon
     for use in (core.merger.state_dict, core.merger.merged, lambda: core.fold_in_place(model), lambda: core.write_merged(model)):
         with pytest.raises(ConfigError, match="interrupted part-way"):
             use()
+
+
+def test_opcm_in_place_refuses_to_be_used_after_a_projection_fails_part_way(monkeypatch):
+    import cl_plugin.merging.opcm as opcm
+
+    torch.manual_seed(0)
+    model = Net()
+    core = ContinualMerge("opcm")
+    core.bind(model)
+    core.capture_theta0(model)
+    trained(model, 0)
+    core.fold_in_place(model)
+    trained(model, 1)
+    core.fold_in_place(model)
+    calls = {"n": 0}
+    project = opcm.project_out_merged_directions
+
+    def failing(merged, task, alpha):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second matrix: the first is already written in place
+            raise torch.linalg.LinAlgError("simulated: the SVD did not converge")
+        return project(merged, task, alpha)
+
+    monkeypatch.setattr(opcm, "project_out_merged_directions", failing)
+    trained(model, 2)
+    with pytest.raises(torch.linalg.LinAlgError):
+        core.fold_in_place(model)
+    with pytest.raises(ConfigError, match="interrupted part-way"):
+        core.merger.state_dict()
+
+
+def test_opcm_folds_a_task_that_could_overflow_on_the_whole_task_vector(monkeypatch):
+    # √numel · max|τ| past half float32's maximum: the update cannot be bounded, so it runs on
+    # the whole τ (new buffers, checked before the swap), as fold does.
+    model = nn.Linear(4, 4, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
+    whole, streamed = two_cores("opcm", model)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(4))
+    whole.fold(model)
+    streamed.fold_in_place(model)
+    updates = []
+    update = type(streamed.merger).update
+    monkeypatch.setattr(type(streamed.merger), "update", lambda self, *a, **k: updates.append(self) or update(self, *a, **k))
+    with torch.no_grad():
+        model.weight.copy_(torch.arange(16.0).view(4, 4))
+    whole.fold(model)
+    streamed.fold_in_place(model)
+    assert streamed.merger not in updates and states_equal(whole, streamed)  # bounded: in place
+    with torch.no_grad():
+        model.weight.fill_(3e38)
+    before = {k: v.clone() for k, v in streamed.merger.state_dict().items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(NonFiniteError, match="overflows"):
+        whole.fold(model)
+    with pytest.raises(NonFiniteError, match="overflows"):
+        streamed.fold_in_place(model)
+    assert streamed.merger in updates  # unbounded: on the whole τ, refused before the swap
+    after = streamed.merger.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and streamed.num_tasks == 2

@@ -135,6 +135,11 @@ class Merger:
     #: :meth:`_prepare_streamed` (MagMax, task arithmetic, average, TIES): the boundary core
     #: can then form τ chunk by chunk inside the fold (:meth:`update_streamed`), never whole.
     streams: ClassVar[bool] = False
+    #: The rule reads the task vector one tensor at a time (OPCM projects each matrix whole):
+    #: the boundary core can then form each tensor of τ when the rule reads it, never the whole
+    #: τ (:meth:`update_streamed` hands :meth:`_fold_difference` a mapping that forms them), and
+    #: the rule writes its new state in place (an interrupted fold leaves it unusable).
+    streams_by_tensor: ClassVar[bool] = False
     #: With :attr:`streams`: the rule depends on each element's position (random selection's
     #: draws), so :meth:`_fold_chunk` also gets ``pieces=[(name, offset, length), ...]``, what
     #: the chunk is made of in order (offset: in this rank's flattened slice of ``name``).
@@ -156,7 +161,7 @@ class Merger:
         # `streams` and `finalizes_by_tensor` promise that `_fold_chunk` / `_finalize_one` compute
         # what this class's `_fold` / `_finalize` do: a subclass that overrides those would
         # otherwise inherit the parent's chunk rule silently. Each class declares them itself.
-        for flag in ("streams", "chunk_pieces", "finalizes_by_tensor"):
+        for flag in ("streams", "streams_by_tensor", "chunk_pieces", "finalizes_by_tensor"):
             if flag not in cls.__dict__:
                 setattr(cls, flag, False)
         own = cls.__dict__.get("options")
@@ -632,8 +637,8 @@ class Merger:
 
     # -- τ formed chunk by chunk ------------------------------------------------------------------------
     def can_stream(self) -> bool:
-        """True when :meth:`update_streamed` applies: :attr:`streams`, without DARE or a Fisher."""
-        return self.streams and self._dare is None and not self.requires_fisher
+        """True when :meth:`update_streamed` applies: :attr:`streams` or :attr:`streams_by_tensor`, without DARE or a Fisher."""
+        return (self.streams or self.streams_by_tensor) and self._dare is None and not self.requires_fisher
 
     def streamed_bounds(self, largest: Mapping[str, float]) -> dict[tuple[str, str], float] | None:
         """The summed roles' bounds after folding a task vector of magnitudes at most ``largest`` (name -> float).
@@ -707,19 +712,11 @@ class Merger:
                 self._aliases = {}
                 self._state = self._allocated(theta0)
             with torch.no_grad():
-                positional = self.chunk_pieces
-                for *state, incoming in difference_chunks(
-                    [[self._state[role][n] for n in names] for role in roles], bases, lives, pieces=positional
-                ):
-                    extras = {}
-                    if positional:
-                        extras["pieces"] = [(names[k], offset, length) for k, offset, length in incoming]
-                        *state, incoming = state
-                    if observe is not None:
-                        observe(incoming)
-                    if incoming.device != state[0].device:  # θ₀ and the state on different devices (e.g. after a resume)
-                        incoming = incoming.to(state[0].device)
-                    self._fold_chunk(first, *state, incoming, **extras)
+                if self.streams_by_tensor:
+                    device = next(iter(self._state[roles[0]].values())).device
+                    self._fold_difference(_Difference({n: theta0[n] for n in names}, live, device, observe))
+                else:
+                    self._fold_in_chunks(first, names, bases, lives, observe)
         except BaseException:
             if first:
                 self._layout, self._state, self._aliases = saved
@@ -732,6 +729,37 @@ class Merger:
             for (role, n), bound in bounds.items():
                 self._bounds[role][n] = bound
         self.num_tasks += 1
+
+    def _fold_in_chunks(
+        self,
+        first: bool,
+        names: list[str],
+        bases: list[Tensor],
+        lives: list[Tensor],
+        observe: Callable[[Tensor], None] | None,
+    ) -> None:
+        """Fold τ = ``lives`` − ``bases`` chunk by chunk with :meth:`_fold_chunk` (see :meth:`update_streamed`)."""
+        positional = self.chunk_pieces
+        for *state, incoming in difference_chunks(
+            [[self._state[role][n] for n in names] for role in self.tensor_states], bases, lives, pieces=positional
+        ):
+            extras = {}
+            if positional:
+                extras["pieces"] = [(names[k], offset, length) for k, offset, length in incoming]
+                *state, incoming = state
+            if observe is not None:
+                observe(incoming)
+            if incoming.device != state[0].device:  # θ₀ and the state on different devices (e.g. after a resume)
+                incoming = incoming.to(state[0].device)
+            self._fold_chunk(first, *state, incoming, **extras)
+
+    def _fold_difference(self, difference: Mapping[str, Tensor]) -> None:
+        """For a method that :attr:`streams_by_tensor`: fold τ, whose tensors ``difference[name]`` forms when read.
+
+        Read each tensor once (every read forms it again); the state is
+        allocated (zero for the first task) and written in place.
+        """
+        raise NotImplementedError
 
     def _fold_chunk(self, first: bool, *views: Tensor) -> None:
         """For a method that :attr:`streams`: fold one chunk, ``views`` = (a flat view of each state role, in
@@ -976,6 +1004,37 @@ class Merger:
 
 
 _MISSING = object()
+
+
+class _Difference(Mapping[str, Tensor]):
+    """τ = ``live`` − ``theta0`` per name, formed (rounded as ``torch.sub`` rounds it) each time a tensor is read.
+
+    ``observe`` sees each tensor's τ, flattened, the first time it is read.
+    """
+
+    def __init__(
+        self,
+        theta0: Mapping[str, Tensor],
+        live: Mapping[str, Tensor],
+        device: torch.device,
+        observe: Callable[[Tensor], None] | None,
+    ) -> None:
+        self._theta0, self._live, self._device, self._observe = theta0, live, device, observe
+        self._seen: set[str] = set()
+
+    def __getitem__(self, name: str) -> Tensor:
+        base = self._theta0[name]
+        tau = torch.sub(self._live[name].to(base.device), base)
+        if self._observe is not None and name not in self._seen:
+            self._seen.add(name)
+            self._observe(tau.reshape(-1))
+        return tau.to(self._device)
+
+    def __iter__(self):
+        return iter(self._theta0)
+
+    def __len__(self) -> int:
+        return len(self._theta0)
 
 
 def _check_finite_in_runs(tv: TaskVector, what: str) -> dict[str, float]:

@@ -44,14 +44,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from cl_plugin._checks import is_finite, tensor_norm
+from cl_plugin._checks import is_finite, max_abs, tensor_norm
 from cl_plugin._packed import packed_like
 from cl_plugin.errors import CheckpointError, ConfigError, NonFiniteError
 from cl_plugin.merging.base import Merger, check_fraction
 import cl_plugin.merging.layout as layouts
 from cl_plugin.merging.layout import ShardLayout
 from cl_plugin.merging.registry import register_merger
-from cl_plugin.task_vectors import TaskVector
+from cl_plugin.task_vectors import TaskVector, norm_of_norms
 
 __all__ = ["OPCMMerger", "project_out_merged_directions"]
 
@@ -166,27 +166,64 @@ class OPCMMerger(Merger):
         """λ_t of the last update: ‖M'‖ / mean task-vector norm (1.0 after the first task)."""
         return float(self._scalars["lambda_t"])
 
+    streams_by_tensor = True
+
+    def streamed_bounds(self, largest):
+        # Written in place, an update cannot be undone: it streams only when no entry can
+        # overflow. The projection is orthogonal, so |added| <= ‖τ_n‖ <= √numel · max|τ_n|,
+        # and |λ·M + added| <= λ·max|M| + that; half the dtype's maximum leaves room for
+        # rounding. Otherwise the update runs on the whole τ, which checks before the swap.
+        if not self.num_tasks:
+            return {}
+        previous_lambda = float(self._scalars["lambda_t"])
+        layout = self.layout if self.layout is not None and self.layout.distributed else None
+        for n, value in largest.items():
+            m = self._state["merged"][n]
+            numel = layout[n].numel if layout is not None else m.numel()
+            bound = math.sqrt(numel) * value * 1.01 + previous_lambda * max_abs(m)
+            if not bound < torch.finfo(m.dtype).max / 2:
+                return None
+        return {}
+
     def _fold(self, tv: TaskVector) -> None:
         layout = self.layout
         if layout is not None and layout.distributed:
             self._fold_sharded(tv, layout)
             return
-        merged = self._state["merged"]
-        norm = tv.norm()
         if self._copy_first_task(tv):
-            self._scalars.update(lambda_t=1.0, norm_sum=norm)
+            self._scalars.update(lambda_t=1.0, norm_sum=tv.norm())
             return
+        self._fold_unsharded(tv, tv.norm(), in_place=False)
+
+    def _fold_difference(self, difference) -> None:
+        layout = self.layout
+        if layout is not None and layout.distributed:
+            self._fold_sharded(difference, layout, in_place=True)
+        elif not self.num_tasks:
+            norms = []
+            for n, m in self._state["merged"].items():
+                task = difference[n]
+                norms.append(tensor_norm(task))
+                m.copy_(task)
+            self._scalars.update(lambda_t=1.0, norm_sum=norm_of_norms(norms))
+        else:
+            self._fold_unsharded(difference, None, in_place=True)
+
+    def _fold_unsharded(self, tv, norm: float | None, *, in_place: bool) -> None:
+        """A later task's update on whole tensors; ``norm`` = ‖τ‖ (None: taken tensor by tensor on the way)."""
+        merged = self._state["merged"]
         previous_lambda = float(self._scalars["lambda_t"])
-        norm_sum = float(self._scalars["norm_sum"]) + norm
-        mean_norm = norm_sum / (self.num_tasks + 1)
-        # Built into new buffers and swapped in at the end, so a failure midway (an SVD
-        # that does not converge) leaves the previous state intact. One flat buffer per
-        # dtype and device rather than one tensor per name: a block that large is mapped
-        # and unmapped as a whole, where many layer-sized blocks were measured to stay in
-        # glibc's heap after the swap and grow the peak by one model copy over 10 tasks.
-        new_merged = packed_like(merged, fill=None)
-        norms = []
-        for n, t in tv.items():
+        # Unless in place, built into new buffers and swapped in at the end, so a failure
+        # midway (an SVD that does not converge) leaves the previous state intact. One flat
+        # buffer per dtype and device rather than one tensor per name: a block that large is
+        # mapped and unmapped as a whole, where many layer-sized blocks were measured to stay
+        # in glibc's heap after the swap and grow the peak by one model copy over 10 tasks.
+        new_merged = merged if in_place else packed_like(merged, fill=None)
+        norms, task_norms = [], []
+        for n in tv:
+            t = tv[n]
+            if norm is None:
+                task_norms.append(tensor_norm(t))
             m = merged[n]
             task = t.to(m.dtype)
             if m.dim() == 2 and bool(m.any()):
@@ -195,12 +232,16 @@ class OPCMMerger(Merger):
                 added = task
             new = new_merged[n]
             torch.add(added, m, alpha=previous_lambda, out=new)
-            del added
+            del added, t, task
             # Finite task vectors can still overflow here (entries near the
             # dtype's maximum, a large λ): refuse before the swap.
             norms.append(tensor_norm(new))
             if not math.isfinite(norms[-1]):
                 raise self._overflow(n, new.dtype)
+        if norm is None:
+            norm = norm_of_norms(task_norms)
+        norm_sum = float(self._scalars["norm_sum"]) + norm
+        mean_norm = norm_sum / (self.num_tasks + 1)
         merged_norm = _combined_norm(norms)
         if merged_norm > 0.0:
             factor = mean_norm / merged_norm
@@ -214,7 +255,7 @@ class OPCMMerger(Merger):
         self._state["merged"] = new_merged
         self._scalars.update(lambda_t=merged_norm / mean_norm if mean_norm > 0 else 0.0, norm_sum=norm_sum)
 
-    def _fold_sharded(self, tv: TaskVector, layout: ShardLayout) -> None:
+    def _fold_sharded(self, tv: TaskVector, layout: ShardLayout, *, in_place: bool = False) -> None:
         """The same update on this rank's slices: each tensor has an owner rank that works on it whole.
 
         The owner projects and adds exactly as :meth:`_fold` does on the whole
@@ -226,7 +267,9 @@ class OPCMMerger(Merger):
         are then summed over the ranks (each comes from one owner, the others
         add zero: exact) and combined in the unsharded order, so every rank
         computes the same λ_t and the merge is bit-identical to the unsharded
-        one. Owners balance the SVD cost.
+        one. Owners balance the SVD cost. ``in_place``: the new merged slices
+        are written over the old ones (no second copy of the state), and
+        ``tv`` is read one tensor at a time.
         """
         merged = self._state["merged"]
         names = list(tv)
@@ -238,7 +281,7 @@ class OPCMMerger(Merger):
         task_norms = torch.zeros(len(names), dtype=torch.float64)
         new_norms = torch.zeros(len(names), dtype=torch.float64)
         failed = torch.zeros(len(names), dtype=torch.float64)
-        new_merged = None if first else packed_like(merged, fill=None)
+        new_merged = None if first else merged if in_place else packed_like(merged, fill=None)
 
         def project(n: str, whole_task: Tensor, whole_merged: Tensor | None) -> Tensor | None:
             """The owner's work on tensor ``n``, exactly as :meth:`_fold` does it; the new merged tensor."""
