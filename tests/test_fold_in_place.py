@@ -220,6 +220,43 @@ def test_the_merge_read_one_tensor_at_a_time_is_the_whole_merge(method, dtype):
         assert math.isclose(merger.merged_norm(), whole.norm(), rel_tol=1e-2)
 
 
+def test_ties_finalises_one_tensor_at_a_time_only_while_it_knows_the_majority_sign(monkeypatch):
+    from cl_plugin.merging import _kernels
+
+    def tied_sign_merger() -> object:
+        merger = get_merger("ties", top_k=1.0)
+        # Entries whose sums cancel (sign 0) take the whole vector's majority sign: here negative,
+        # decided by "b" alone, so a tensor finalised alone must know the other tensors.
+        merger.update({"w": torch.tensor([1.0, -1.0, 2.0]), "b": torch.tensor([-1.0, -1.0, -1.0, -1.0])})
+        merger.update({"w": torch.tensor([-1.0, 1.0, 1.0]), "b": torch.tensor([-2.0, 1.0, -1.0, 1.0])})
+        return merger
+
+    merger = tied_sign_merger()
+    assert merger._finalizes_by_tensor_now()
+    # γ: w (0, 0, +), b (−, 0, −, 0): majority −1, so w's cancelled entries take their negative mean.
+    expected_w = torch.tensor([-1.0, -1.0, 1.5])
+    assert torch.equal(merger.merged_one("w"), merger.merged()["w"])
+    assert torch.allclose(merger.merged_one("w"), expected_w)
+    # After a load the sign is unknown until the next fold: the merge is finalised whole, the same values.
+    loaded = get_merger("ties", top_k=1.0)
+    loaded.load_state_dict(merger.state_dict())
+    assert not loaded._finalizes_by_tensor_now()
+    assert torch.equal(loaded.merged_source()("w"), merger.merged()["w"])
+    # A write into the state in place makes the known sign stale.
+    merger._state["neg_sum"]["b"].add_(0.0)
+    assert not merger._finalizes_by_tensor_now()
+    # The count is the same compiled and eager, on pieces of any size.
+    g = torch.Generator().manual_seed(3)
+    pos, neg = torch.rand(300_001, generator=g), -torch.rand(300_001, generator=g)
+    neg[:1000] = -pos[:1000]
+    expected = int((pos + neg > 0).sum()) - int((pos + neg < 0).sum())
+    assert _kernels.sign_balance(pos, neg) == expected
+    monkeypatch.setattr(_kernels, "SELECT_CHUNK_NUMEL", _kernels.COMPILE_MIN_NUMEL + 5)
+    assert _kernels.sign_balance(pos, neg) == expected
+    monkeypatch.setitem(_kernels._compile_state, "failed", True)
+    assert _kernels.sign_balance(pos, neg) == expected
+
+
 def test_theta0_written_in_place_is_bounded_again():
     model = nn.Linear(3, 2)
     with torch.no_grad():

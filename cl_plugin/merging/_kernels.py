@@ -39,6 +39,7 @@ __all__ = [
     "magmax_fold_",
     "random_fold_",
     "random_select_",
+    "sign_balance",
     "splitmix_draws",
     "ties_fold_",
 ]
@@ -173,6 +174,29 @@ def ties_fold_(
         nc.add_(g)
         s.copy_(x).mul_(g)
         ns.add_(s)
+
+
+def _sign_balance_rule(pos_sum: Tensor, neg_sum: Tensor) -> Tensor:
+    total = pos_sum + neg_sum
+    return (total > 0).sum() - (total < 0).sum()
+
+
+def sign_balance(pos_sum: Tensor, neg_sum: Tensor) -> int:
+    """#(pos_sum + neg_sum > 0) − #(pos_sum + neg_sum < 0) over the flat tensors, in one read and no temporary of their size."""
+    pos, neg = pos_sum.reshape(-1), neg_sum.reshape(-1)
+    balance = 0
+    for start in range(0, pos.numel(), SELECT_CHUNK_NUMEL):
+        p, n = pos[start : start + SELECT_CHUNK_NUMEL], neg[start : start + SELECT_CHUNK_NUMEL]
+        if p.numel() >= COMPILE_MIN_NUMEL and _compile_enabled():
+            try:
+                balance += int(_compiled("sign_balance", _sign_balance_rule)(p, n))
+                continue
+            except Exception as exc:  # no compiler, unsupported device, ...
+                _compile_state["failed"] = True
+                warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); counting eagerly.", stacklevel=2)
+        for a, b in zip(p.split(CHUNK_NUMEL), n.split(CHUNK_NUMEL)):
+            balance += int(_sign_balance_rule(a, b))
+    return balance
 
 
 #: Elements per piece of a histogram pass: large, so each compiled call pays its dispatch once.

@@ -717,6 +717,7 @@ class Merger:
                     self._fold_difference(_Difference({n: theta0[n] for n in names}, live, device, observe))
                 else:
                     self._fold_in_chunks(first, names, bases, lives, observe)
+                self._after_streamed_fold()
         except BaseException:
             if first:
                 self._layout, self._state, self._aliases = saved
@@ -765,6 +766,9 @@ class Merger:
         """For a method that :attr:`streams`: fold one chunk, ``views`` = (a flat view of each state role, in
         :attr:`tensor_states` order, then the chunk of τ); ``first`` is True for the first task (state zero)."""
         raise NotImplementedError
+
+    def _after_streamed_fold(self) -> None:
+        """After every chunk of a streamed fold, on every rank (e.g. TIES's majority sign of the new state)."""
 
     def _prepare_streamed(self, theta0: Mapping[str, Tensor], passes: Callable[[], Iterable[Tensor]]) -> None:
         """Before a streamed fold, on every rank: what the rule needs from the whole τ first (TIES: its threshold).
@@ -933,7 +937,7 @@ class Merger:
         self._check_intact()
         if not self.num_tasks:
             raise ConfigError(f"The {self.name!r} merger has no task yet; call update(task_vector) first.")
-        if not self.finalizes_by_tensor:
+        if not self._finalizes_by_tensor_now():
             return self.merged_view()[name]
         with torch.no_grad():
             return self._in_input_dtype(name, self._finalize_one(name))
@@ -941,9 +945,13 @@ class Merger:
     def merged_source(self) -> Callable[[str], Tensor]:
         """name -> merged tensor, for reading the merge one tensor at a time: :meth:`merged_one` where the method
         finalises tensor by tensor, else one :meth:`merged_view` taken now. Valid until the next update."""
-        if self.finalizes_by_tensor:
+        if self._finalizes_by_tensor_now():
             return self.merged_one
         return self.merged_view().__getitem__
+
+    def _finalizes_by_tensor_now(self) -> bool:
+        """Whether :meth:`_finalize_one` can serve now (e.g. TIES: once it knows the whole vector's majority sign)."""
+        return self.finalizes_by_tensor
 
     def _finalize_one(self, name: str) -> Tensor:
         """For a method that :attr:`finalizes_by_tensor`: ``_finalize()[name]`` alone (a view of the state is fine)."""
@@ -971,7 +979,7 @@ class Merger:
         with torch.no_grad():
             if self.merged_role:
                 return TaskVector(self._state[self.merged_role], check_finite=False).norm()
-            if self.finalizes_by_tensor:
+            if self._finalizes_by_tensor_now():
                 return norm_of_norms(tensor_norm(self._finalize_one(n)) for n in self._layout)
             return TaskVector(self._finalize(), check_finite=False).norm()
 

@@ -20,7 +20,10 @@ hold for all of them:
   or non-finite is then reported with a warning.
 * **All or nothing.** :meth:`fold` reads the module, checks every value, and
   changes the state only when the whole fold succeeded; the merged weights are
-  checked finite before anyone writes them.
+  checked finite before anyone writes them. :meth:`fold_in_place` checks the
+  same before it writes anything; an error inside the fold itself after that
+  (out of memory, an SVD that does not converge) leaves a merger that refuses
+  to be used or saved, rather than one that holds part of a task.
 
 No Lightning import: usable from any training loop.
 """
@@ -508,7 +511,7 @@ class ContinualMerge:
 
     @property
     def folds_in_place(self) -> bool:
-        """True when :meth:`fold_in_place` forms τ chunk by chunk (MagMax, task arithmetic, average, TIES; no DARE)."""
+        """True when :meth:`fold_in_place` applies: every method but DOP and Fisher merging, without DARE."""
         return self.merger.can_stream()
 
     def fold_in_place(self, module: nn.Module) -> float:
@@ -523,12 +526,16 @@ class ContinualMerge:
            |θ₀| is taken once); only a tensor whose bound fails has its τ
            formed, to check it exactly;
         2. the fold: the merger forms τ chunk by chunk and folds each
-           (:meth:`Merger.update_streamed`). The averaged normalisation
-           statistics are small and folded whole, as :meth:`fold` does.
+           (:meth:`Merger.update_streamed`; TIES reads the chunks twice more
+           first, for its threshold; OPCM forms τ one tensor at a time and
+           writes in place). The averaged normalisation statistics are small
+           and folded whole, as :meth:`fold` does.
 
         When a sum could overflow by the bound (near the dtype's maximum), it
         folds through :meth:`fold` instead, which decides that exactly. Under a
         sharded layout every rank must call it (the ranks agree on every check).
+        An error inside the fold itself (e.g. out of memory) leaves a merger
+        that refuses to be used or saved, on every rank.
 
         Raises:
             ConfigError: the method cannot fold in place (:attr:`folds_in_place`).

@@ -26,10 +26,12 @@ anything is added.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from cl_plugin._checks import max_abs
 from cl_plugin.errors import CheckpointError
-from cl_plugin.merging._kernels import ties_fold_
+from cl_plugin._packed import aligned_runs
+from cl_plugin.merging._kernels import sign_balance, ties_fold_
 from cl_plugin.merging.layout import ShardLayout, kth_smallest_magnitude, kth_smallest_magnitude_of
 from cl_plugin.merging.base import Merger, check_fraction
 from cl_plugin.merging.registry import register_merger
@@ -96,6 +98,7 @@ class TiesMerger(Merger):
     summed_roles = ("pos_sum", "neg_sum")
 
     streams = True
+    finalizes_by_tensor = True
 
     def __init__(self, *, top_k: float = 0.2, scale: float | None = None) -> None:
         self.top_k = check_fraction(top_k, "top_k", "TiesMerger")
@@ -125,6 +128,58 @@ class TiesMerger(Merger):
         self._threshold = None
         for pos_sum, neg_sum, pos_count, neg_count, incoming in self._runs(tv, *self.tensor_states):
             ties_fold_(pos_sum, neg_sum, pos_count, neg_count, incoming, threshold)
+        self._learn_majority()
+
+    def _after_streamed_fold(self) -> None:
+        self._learn_majority()
+
+    def _state_version(self) -> tuple:
+        """Changes whenever the sums change: a new state (a load, a reset) or a write into it."""
+        s = self._state
+        return (id(s["pos_sum"]), id(s["neg_sum"]), *(t._version for role in ("pos_sum", "neg_sum") for t in s[role].values()))
+
+    def _learn_majority(self) -> None:
+        # After each fold, on every rank: the majority sign that finalising one tensor alone
+        # needs, kept with the state's version. After a load it is unknown until the next
+        # fold, and the merge is finalised whole.
+        self._majority = (self._state["pos_sum"], self._state["neg_sum"], self._state_version(), self._majority_of_state())
+
+    def _majority_of_state(self) -> float:
+        """sign(Σ_i γ_i) over the whole merged vector, γ = sign(pos_sum + neg_sum); a collective when sharded.
+
+        Counted in integers (a float sum of ±1 over ~10^8 entries is inexact),
+        in one read of the two sums.
+        """
+        names = list(self._state["pos_sum"])
+        runs = aligned_runs([self._state["pos_sum"][n] for n in names], [self._state["neg_sum"][n] for n in names])
+        balance = torch.tensor([sum(sign_balance(pos, neg) for pos, neg in runs)])
+        layout = self.layout
+        if layout is not None and layout.distributed:
+            layout.all_reduce_(balance)  # the majority sign is the whole vector's
+        balance = int(balance)
+        return float((balance > 0) - (balance < 0))
+
+    def _known_majority(self) -> float | None:
+        known = getattr(self, "_majority", None)
+        if known is None or known[0] is not self._state["pos_sum"] or known[1] is not self._state["neg_sum"]:
+            return None
+        return known[3] if known[2] == self._state_version() else None
+
+    def _finalizes_by_tensor_now(self) -> bool:
+        return self._known_majority() is not None
+
+    def _finalize_one(self, name):
+        majority = self._known_majority()
+        s = self._state
+        return self._disjoint_mean(s["pos_sum"][name], s["neg_sum"][name], s["pos_count"][name], s["neg_count"][name], majority)
+
+    @staticmethod
+    def _disjoint_mean(pos_sum, neg_sum, pos_count, neg_count, majority: float) -> Tensor:
+        g = torch.sign(pos_sum + neg_sum)
+        g = torch.where(g == 0, torch.tensor(majority, device=g.device, dtype=g.dtype), g)
+        pos_mean = pos_sum / pos_count.clamp(min=1)
+        neg_mean = neg_sum / neg_count.clamp(min=1)
+        return torch.where(g > 0, pos_mean, neg_mean)
 
     def _fold_chunk(self, first: bool, pos_sum, neg_sum, pos_count, neg_count, incoming) -> None:
         # The state starts at zero, so the first task folds as every other does.
@@ -169,19 +224,11 @@ class TiesMerger(Merger):
                     )
 
     def _finalize(self):
+        majority = self._known_majority()
+        if majority is None:  # e.g. after a load; a collective when sharded, as merged() is
+            majority = self._majority_of_state()
         s = self._state
-        signs = {n: torch.sign(s["pos_sum"][n] + s["neg_sum"][n]) for n in s["pos_sum"]}
-        # Counted in integers: a float sum of ±1 over ~10^8 entries is inexact.
-        balance = torch.tensor([sum(int((g > 0).sum()) - int((g < 0).sum()) for g in signs.values())])
-        layout = self.layout
-        if layout is not None and layout.distributed:
-            layout.all_reduce_(balance)  # the majority sign is the whole vector's
-        balance = int(balance)
-        majority = torch.tensor(float((balance > 0) - (balance < 0)))
-        out = {}
-        for n, g in signs.items():
-            g = torch.where(g == 0, majority.to(device=g.device, dtype=g.dtype), g)
-            pos_mean = s["pos_sum"][n] / s["pos_count"][n].clamp(min=1)
-            neg_mean = s["neg_sum"][n] / s["neg_count"][n].clamp(min=1)
-            out[n] = torch.where(g > 0, pos_mean, neg_mean)
-        return out
+        return {
+            n: self._disjoint_mean(s["pos_sum"][n], s["neg_sum"][n], s["pos_count"][n], s["neg_count"][n], majority)
+            for n in s["pos_sum"]
+        }
