@@ -279,7 +279,7 @@ class ContinualEvaluation(TaskBoundaryCallback):
         return {name: core.merger for name, core in self._cores.items()}
 
     #: ModelMerging keeps an even split over the ranks when this callback is beside it:
-    #: the compared methods share its θ₀ slices and one task vector.
+    #: the compared methods share its θ₀ slices (and one task vector, for those that cannot stream).
     shares_model_merging_theta0 = True
 
     # -- setup ------------------------------------------------------------------------------
@@ -311,7 +311,7 @@ class ContinualEvaluation(TaskBoundaryCallback):
                 options = self.method_options.get(name)
                 if options is None and self._merging is not None and self._merging.method == name:
                     options = self._merging.method_options
-                # One layout for every compared method: they share θ₀'s slices and one task vector.
+                # One layout for every compared method: they share θ₀'s slices (and one τ, where they cannot stream).
                 self._cores[name] = ContinualMerge(
                     name,
                     scale=self._scale(name),
@@ -495,16 +495,25 @@ class ContinualEvaluation(TaskBoundaryCallback):
                 core.theta0 = base
             cores = list(self._cores.items())
             first = cores[0][1]
-            task_vector = first.task_vector(pl_module, trusted=True)  # folded below, never handed out
             fishers = {
                 name: self._fisher(trainer, pl_module, core, experience, at_fit_end)
                 for name, core in cores
                 if core.merger.requires_fisher
             }
+            # Every method folds before any writes its merge into the module. The methods that
+            # can form τ chunk by chunk read it from the weights (no buffer the size of τ); the
+            # others share one τ, formed only when one of them is compared.
+            whole = [core for _, core in cores if not core.folds_in_place]
+            task_vector = whole[0].task_vector(pl_module, trusted=True) if whole else None  # never handed out
+            for name, core in cores:
+                if core.folds_in_place:
+                    core.fold_in_place(pl_module)
+                else:
+                    core.fold(task_vector, fisher=fishers.pop(name, None))
+            del task_vector
             current = first.snapshot(pl_module)
             try:
                 for name, core in cores:
-                    core.fold(task_vector, fisher=fishers.pop(name, None))
                     record: dict[str, Any] = {"experience": experience}
                     if self._validated(name):
                         record.update(self._choose_scale(trainer, pl_module, name, core, experience))

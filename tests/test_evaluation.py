@@ -84,6 +84,26 @@ def test_evaluation_fills_matrices_for_training_and_merged_weights(tmp_path):
     assert {"cl/magmax/avg_acc", "cl/magmax/forgetting", "cl/magmax/bwt", "cl/sequential_finetuning/avg_acc"} <= logged
 
 
+def test_compared_methods_fold_the_same_task_vectors_as_model_merging():
+    # MagMax and OPCM form τ inside the fold from the weights, DOP from one shared τ; all fold
+    # before any merge is written into the module for evaluation, so each sees the trained weights.
+    L.seed_everything(0, verbose=False)
+    dm = stream()
+    module = FlatClassifier()
+    merging = ModelMerging("opcm")
+    evaluation = ContinualEvaluation(compare=["opcm", "magmax", "dop"])
+    trainer = L.Trainer(
+        max_epochs=dm.total_epochs, reload_dataloaders_every_n_epochs=1, callbacks=[merging, evaluation],
+        **trainer_kwargs(),
+    )
+    trainer.fit(module, datamodule=dm)
+    cores = evaluation._cores
+    assert not cores["dop"].folds_in_place and cores["magmax"].folds_in_place
+    assert all(core.num_tasks == 2 for core in cores.values())
+    expected, got = merging.core.merged_tensors(), cores["opcm"].merged_tensors()
+    assert all(torch.equal(got[n], expected[n]) for n in expected)
+
+
 def test_evaluation_without_model_merging_uses_its_own_theta0():
     L.seed_everything(0, verbose=False)
     dm = stream()

@@ -237,14 +237,21 @@ def test_ties_finalises_one_tensor_at_a_time_only_while_it_knows_the_majority_si
     expected_w = torch.tensor([-1.0, -1.0, 1.5])
     assert torch.equal(merger.merged_one("w"), merger.merged()["w"])
     assert torch.allclose(merger.merged_one("w"), expected_w)
-    # After a load the sign is unknown until the next fold: the merge is finalised whole, the same values.
+    # A loaded state counts the sign afresh on first use: the same values.
     loaded = get_merger("ties", top_k=1.0)
     loaded.load_state_dict(merger.state_dict())
-    assert not loaded._finalizes_by_tensor_now()
-    assert torch.equal(loaded.merged_source()("w"), merger.merged()["w"])
-    # A write into the state in place makes the known sign stale.
-    merger._state["neg_sum"]["b"].add_(0.0)
-    assert not merger._finalizes_by_tensor_now()
+    assert torch.equal(loaded.merged_one("w"), merger.merged()["w"])
+    # A write into the state counts it again: flipping b's sums flips the majority to +1.
+    for role in ("pos_sum", "neg_sum"):
+        merger._state[role]["b"].neg_()
+    merger._state["pos_sum"]["b"], merger._state["neg_sum"]["b"] = merger._state["neg_sum"]["b"], merger._state["pos_sum"]["b"]
+    assert torch.equal(merger.merged_one("w"), merger.merged()["w"])
+    assert merger.merged_one("w")[:2].tolist() == [1.0, 1.0]  # the cancelled entries take their positive mean now
+    # Inference tensors keep no version counter: the merge is finalised whole, with the same values.
+    with torch.inference_mode():
+        frozen = tied_sign_merger()
+        assert not frozen._finalizes_by_tensor_now()
+        assert torch.equal(frozen.merged_one("w"), loaded.merged_one("w"))
     # The count is the same compiled and eager, on pieces of any size.
     g = torch.Generator().manual_seed(3)
     pos, neg = torch.rand(300_001, generator=g), -torch.rand(300_001, generator=g)
@@ -391,3 +398,41 @@ def test_opcm_folds_a_task_that_could_overflow_on_the_whole_task_vector(monkeypa
     assert streamed.merger in updates  # unbounded: on the whole τ, refused before the swap
     after = streamed.merger.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before) and streamed.num_tasks == 2
+
+
+def test_opcm_streams_only_when_the_rescaled_merge_cannot_overflow_either():
+    # Each tensor's own bound holds (5e37 ≪ max/2), but the mean task-vector norm over 400 of
+    # them passes float32's maximum: the rescale could overflow, so the update runs whole.
+    from cl_plugin.merging.opcm import OPCMMerger
+
+    names = [f"p{i}" for i in range(400)]
+    merger = OPCMMerger()
+    merger.update({n: torch.full((1,), 5e37) for n in names})
+    assert merger.streamed_bounds({n: 5e37 for n in names}) is None
+    small = OPCMMerger()
+    small.update({n: torch.full((1,), 1.0) for n in names})
+    assert small.streamed_bounds({n: 1.0 for n in names}) == {}
+    assert small.streamed_bounds({n: 2e37 for n in names}) is None  # (20 + √400 · 2e37) / 2 tasks: past max/2
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_opcm_refuses_a_rescale_its_dtype_cannot_hold_instead_of_writing_nan(streamed):
+    # The second task nearly cancels the first: the merged norm is ~1e-15 against a mean
+    # task-vector norm of 1e25, and the factor 1e40 is inf in float32 (0 · inf = NaN).
+    from cl_plugin.merging.opcm import OPCMMerger
+
+    merger = OPCMMerger()
+    merger.update({"b": torch.tensor([1e25, 1e-15])})
+    second = {"b": torch.tensor([-1e25, 0.0])}
+    before = merger.state_dict()["merged.b"].clone()
+    with pytest.raises(NonFiniteError, match="too small against the mean task-vector norm"):
+        if streamed:
+            largest = {"b": 1e25}
+            merger.update_streamed({"b": torch.zeros(2)}, second, largest, merger.streamed_bounds(largest))
+        else:
+            merger.update(second)
+    if streamed:  # written in place: unusable, never NaN
+        with pytest.raises(ConfigError, match="interrupted part-way"):
+            merger.state_dict()
+    else:
+        assert torch.equal(merger.state_dict()["merged.b"], before) and merger.num_tasks == 1

@@ -278,3 +278,33 @@ def test_matrices_are_placed_whole_only_within_the_balance_limit(blocks, world, 
     no_placement = ContinualMerge("opcm", whole_matrices=False)
     no_placement.names = list(shapes)
     assert no_placement._matrix_owners(shapes, 0, world, None) == {}
+
+
+class _OtherRank:
+    """A stand-in layout whose all_reduce_ adds another rank's tensor, recording every call."""
+
+    def __init__(self, other_fails: bool = False):
+        self.other_fails, self.calls = other_fails, []
+
+    def all_reduce_(self, t):
+        self.calls.append(t.numel())
+        if self.other_fails:
+            t[-1] += 1
+        return t
+
+
+def test_a_failed_count_on_one_rank_still_meets_the_others_collective():
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(4))
+
+    def failing():
+        yield x
+        raise MemoryError("simulated")
+
+    mine = _OtherRank()
+    with pytest.raises(MemoryError, match="simulated"):
+        layout.kth_smallest_magnitude_of(failing, 10, mine)
+    assert mine.calls == [_kernels.HIGH_BINS + 1]  # the collective was reached, with the failure flag
+    theirs = _OtherRank(other_fails=True)
+    with pytest.raises(RuntimeError, match="failed on another rank"):
+        layout.kth_smallest_magnitude_of(lambda: [x], 10, theirs)
+    assert theirs.calls == [_kernels.HIGH_BINS + 1]

@@ -717,7 +717,6 @@ class Merger:
                     self._fold_difference(_Difference({n: theta0[n] for n in names}, live, device, observe))
                 else:
                     self._fold_in_chunks(first, names, bases, lives, observe)
-                self._after_streamed_fold()
         except BaseException:
             if first:
                 self._layout, self._state, self._aliases = saved
@@ -766,9 +765,6 @@ class Merger:
         """For a method that :attr:`streams`: fold one chunk, ``views`` = (a flat view of each state role, in
         :attr:`tensor_states` order, then the chunk of τ); ``first`` is True for the first task (state zero)."""
         raise NotImplementedError
-
-    def _after_streamed_fold(self) -> None:
-        """After every chunk of a streamed fold, on every rank (e.g. TIES's majority sign of the new state)."""
 
     def _prepare_streamed(self, theta0: Mapping[str, Tensor], passes: Callable[[], Iterable[Tensor]]) -> None:
         """Before a streamed fold, on every rank: what the rule needs from the whole τ first (TIES: its threshold).

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cl_plugin.merging._kernels import MagnitudeHistogram
+from cl_plugin.merging._kernels import HIGH_BINS, LOW_BINS, MagnitudeHistogram
 from cl_plugin._packed import aligned_runs
 
 __all__ = [
@@ -474,12 +474,26 @@ def kth_smallest_magnitude_of(
 
 
 def _histogram(values: Iterable[Tensor], high: int | None, layout: ShardLayout | None) -> Tensor:
+    """One radix pass's counts over every rank; every rank reaches the collective even when its own count fails."""
     histogram = MagnitudeHistogram(high)
-    for t in values:
-        histogram.add(t)
-    counts = histogram.counts()
-    if layout is not None:
-        layout.all_reduce_(counts)
-    return counts
+    failure: BaseException | None = None
+    try:
+        for t in values:
+            histogram.add(t)
+        counts = histogram.counts()
+    except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks know
+        if layout is None:
+            raise
+        failure, counts = exc, torch.zeros(HIGH_BINS if high is None else LOW_BINS, dtype=torch.int64)
+    if layout is None:
+        return counts
+    # The failure flag travels with the counts: one collective, in step on every rank.
+    flagged = torch.cat([counts, torch.tensor([int(failure is not None)], dtype=counts.dtype)])
+    layout.all_reduce_(flagged)
+    if failure is not None:
+        raise failure
+    if int(flagged[-1]):
+        raise RuntimeError("The selection of the trim threshold failed on another rank (see its error).")
+    return flagged[:-1]
 
 

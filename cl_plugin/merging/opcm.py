@@ -119,6 +119,16 @@ def _batches(names: list[str], numel: Callable[[str], int], limit: int) -> list[
     return out
 
 
+def _outcome(in_place: bool) -> str:
+    """What an error left behind: nothing, or (an update written in place) a merger that refuses to be used."""
+    if in_place:
+        return (
+            "The update was being written in place, so the merger now refuses to be used or saved: resume from "
+            "the last checkpoint."
+        )
+    return "Nothing was changed."
+
+
 @register_merger("opcm")
 class OPCMMerger(Merger):
     """Streaming OPCM.
@@ -170,19 +180,28 @@ class OPCMMerger(Merger):
 
     def streamed_bounds(self, largest):
         # Written in place, an update cannot be undone: it streams only when no entry can
-        # overflow. The projection is orthogonal, so |added| <= ‖τ_n‖ <= √numel · max|τ_n|,
-        # and |λ·M + added| <= λ·max|M| + that; half the dtype's maximum leaves room for
-        # rounding. Otherwise the update runs on the whole τ, which checks before the swap.
+        # overflow, before or after the rescale. The projection is orthogonal, so |added| <=
+        # ‖τ_n‖ <= √numel · max|τ_n|, and |λ·M + added| <= λ·max|M| + that; rescaled, no entry
+        # exceeds the mean task-vector norm, at most (Σ_t ‖τ_t‖ + ‖τ‖) / t. Half the dtype's
+        # maximum leaves room for rounding. Otherwise the update runs on the whole τ, which
+        # checks before the swap. Sharded, each rank bounds ‖τ‖ from its own maxima times
+        # the number of ranks, and the ranks agree (ContinualMerge.fold_in_place).
         if not self.num_tasks:
             return {}
         previous_lambda = float(self._scalars["lambda_t"])
         layout = self.layout if self.layout is not None and self.layout.distributed else None
+        squares = 0.0
         for n, value in largest.items():
             m = self._state["merged"][n]
             numel = layout[n].numel if layout is not None else m.numel()
-            bound = math.sqrt(numel) * value * 1.01 + previous_lambda * max_abs(m)
-            if not bound < torch.finfo(m.dtype).max / 2:
+            limit = torch.finfo(m.dtype).max / 2
+            if not math.sqrt(numel) * value * 1.01 + previous_lambda * max_abs(m) < limit:
                 return None
+            squares += numel * value * value
+        ranks = layout.world if layout is not None else 1
+        mean_bound = (float(self._scalars["norm_sum"]) + math.sqrt(ranks * squares)) / (self.num_tasks + 1) * 1.01
+        if not all(mean_bound < torch.finfo(m.dtype).max / 2 for m in self._state["merged"].values()):
+            return None
         return {}
 
     def _fold(self, tv: TaskVector) -> None:
@@ -237,7 +256,7 @@ class OPCMMerger(Merger):
             # dtype's maximum, a large λ): refuse before the swap.
             norms.append(tensor_norm(new))
             if not math.isfinite(norms[-1]):
-                raise self._overflow(n, new.dtype)
+                raise self._overflow(n, new.dtype, in_place)
         if norm is None:
             norm = norm_of_norms(task_norms)
         norm_sum = float(self._scalars["norm_sum"]) + norm
@@ -245,13 +264,14 @@ class OPCMMerger(Merger):
         merged_norm = _combined_norm(norms)
         if merged_norm > 0.0:
             factor = mean_norm / merged_norm
+            self._check_factor(factor, new_merged, merged_norm, mean_norm, in_place)
             for t in new_merged.values():
                 t.mul_(factor)
             # Rescaled, no entry exceeds the mean norm (up to rounding): only a
             # mean norm near the dtype's maximum can overflow.
             for n, t in new_merged.items():
                 if mean_norm * 1.001 >= torch.finfo(t.dtype).max and not is_finite(t):
-                    raise self._overflow(n, t.dtype)
+                    raise self._overflow(n, t.dtype, in_place)
         self._state["merged"] = new_merged
         self._scalars.update(lambda_t=merged_norm / mean_norm if mean_norm > 0 else 0.0, norm_sum=norm_sum)
 
@@ -348,10 +368,10 @@ class OPCMMerger(Merger):
         if bad:
             name, kind = bad[0]
             if kind == 1:
-                raise self._overflow(name, merged[name].dtype)
+                raise self._overflow(name, merged[name].dtype, in_place)
             raise NonFiniteError(
                 f"'opcm' merger, task {self.num_tasks + 1}: the projection of tensor {name!r} failed on its owner "
-                f"rank {owners[name]} (e.g. an SVD that did not converge). Nothing was changed."
+                f"rank {owners[name]} (e.g. an SVD that did not converge). {_outcome(in_place)}"
             )
         norm = _combined_norm(task_norms.tolist())
         if first:
@@ -364,6 +384,7 @@ class OPCMMerger(Merger):
         merged_norm = _combined_norm(new_norms.tolist())
         if merged_norm > 0.0:
             factor = mean_norm / merged_norm
+            self._check_factor(factor, new_merged, merged_norm, mean_norm, in_place)
             for t in new_merged.values():
                 t.mul_(factor)
             overflowed = torch.tensor(
@@ -372,17 +393,28 @@ class OPCMMerger(Merger):
             layout.all_reduce_(overflowed)
             if bool(overflowed.any()):
                 name = names[int(overflowed.nonzero()[0])]
-                raise self._overflow(name, new_merged[name].dtype)
+                raise self._overflow(name, new_merged[name].dtype, in_place)
         self._state["merged"] = new_merged
         self._scalars.update(lambda_t=merged_norm / mean_norm if mean_norm > 0 else 0.0, norm_sum=norm_sum)
 
-    def _overflow(self, name: str, dtype: torch.dtype) -> NonFiniteError:
+    def _overflow(self, name: str, dtype: torch.dtype, in_place: bool = False) -> NonFiniteError:
         return NonFiniteError(
             f"'opcm' merger, task {self.num_tasks + 1}: the update of tensor {name!r} overflows "
-            f"{str(dtype).removeprefix('torch.')}: the task vector is finite, but λ·merged + τ is not. Nothing was "
-            "changed. Scale the task vectors down, or merge in float64 from the first task "
+            f"{str(dtype).removeprefix('torch.')}: the task vector is finite, but λ·merged + τ is not. "
+            f"{_outcome(in_place)} Scale the task vectors down, or merge in float64 from the first task "
             "(task_vector.to(dtype=torch.float64))."
         )
+
+    def _check_factor(self, factor: float, merged, merged_norm: float, mean_norm: float, in_place: bool) -> None:
+        """Refuse a rescale whose factor a dtype of the state cannot hold: 0 · inf would write NaN unnoticed."""
+        for t in merged.values():
+            if not factor < torch.finfo(t.dtype).max:
+                raise NonFiniteError(
+                    f"'opcm' merger, task {self.num_tasks + 1}: the merged vector's norm ({merged_norm:.3g}) is too "
+                    f"small against the mean task-vector norm ({mean_norm:.3g}) to rescale it in "
+                    f"{str(t.dtype).removeprefix('torch.')} (factor {factor:.3g}): the update nearly cancels the merge. "
+                    f"{_outcome(in_place)} Merge in float64 from the first task (task_vector.to(dtype=torch.float64))."
+                )
 
     def _check_loaded_state(self, *, num_tasks, scalars, tensors, largest):
         for key in ("lambda_t", "norm_sum"):

@@ -25,6 +25,8 @@ anything is added.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor
 
@@ -128,21 +130,39 @@ class TiesMerger(Merger):
         self._threshold = None
         for pos_sum, neg_sum, pos_count, neg_count, incoming in self._runs(tv, *self.tensor_states):
             ties_fold_(pos_sum, neg_sum, pos_count, neg_count, incoming, threshold)
-        self._learn_majority()
 
-    def _after_streamed_fold(self) -> None:
-        self._learn_majority()
+    def _sums(self) -> list[Tensor]:
+        return [t for role in ("pos_sum", "neg_sum") for t in self._state[role].values()]
 
-    def _state_version(self) -> tuple:
-        """Changes whenever the sums change: a new state (a load, a reset) or a write into it."""
-        s = self._state
-        return (id(s["pos_sum"]), id(s["neg_sum"]), *(t._version for role in ("pos_sum", "neg_sum") for t in s[role].values()))
+    def _known_majority(self) -> float | None:
+        """The whole vector's majority sign, counted at most once per state (see :meth:`_finalizes_by_tensor_now`).
 
-    def _learn_majority(self) -> None:
-        # After each fold, on every rank: the majority sign that finalising one tensor alone
-        # needs, kept with the state's version. After a load it is unknown until the next
-        # fold, and the merge is finalised whole.
-        self._majority = (self._state["pos_sum"], self._state["neg_sum"], self._state_version(), self._majority_of_state())
+        None for inference tensors, which keep no version counter.
+        """
+        sums = self._sums()
+        if any(t.is_inference() for t in sums):
+            return None
+        # The same tensor objects (held weakly: a replaced state is freed) at the same versions:
+        # every write into them bumps their version counters.
+        versions = tuple(t._version for t in sums)
+        known = getattr(self, "_majority", None)
+        if (
+            known is None
+            or len(known[0]) != len(sums)
+            or any(ref() is not t for ref, t in zip(known[0], sums))
+            or known[1] != versions
+        ):
+            known = (tuple(weakref.ref(t) for t in sums), versions, self._majority_of_state())
+            self._majority = known
+        return known[2]
+
+    def _finalizes_by_tensor_now(self) -> bool:
+        # A tensor alone can be finalised once the whole vector's majority sign is known: it is
+        # counted on first use after each change of the state (one read of the two sums; under
+        # sharding one all_reduce, so every rank reads the merge in the same order, as the
+        # boundary core does). Inference tensors keep no version, so the merge is then
+        # finalised whole each time, which counts the sign as part of it.
+        return not any(t.is_inference() for t in self._sums())
 
     def _majority_of_state(self) -> float:
         """sign(Σ_i γ_i) over the whole merged vector, γ = sign(pos_sum + neg_sum); a collective when sharded.
@@ -158,15 +178,6 @@ class TiesMerger(Merger):
             layout.all_reduce_(balance)  # the majority sign is the whole vector's
         balance = int(balance)
         return float((balance > 0) - (balance < 0))
-
-    def _known_majority(self) -> float | None:
-        known = getattr(self, "_majority", None)
-        if known is None or known[0] is not self._state["pos_sum"] or known[1] is not self._state["neg_sum"]:
-            return None
-        return known[3] if known[2] == self._state_version() else None
-
-    def _finalizes_by_tensor_now(self) -> bool:
-        return self._known_majority() is not None
 
     def _finalize_one(self, name):
         majority = self._known_majority()
@@ -225,7 +236,7 @@ class TiesMerger(Merger):
 
     def _finalize(self):
         majority = self._known_majority()
-        if majority is None:  # e.g. after a load; a collective when sharded, as merged() is
+        if majority is None:  # inference tensors; a collective when sharded, as merged() is
             majority = self._majority_of_state()
         s = self._state
         return {
