@@ -436,3 +436,24 @@ def test_opcm_refuses_a_rescale_its_dtype_cannot_hold_instead_of_writing_nan(str
             merger.state_dict()
     else:
         assert torch.equal(merger.state_dict()["merged.b"], before) and merger.num_tasks == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("majority", [1.0, -1.0])
+def test_ties_disjoint_mean_is_the_same_fused_and_eager(monkeypatch, dtype, majority):
+    from cl_plugin.merging import _kernels
+
+    g = torch.Generator().manual_seed(5)
+    n = _kernels.COMPILE_MIN_NUMEL + 77
+    pos = torch.rand(n, generator=g, dtype=dtype) * (torch.rand(n, generator=g) < 0.7)
+    neg = -torch.rand(n, generator=g, dtype=dtype) * (torch.rand(n, generator=g) < 0.7)
+    neg[:500] = -pos[:500]  # sums that cancel: the majority sign decides
+    pos_count = (pos > 0).to(torch.int32) * torch.randint(1, 5, (n,), generator=g, dtype=torch.int32)
+    neg_count = (neg < 0).to(torch.int32) * torch.randint(1, 5, (n,), generator=g, dtype=torch.int32)
+    # the rule as written before it was fused: sign, majority where 0, the agreeing mean
+    sign = torch.sign(pos + neg)
+    sign = torch.where(sign == 0, torch.tensor(majority, dtype=dtype), sign)
+    expected = torch.where(sign > 0, pos / pos_count.clamp(min=1), neg / neg_count.clamp(min=1))
+    assert torch.equal(_kernels.disjoint_mean(pos, neg, pos_count, neg_count, majority), expected)
+    monkeypatch.setitem(_kernels._compile_state, "failed", True)
+    assert torch.equal(_kernels.disjoint_mean(pos, neg, pos_count, neg_count, majority), expected)

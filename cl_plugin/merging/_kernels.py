@@ -38,6 +38,7 @@ __all__ = [
     "COMPILE_MIN_NUMEL",
     "magmax_fold_",
     "random_fold_",
+    "disjoint_mean",
     "random_select_",
     "sign_balance",
     "splitmix_draws",
@@ -174,6 +175,37 @@ def ties_fold_(
         nc.add_(g)
         s.copy_(x).mul_(g)
         ns.add_(s)
+
+
+def _disjoint_mean_rule(pos_sum: Tensor, neg_sum: Tensor, pos_count: Tensor, neg_count: Tensor, majority: Tensor) -> Tensor:
+    sign = torch.sign(pos_sum + neg_sum)
+    sign = torch.where(sign == 0, majority, sign)
+    return torch.where(sign > 0, pos_sum / pos_count.clamp(min=1), neg_sum / neg_count.clamp(min=1))
+
+
+def disjoint_mean(pos_sum: Tensor, neg_sum: Tensor, pos_count: Tensor, neg_count: Tensor, majority: float) -> Tensor:
+    """TIES's merged entries: the mean of the kept values whose sign is the elected one.
+
+    The elected sign of an entry is sign(pos_sum + neg_sum), or ``majority``
+    (+1 or −1) where that sum is 0. Returns a new tensor shaped and typed as
+    ``pos_sum`` (all four the same shape; counts integer). One fused pass
+    where the compiler is on; the same values eagerly, a chunk at a time.
+    """
+    out = torch.empty_like(pos_sum)
+    flats = [t.reshape(-1) for t in (pos_sum, neg_sum, pos_count, neg_count)]
+    target = out.view(-1)
+    sign = torch.tensor(float(majority), dtype=pos_sum.dtype, device=pos_sum.device)
+    if target.numel() >= COMPILE_MIN_NUMEL and _compile_enabled():
+        try:
+            target.copy_(_compiled("disjoint_mean", _disjoint_mean_rule)(*flats, sign))
+            return out
+        except Exception as exc:  # no compiler, unsupported device, ...
+            _compile_state["failed"] = True
+            warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); using the eager TIES mean.", stacklevel=2)
+    for start in range(0, target.numel(), CHUNK_NUMEL):
+        pieces = [f[start : start + CHUNK_NUMEL] for f in flats]
+        target[start : start + CHUNK_NUMEL] = _disjoint_mean_rule(*pieces, sign)
+    return out
 
 
 def _sign_balance_rule(pos_sum: Tensor, neg_sum: Tensor) -> Tensor:

@@ -33,7 +33,7 @@ from torch import Tensor
 from cl_plugin._checks import max_abs
 from cl_plugin.errors import CheckpointError
 from cl_plugin._packed import aligned_runs
-from cl_plugin.merging._kernels import sign_balance, ties_fold_
+from cl_plugin.merging._kernels import disjoint_mean, sign_balance, ties_fold_
 from cl_plugin.merging.layout import ShardLayout, kth_smallest_magnitude, kth_smallest_magnitude_of
 from cl_plugin.merging.base import Merger, check_fraction
 from cl_plugin.merging.registry import register_merger
@@ -182,15 +182,7 @@ class TiesMerger(Merger):
     def _finalize_one(self, name):
         majority = self._known_majority()
         s = self._state
-        return self._disjoint_mean(s["pos_sum"][name], s["neg_sum"][name], s["pos_count"][name], s["neg_count"][name], majority)
-
-    @staticmethod
-    def _disjoint_mean(pos_sum, neg_sum, pos_count, neg_count, majority: float) -> Tensor:
-        g = torch.sign(pos_sum + neg_sum)
-        g = torch.where(g == 0, torch.tensor(majority, device=g.device, dtype=g.dtype), g)
-        pos_mean = pos_sum / pos_count.clamp(min=1)
-        neg_mean = neg_sum / neg_count.clamp(min=1)
-        return torch.where(g > 0, pos_mean, neg_mean)
+        return disjoint_mean(s["pos_sum"][name], s["neg_sum"][name], s["pos_count"][name], s["neg_count"][name], majority)
 
     def _fold_chunk(self, first: bool, pos_sum, neg_sum, pos_count, neg_count, incoming) -> None:
         # The state starts at zero, so the first task folds as every other does.
@@ -240,6 +232,6 @@ class TiesMerger(Merger):
             majority = self._majority_of_state()
         s = self._state
         return {
-            n: self._disjoint_mean(s["pos_sum"][n], s["neg_sum"][n], s["pos_count"][n], s["neg_count"][n], majority)
+            n: disjoint_mean(s["pos_sum"][n], s["neg_sum"][n], s["pos_count"][n], s["neg_count"][n], majority)
             for n in s["pos_sum"]
         }
