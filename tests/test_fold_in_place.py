@@ -313,25 +313,37 @@ def test_a_merge_of_nothing_but_statistics_is_refused_as_fold_refuses_it():
     assert core.num_tasks == 0 and core._statistics_merger.num_tasks == 0
 
 
-def test_a_fold_interrupted_part_way_leaves_a_merger_that_refuses_to_be_used(monkeypatch):
+def folded_in_place(method: str, tasks: int) -> tuple[nn.Module, ContinualMerge]:
+    """A Net and a core that folded ``tasks`` trained tasks with fold_in_place."""
     torch.manual_seed(0)
     model = Net()
-    core = ContinualMerge("task_arithmetic")
+    core = ContinualMerge(method)
     core.bind(model)
     core.capture_theta0(model)
-    trained(model, 0)
-    core.fold_in_place(model)
-    monkeypatch.setattr(packed, "STREAM_CHUNK_NUMEL", 16)
+    for task in range(tasks):
+        trained(model, task)
+        core.fold_in_place(model)
+    return model, core
+
+
+def failing_at_call(n: int, function, error: BaseException):
+    """``function`` that raises ``error`` at its ``n``-th call."""
     calls = {"n": 0}
-    fold_chunk = type(core.merger)._fold_chunk
 
-    def failing(self, first, *views):
+    def wrapped(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 3:
-            raise MemoryError("simulated")
-        fold_chunk(self, first, *views)
+        if calls["n"] == n:
+            raise error
+        return function(*args, **kwargs)
 
-    monkeypatch.setattr(type(core.merger), "_fold_chunk", failing)
+    return wrapped
+
+
+def test_a_fold_interrupted_part_way_leaves_a_merger_that_refuses_to_be_used(monkeypatch):
+    model, core = folded_in_place("task_arithmetic", 1)
+    monkeypatch.setattr(packed, "STREAM_CHUNK_NUMEL", 16)
+    merger_type = type(core.merger)
+    monkeypatch.setattr(merger_type, "_fold_chunk", failing_at_call(3, merger_type._fold_chunk, MemoryError("simulated")))
     trained(model, 1)
     with pytest.raises(MemoryError):
         core.fold_in_place(model)
@@ -343,25 +355,10 @@ def test_a_fold_interrupted_part_way_leaves_a_merger_that_refuses_to_be_used(mon
 def test_opcm_in_place_refuses_to_be_used_after_a_projection_fails_part_way(monkeypatch):
     import cl_plugin.merging.opcm as opcm
 
-    torch.manual_seed(0)
-    model = Net()
-    core = ContinualMerge("opcm")
-    core.bind(model)
-    core.capture_theta0(model)
-    trained(model, 0)
-    core.fold_in_place(model)
-    trained(model, 1)
-    core.fold_in_place(model)
-    calls = {"n": 0}
-    project = opcm.project_out_merged_directions
-
-    def failing(merged, task, alpha):
-        calls["n"] += 1
-        if calls["n"] == 2:  # the second matrix: the first is already written in place
-            raise torch.linalg.LinAlgError("simulated: the SVD did not converge")
-        return project(merged, task, alpha)
-
-    monkeypatch.setattr(opcm, "project_out_merged_directions", failing)
+    model, core = folded_in_place("opcm", 2)
+    # the second matrix fails: the first is already written in place
+    error = torch.linalg.LinAlgError("simulated: the SVD did not converge")
+    monkeypatch.setattr(opcm, "project_out_merged_directions", failing_at_call(2, opcm.project_out_merged_directions, error))
     trained(model, 2)
     with pytest.raises(torch.linalg.LinAlgError):
         core.fold_in_place(model)
