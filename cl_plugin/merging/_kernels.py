@@ -74,6 +74,27 @@ def _compiled(name: str, fn):
     return _compile_state[key]
 
 
+#: What :func:`_run_compiled` returns when the caller must run its eager path.
+_EAGER = object()
+
+
+def _run_compiled(name: str, rule, numel: int, eager: str, *args):
+    """``rule(*args)`` compiled, for an input of at least :data:`COMPILE_MIN_NUMEL` elements while the compiler is on.
+
+    Returns :data:`_EAGER` otherwise, and the caller runs its eager path. A
+    failed compilation turns the compiler off with one warning, ending with
+    ``eager`` (what runs instead).
+    """
+    if numel < COMPILE_MIN_NUMEL or not _compile_enabled():
+        return _EAGER
+    try:
+        return _compiled(name, rule)(*args)
+    except Exception as exc:  # no compiler, unsupported device, ...
+        _compile_state["failed"] = True
+        warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); {eager}.", stacklevel=3)
+        return _EAGER
+
+
 def _chunks(*tensors: Tensor):
     """Yield matching flat chunks of equally sized tensors."""
     flats = [t.view(-1) for t in tensors]
@@ -90,13 +111,9 @@ def magmax_fold_(acc: Tensor, incoming: Tensor) -> None:
         acc: the merged tensor so far, contiguous, any shape; overwritten.
         incoming: the new task's tensor, same shape, dtype and device.
     """
-    if acc.numel() >= COMPILE_MIN_NUMEL and _compile_enabled():
-        try:
-            _compiled("magmax", _magmax_rule_)(acc.view(-1), incoming.reshape(-1))
-            return
-        except Exception as exc:  # no compiler, unsupported device, ...
-            _compile_state["failed"] = True
-            warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); using the eager MagMax update.", stacklevel=2)
+    flats = (acc.view(-1), incoming.reshape(-1))
+    if _run_compiled("magmax", _magmax_rule_, acc.numel(), "using the eager MagMax update", *flats) is not _EAGER:
+        return
     mask = torch.empty(min(CHUNK_NUMEL, acc.numel()), dtype=torch.bool, device=acc.device)
     mag_a = torch.empty(mask.shape, dtype=acc.dtype, device=acc.device)
     mag_b = torch.empty_like(mag_a)
@@ -144,15 +161,9 @@ def ties_fold_(
     ``pos_sum``/``neg_sum`` accumulate the positive/negative kept values (in
     their own dtype); ``pos_count``/``neg_count`` count them.
     """
-    if pos_sum.numel() >= COMPILE_MIN_NUMEL and _compile_enabled():
-        try:
-            _compiled("ties", _ties_rule_)(
-                pos_sum.view(-1), neg_sum.view(-1), pos_count.view(-1), neg_count.view(-1), incoming.reshape(-1), float(threshold)
-            )
-            return
-        except Exception as exc:  # no compiler, unsupported device, ...
-            _compile_state["failed"] = True
-            warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); using the eager TIES update.", stacklevel=2)
+    flats = (pos_sum.view(-1), neg_sum.view(-1), pos_count.view(-1), neg_count.view(-1), incoming.reshape(-1))
+    if _run_compiled("ties", _ties_rule_, pos_sum.numel(), "using the eager TIES update", *flats, float(threshold)) is not _EAGER:
+        return
     inc = incoming.contiguous()
     scratch = torch.empty(min(CHUNK_NUMEL, inc.numel()), dtype=pos_sum.dtype, device=pos_sum.device)
     keep = torch.empty(scratch.shape, dtype=torch.bool, device=pos_sum.device)
@@ -177,6 +188,10 @@ def ties_fold_(
         ns.add_(s)
 
 
+#: Elements per piece of the histogram and sign-count passes: large, so each compiled call pays its dispatch once.
+SELECT_CHUNK_NUMEL = 1 << 24
+
+
 def _disjoint_mean_rule(pos_sum: Tensor, neg_sum: Tensor, pos_count: Tensor, neg_count: Tensor, majority: Tensor) -> Tensor:
     sign = torch.sign(pos_sum + neg_sum)
     sign = torch.where(sign == 0, majority, sign)
@@ -195,13 +210,10 @@ def disjoint_mean(pos_sum: Tensor, neg_sum: Tensor, pos_count: Tensor, neg_count
     flats = [t.reshape(-1) for t in (pos_sum, neg_sum, pos_count, neg_count)]
     target = out.view(-1)
     sign = torch.tensor(float(majority), dtype=pos_sum.dtype, device=pos_sum.device)
-    if target.numel() >= COMPILE_MIN_NUMEL and _compile_enabled():
-        try:
-            target.copy_(_compiled("disjoint_mean", _disjoint_mean_rule)(*flats, sign))
-            return out
-        except Exception as exc:  # no compiler, unsupported device, ...
-            _compile_state["failed"] = True
-            warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); using the eager TIES mean.", stacklevel=2)
+    fused = _run_compiled("disjoint_mean", _disjoint_mean_rule, target.numel(), "using the eager TIES mean", *flats, sign)
+    if fused is not _EAGER:
+        target.copy_(fused)
+        return out
     for start in range(0, target.numel(), CHUNK_NUMEL):
         pieces = [f[start : start + CHUNK_NUMEL] for f in flats]
         target[start : start + CHUNK_NUMEL] = _disjoint_mean_rule(*pieces, sign)
@@ -219,20 +231,15 @@ def sign_balance(pos_sum: Tensor, neg_sum: Tensor) -> int:
     balance = 0
     for start in range(0, pos.numel(), SELECT_CHUNK_NUMEL):
         p, n = pos[start : start + SELECT_CHUNK_NUMEL], neg[start : start + SELECT_CHUNK_NUMEL]
-        if p.numel() >= COMPILE_MIN_NUMEL and _compile_enabled():
-            try:
-                balance += int(_compiled("sign_balance", _sign_balance_rule)(p, n))
-                continue
-            except Exception as exc:  # no compiler, unsupported device, ...
-                _compile_state["failed"] = True
-                warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); counting eagerly.", stacklevel=2)
+        fused = _run_compiled("sign_balance", _sign_balance_rule, p.numel(), "counting eagerly", p, n)
+        if fused is not _EAGER:
+            balance += int(fused)
+            continue
         for a, b in zip(p.split(CHUNK_NUMEL), n.split(CHUNK_NUMEL)):
             balance += int(_sign_balance_rule(a, b))
     return balance
 
 
-#: Elements per piece of a histogram pass: large, so each compiled call pays its dispatch once.
-SELECT_CHUNK_NUMEL = 1 << 24
 #: Bins of the first radix pass: bits 16 to 30 of a magnitude's float32 pattern (bit 31, the sign, is dropped).
 HIGH_BINS = 1 << 15
 #: Bins of the second radix pass: bits 0 to 15, among the magnitudes in one first-pass bin.
@@ -292,13 +299,8 @@ class MagnitudeHistogram:
             else:
                 rule, name = _low_histogram_rule, "low_histogram"
                 args = (torch.tensor(self.high, dtype=torch.int32, device=piece.device),)
-            if piece.numel() >= COMPILE_MIN_NUMEL and _compile_enabled():
-                try:
-                    _compiled(name, rule)(self._pending, piece, *args)
-                    continue
-                except Exception as exc:  # no compiler, unsupported device, ...
-                    _compile_state["failed"] = True
-                    warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); counting eagerly.", stacklevel=2)
+            if _run_compiled(name, rule, piece.numel(), "counting eagerly", self._pending, piece, *args) is not _EAGER:
+                continue
             for sub in piece.split(CHUNK_NUMEL):  # no temporary larger than a cache-sized chunk
                 rule(self._pending, sub, *args)
 

@@ -701,11 +701,9 @@ class Merger:
             names = list(self._layout)  # the first task's order, as update() folds (e.g. after a load)
         first = not self.num_tasks
         saved = (self._layout, self._state, self._aliases)
-        roles = list(self.tensor_states)
-        bases, lives = [theta0[n] for n in names], [live[n] for n in names]
-        self._prepare_streamed(
-            {n: theta0[n] for n in names}, lambda: (chunk for (chunk,) in difference_chunks([], bases, lives))
-        )
+        ordered = {n: theta0[n] for n in names}
+        bases, lives = list(ordered.values()), [live[n] for n in names]
+        self._prepare_streamed(ordered, lambda: (chunk for (chunk,) in difference_chunks([], bases, lives)))
         try:
             if first:
                 self._layout = {n: (tuple(t.shape), t.dtype) for n, t in theta0.items()}
@@ -713,8 +711,7 @@ class Merger:
                 self._state = self._allocated(theta0)
             with torch.no_grad():
                 if self.streams_by_tensor:
-                    device = next(iter(self._state[roles[0]].values())).device
-                    self._fold_difference(_Difference({n: theta0[n] for n in names}, live, device, observe))
+                    self._fold_difference(_Difference(ordered, live, self.device, observe))
                 else:
                     self._fold_in_chunks(first, names, bases, lives, observe)
         except BaseException:

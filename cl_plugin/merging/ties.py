@@ -173,14 +173,16 @@ class TiesMerger(Merger):
         names = list(self._state["pos_sum"])
         runs = aligned_runs([self._state["pos_sum"][n] for n in names], [self._state["neg_sum"][n] for n in names])
         balance = torch.tensor([sum(sign_balance(pos, neg) for pos, neg in runs)])
-        layout = self.layout
-        if layout is not None and layout.distributed:
+        layout = _distributed(self.layout)
+        if layout is not None:
             layout.all_reduce_(balance)  # the majority sign is the whole vector's
         balance = int(balance)
         return float((balance > 0) - (balance < 0))
 
     def _finalize_one(self, name):
-        majority = self._known_majority()
+        return self._mean_of(name, self._known_majority())
+
+    def _mean_of(self, name: str, majority: float) -> Tensor:
         s = self._state
         return disjoint_mean(s["pos_sum"][name], s["neg_sum"][name], s["pos_count"][name], s["neg_count"][name], majority)
 
@@ -230,8 +232,4 @@ class TiesMerger(Merger):
         majority = self._known_majority()
         if majority is None:  # inference tensors; a collective when sharded, as merged() is
             majority = self._majority_of_state()
-        s = self._state
-        return {
-            n: disjoint_mean(s["pos_sum"][n], s["neg_sum"][n], s["pos_count"][n], s["neg_count"][n], majority)
-            for n in s["pos_sum"]
-        }
+        return {n: self._mean_of(n, majority) for n in self._state["pos_sum"]}
